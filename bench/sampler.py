@@ -1,0 +1,88 @@
+"""CPU time and memory of a proxy under test, counted over its whole process tree.
+
+For nginx that is the master and its workers; for infermon it is its one process (and any child it
+may start). CPU is user + system seconds from ``psutil`` read before and after a wrk run; RSS is
+sampled by a background thread while the run goes on, and the peak is kept.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import TracebackType
+
+import psutil
+
+
+class ProcessTree:
+    """A root process and its descendants, looked up again on each reading (workers may be replaced)."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+
+    def processes(self) -> list[psutil.Process]:
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for proc in self.processes():
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += float(times.user) + float(times.system)
+        return total
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for proc in self.processes():
+            try:
+                total += int(proc.memory_info().rss)
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
+
+class RssSampler:
+    """Samples a tree's RSS every `interval` seconds in a thread while used as a context manager.
+
+    ``samples`` holds ``(seconds since start, rss bytes)``; ``peak`` the largest value seen.
+    """
+
+    def __init__(self, tree: ProcessTree, interval: float = 0.1) -> None:
+        self.tree = tree
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+        self._start = 0.0
+
+    @property
+    def peak(self) -> int:
+        return max((rss for _, rss in self.samples), default=0)
+
+    def _sample(self) -> None:
+        self.samples.append((time.monotonic() - self._start, self.tree.rss_bytes()))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> RssSampler:
+        self._start = time.monotonic()
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        self._sample()

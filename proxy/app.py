@@ -1,0 +1,107 @@
+"""Wires one proxy process together: data plane, observers, admin server, readiness, drain.
+
+Example (what ``infermon proxy`` does)::
+
+    app = ProxyApp(cfg)
+    await app.start()
+    await app.wait_for_signal()     # SIGTERM / SIGINT
+    await app.shutdown()            # /readyz false, drain in-flight requests, close
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from proxy.admin.server import build_admin_app
+from proxy.dataplane.core import DataPlane
+from proxy.dataplane.hooks import Hooks, Observer
+from proxy.observe.labels import Labeler
+from proxy.observe.metrics import RequestMetrics, build_registry
+from proxy.readiness import Readiness, UpstreamProbe
+from proxy.settings import ProxyConfig, split_host_port
+
+log = logging.getLogger("infermon")
+
+
+class ProxyApp:
+    def __init__(self, cfg: ProxyConfig, observers: Sequence[Observer] = ()) -> None:
+        self.cfg = cfg
+        self.metrics = RequestMetrics(cfg)
+        self.hooks = Hooks([Labeler(cfg.labels), self.metrics, *observers])
+        self.metrics.hooks = self.hooks
+        self.readiness = Readiness()
+        self.registry = build_registry(self.metrics)
+        self.plane: DataPlane | None = None
+        self.probe: UpstreamProbe | None = None
+        self._runner: web.AppRunner | None = None
+        self._admin_site: web.BaseSite | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self, listen: socket.socket | None = None, admin: socket.socket | None = None) -> None:
+        cfg = self.cfg
+        plane = self.plane = DataPlane(cfg, self.hooks)
+        self.metrics.in_flight = lambda: plane.in_flight
+        pool = plane.pool
+        self.metrics.gauges = [
+            ("infermon_client_connections", "Open client connections.", lambda: len(plane.connections)),
+            ("infermon_upstream_connections", "Open upstream connections (busy and idle).", lambda: pool.open),
+            ("infermon_upstream_idle_connections", "Idle pooled upstream connections.", lambda: len(pool.idle)),
+        ]
+        await plane.start(listen)
+        self.readiness.set("draining", True, "serving")
+        _, host, port = cfg.upstream_target()
+        self.probe = UpstreamProbe(self.readiness, host, port, plane.upstream_authority.decode(), cfg.readiness)
+        self.probe.start()
+        app = build_admin_app(self.registry, self.readiness, cfg.public_dict)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        if admin is not None:
+            self._admin_site = web.SockSite(self._runner, admin)
+        else:
+            ahost, aport = split_host_port(cfg.admin)
+            self._admin_site = web.TCPSite(self._runner, ahost, aport, reuse_address=True)
+        await self._admin_site.start()
+
+    @property
+    def proxy_address(self) -> tuple[str, int]:
+        assert self.plane is not None
+        return self.plane.address
+
+    @property
+    def admin_address(self) -> tuple[str, int]:
+        assert self._runner is not None
+        name = self._runner.addresses[0]
+        return name[0], name[1]
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signalled, sig)
+
+    def _signalled(self, sig: signal.Signals) -> None:
+        log.info("%s received: draining", sig.name)
+        self._stop.set()
+
+    async def wait_for_signal(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        """Readiness false, keep serving for ``drain.delay``, stop accepting, drain, close."""
+        drain = self.cfg.drain
+        self.readiness.set("draining", False, "shutting down")
+        if drain.delay:
+            await asyncio.sleep(drain.delay)  # let endpoints controllers see /readyz fail first
+        if self.plane is not None:
+            cut = await self.plane.drain(drain.timeout)
+            if cut == 0:
+                log.info("drained: all in-flight requests finished")
+        if self.probe is not None:
+            await self.probe.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -1,0 +1,174 @@
+"""Configuration: one schema per command, merged from defaults < file < environment < flags.
+
+Each command (``proxy``, ``agent``) has a pydantic model. :func:`load` builds a plain dict from the
+YAML file, overlays ``INFERMON_*`` environment variables and then command-line flags, and validates
+the result once. Every problem becomes a :class:`~proxy.errors.ConfigError` whose message names the
+key, the bad value, where it came from and what is allowed::
+
+    config error: limits.max_header_bytes = 'lots' (from env INFERMON_LIMITS__MAX_HEADER_BYTES):
+    Input should be a valid integer, unable to parse string as an integer
+
+Environment variables map to keys by upper-casing and joining nesting levels with ``__``:
+``INFERMON_LISTEN`` is ``listen``, ``INFERMON_LIMITS__MAX_IN_FLIGHT`` is ``limits.max_in_flight``.
+A value that starts with ``[`` or ``{`` is read as JSON (for lists and maps). Unknown keys are errors
+everywhere: in the file, in the environment (within the command's prefix) and on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from proxy.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+#: Environment variables with the prefix that are not configuration keys.
+RESERVED_ENV = frozenset({"INFERMON_CONFIG"})
+
+
+def load(
+    model: type[M],
+    *,
+    file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    env_prefix: str = "INFERMON_",
+    ignore_env_prefixes: tuple[str, ...] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> M:
+    """Merge the layers and validate them against ``model``.
+
+    ``flags`` maps dotted keys (``"limits.max_in_flight"``) to values; ``None`` values are skipped so an
+    argparse namespace can be passed as it is. ``file`` falls back to ``$INFERMON_CONFIG``.
+    """
+    environ = os.environ if env is None else env
+    sources: dict[tuple[str, ...], str] = {}
+    merged: dict[str, Any] = {}
+
+    path = file if file is not None else environ.get("INFERMON_CONFIG") or None
+    if path is not None:
+        data = _read_file(Path(path))
+        _merge(merged, data, sources, f"file {path}", ())
+
+    for name in sorted(environ):
+        if not name.startswith(env_prefix) or name in RESERVED_ENV:
+            continue
+        if any(name.startswith(p) for p in ignore_env_prefixes):
+            continue
+        keys = tuple(part.lower() for part in name[len(env_prefix) :].split("__"))
+        _set(merged, keys, _env_value(environ[name]))
+        sources[keys] = f"env {name}"
+
+    for dotted, value in (flags or {}).items():
+        if value is None:
+            continue
+        keys = tuple(dotted.split("."))
+        _set(merged, keys, value)
+        sources[keys] = "flag --" + keys[-1].replace("_", "-")
+
+    try:
+        return model.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources)) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config error: {path} must hold a mapping of keys at the top level, not {type(data).__name__}"
+        )
+    return data
+
+
+def _env_value(raw: str) -> Any:
+    stripped = raw.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _set(target: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    node = target
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _merge(
+    target: dict[str, Any],
+    data: Mapping[str, Any],
+    sources: dict[tuple[str, ...], str],
+    origin: str,
+    prefix: tuple[str, ...],
+) -> None:
+    for key, value in data.items():
+        keys = (*prefix, str(key))
+        if isinstance(value, Mapping):
+            child = target.setdefault(str(key), {})
+            if isinstance(child, dict):
+                _merge(child, value, sources, origin, keys)
+                continue
+        target[str(key)] = value
+        sources[keys] = origin
+
+
+def _describe(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(str(part) for part in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        origin = _origin(loc, sources)
+        where = f" (from {origin})" if origin else ""
+        if err["type"] == "extra_forbidden":
+            lines.append(f"config error: unknown key {key!s}{where}: remove it or check its spelling")
+            continue
+        value = err.get("input")
+        shown = "" if err["type"] == "missing" else f" = {_short(value)}"
+        lines.append(f"config error: {key}{shown}{where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _origin(loc: tuple[str, ...], sources: Mapping[tuple[str, ...], str]) -> str | None:
+    for depth in range(len(loc), 0, -1):
+        found = sources.get(loc[:depth])
+        if found:
+            return found
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of ``user:password@`` in a URL, for /config and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

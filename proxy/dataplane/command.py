@@ -1,0 +1,73 @@
+"""``infermon proxy``: run the monitoring proxy in front of one model server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from proxy import config, loop
+from proxy.app import ProxyApp
+from proxy.settings import ProxyConfig
+
+log = logging.getLogger("infermon")
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "proxy",
+        help="run the monitoring proxy in front of a model server",
+        description="Reverse proxy for one model server with golden-signal metrics on an admin port. "
+        "Options also come from a YAML file (--config or INFERMON_CONFIG) and INFERMON_* variables; "
+        "flags win over the environment, which wins over the file.",
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", help="where clients connect (default 0.0.0.0:8080)")
+    p.add_argument("--upstream", metavar="URL", help="the model server (default http://127.0.0.1:8000)")
+    p.add_argument("--admin", metavar="HOST:PORT", help="admin server for /metrics (default 0.0.0.0:9464)")
+    p.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def load_config(args: argparse.Namespace) -> ProxyConfig:
+    return config.load(
+        ProxyConfig,
+        file=args.config,
+        ignore_env_prefixes=("INFERMON_AGENT_",),
+        flags={"listen": args.listen, "upstream": args.upstream, "admin": args.admin, "log_level": args.log_level},
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    setup_logging(cfg.log_level)
+    return loop.run(serve(cfg))
+
+
+async def serve(cfg: ProxyConfig) -> int:
+    app = ProxyApp(cfg)
+    try:
+        await app.start()
+    except OSError as exc:
+        log.error("cannot listen: %s (check listen / admin addresses)", exc)
+        return 1
+    app.install_signal_handlers()
+    log.info(
+        "infermon proxy on %s -> %s; metrics on http://%s/metrics (%s)",
+        cfg.listen,
+        config.mask_url(cfg.upstream),
+        cfg.admin,
+        loop.loop_name(),
+    )
+    await app.wait_for_signal()
+    await app.shutdown()
+    return 0

@@ -1,0 +1,82 @@
+"""Bytes-level HTTP/1.1 helpers shared by both sides of the data plane (RFC 9110 / 9112)."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import orjson
+
+from proxy.dataplane.exchange import Headers
+
+#: Hop-by-hop fields (RFC 9110 7.6.1), plus Proxy-* (never forwarded) and the framing fields that
+#: each side of the proxy sets for itself.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+REASONS = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
+REASONS[499] = b"Client Closed Request"
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    """Lower-case tokens of every Connection header."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    tokens.add(token)
+    return tokens
+
+
+def status_line(status: int, reason: bytes | None = None) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason if reason is not None else REASONS.get(status, b""))
+
+
+def serialize_headers(parts: list[bytes], headers: Headers) -> None:
+    for name, value in headers:
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+
+
+def error_response(
+    status: int,
+    message: str,
+    request_id: str,
+    request_id_header: bytes,
+    *,
+    close: bool,
+    head_only: bool = False,
+) -> bytes:
+    """A complete JSON error response: ``{"error": ..., "request_id": ...}``."""
+    body = orjson.dumps({"error": message, "request_id": request_id})
+    parts = [
+        status_line(status),
+        b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+    ]
+    if request_id:
+        parts.append(request_id_header + b": " + request_id.encode("ascii") + b"\r\n")
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
+def is_valid_request_id(value: bytes) -> bool:
+    """A client-supplied request id is kept when it is short visible ASCII (no spaces)."""
+    return 0 < len(value) <= 200 and all(0x21 <= c <= 0x7E for c in value)

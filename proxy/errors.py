@@ -1,0 +1,52 @@
+"""Every error infermon raises on purpose, in one place.
+
+::
+
+    InfermonError
+    ├── ConfigError            bad configuration: the message names the key, the value and the fix
+    └── UpstreamError          the model server could not give an answer (mapped to 502 / 504)
+        ├── UpstreamConnectError   refused, unreachable, DNS failure           -> 502, kind=connect
+        ├── UpstreamTimeout        connect, response head or body idle timeout -> 504, kind=timeout
+        ├── UpstreamReset          connection closed or reset mid-exchange     -> 502, kind=reset
+        └── UpstreamProtocolError  the upstream's bytes are not HTTP/1.1       -> 502, kind=protocol
+
+Client-side problems (malformed request, limits, slow clients) are not exceptions: the data plane
+answers them directly with a JSON error response (see ``proxy.dataplane.responses``).
+"""
+
+from __future__ import annotations
+
+
+class InfermonError(Exception):
+    """Base class of the errors infermon raises on purpose."""
+
+
+class ConfigError(InfermonError):
+    """The configuration is invalid. ``str(exc)`` is ready to show to the user."""
+
+
+class UpstreamError(InfermonError):
+    """The upstream (model server) exchange failed before a complete answer."""
+
+    kind = "protocol"
+    status = 502
+
+
+class UpstreamConnectError(UpstreamError):
+    kind = "connect"
+    status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    kind = "timeout"
+    status = 504
+
+
+class UpstreamReset(UpstreamError):
+    kind = "reset"
+    status = 502
+
+
+class UpstreamProtocolError(UpstreamError):
+    kind = "protocol"
+    status = 502

@@ -1,0 +1,92 @@
+"""Readiness gates: /readyz is true only while every gate is open.
+
+Any component can own a gate (the upstream probe, the drain on SIGTERM, later a warm-up or a
+canary controller)::
+
+    readiness.set("upstream", False, "connection refused")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from proxy.settings import Readiness as ReadinessConfig
+
+log = logging.getLogger("infermon.readiness")
+
+
+class Readiness:
+    def __init__(self) -> None:
+        self.gates: dict[str, tuple[bool, str, float]] = {}
+
+    def set(self, gate: str, ok: bool, reason: str = "") -> None:
+        previous = self.gates.get(gate)
+        if previous is None or previous[0] != ok:
+            log.info("readiness gate %s is now %s%s", gate, "open" if ok else "closed", f": {reason}" if reason else "")
+        self.gates[gate] = (ok, reason, time.time())
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.gates) and all(ok for ok, _, _ in self.gates.values())
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "ready": self.ready,
+            "gates": {name: {"ok": ok, "reason": reason} for name, (ok, reason, _) in sorted(self.gates.items())},
+        }
+
+
+class UpstreamProbe:
+    """Checks the model server every ``interval``: a GET of ``path`` expecting 2xx, or a TCP connect."""
+
+    def __init__(self, readiness: Readiness, host: str, port: int, authority: str, cfg: ReadinessConfig) -> None:
+        self.readiness = readiness
+        self.host = host
+        self.port = port
+        self.authority = authority
+        self.cfg = cfg
+        self._task: asyncio.Task[None] | None = None
+        readiness.set("upstream", False, "not probed yet")
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def check(self) -> tuple[bool, str]:
+        try:
+            async with asyncio.timeout(self.cfg.timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+                try:
+                    if self.cfg.path is None:
+                        return True, "tcp connect ok"
+                    writer.write(
+                        f"GET {self.cfg.path} HTTP/1.1\r\nHost: {self.authority}\r\n"
+                        "User-Agent: infermon-readiness\r\nConnection: close\r\n\r\n".encode("latin-1")
+                    )
+                    line = await reader.readline()
+                finally:
+                    writer.close()
+        except TimeoutError:
+            return False, f"no answer within {self.cfg.timeout:g} s"
+        except OSError as exc:
+            return False, exc.strerror or str(exc)
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 300:
+            return True, f"GET {self.cfg.path} -> {int(parts[1])}"
+        shown = line.decode("latin-1", "replace").strip()[:80] or "connection closed"
+        return False, f"GET {self.cfg.path} -> {shown}"
+
+    async def _run(self) -> None:
+        while True:
+            ok, reason = await self.check()
+            self.readiness.set("upstream", ok, reason)
+            await asyncio.sleep(self.cfg.interval)

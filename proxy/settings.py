@@ -1,0 +1,188 @@
+"""The ``infermon proxy`` configuration schema (see docs/configuration.md for every key).
+
+Validated by pydantic; loaded through :func:`proxy.config.load`. All durations are seconds, all sizes
+bytes. ``null`` means "no limit" where a limit is optional.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"0.0.0.0:8080"`` -> ``("0.0.0.0", 8080)``; ``"[::1]:80"`` -> ``("::1", 80)``; ``":80"`` binds all."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        raise ValueError("expected HOST:PORT, for example 0.0.0.0:8080 or [::1]:8080")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif host and not _HOSTNAME.match(host):
+        raise ValueError(f"{host!r} is not a host name or IPv4 address (write IPv6 as [::1]:PORT)")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} must be a number from 0 to 65535")
+    return host or "0.0.0.0", int(port_text)
+
+
+def _check_host_port(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_host_port)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _check_header_name(value: str) -> str:
+    if not _TOKEN.match(value):
+        raise ValueError(f"{value!r} is not a valid HTTP header name")
+    return value.lower()
+
+
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Section):
+    """Client-side limits. Going over one is answered with the status in the comment."""
+
+    max_connections: Annotated[int, Field(ge=1)] = 10_000  # 503, then close
+    max_in_flight: Annotated[int, Field(ge=1)] = 4_096  # 503
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 65_536  # 431: request line + all header lines
+    max_request_body_bytes: Annotated[int, Field(ge=0)] | None = None  # 413; null = no limit
+    header_timeout: PositiveFloat = 10.0  # 408 when the whole request head has not arrived in time
+    body_timeout: PositiveFloat = 60.0  # 408 when the request body stalls for this long
+    keepalive_timeout: PositiveFloat = 75.0  # idle client connections are closed after this
+
+
+class Upstream(_Section):
+    """The model server connection pool."""
+
+    max_connections: Annotated[int, Field(ge=1)] = 256
+    max_idle: Annotated[int, Field(ge=0)] = 64
+    idle_timeout: PositiveFloat = 30.0  # below the common 60 s keep-alive of model servers
+    connect_timeout: PositiveFloat = 5.0  # 504
+    pool_timeout: PositiveFloat = 5.0  # waiting for a free connection at max_connections: 503
+    response_timeout: PositiveFloat = 600.0  # request sent -> response head: 504 (LLM calls are slow)
+    read_timeout: PositiveFloat = 600.0  # silence between response body bytes
+    retry_buffer_bytes: Annotated[int, Field(ge=0)] = 65_536  # request bodies kept for the stale retry
+
+
+class Labels(_Section):
+    """Where the model, version and variant labels come from, and how many values they may take."""
+
+    model: str = "unknown"
+    version: str = "unknown"
+    variant: str = "stable"
+    from_path: bool = True  # KServe v1 /v1/models/{m}:predict and Open Inference v2 paths
+    model_header: HeaderName | None = None  # a response header naming the model
+    version_header: HeaderName | None = None
+    variant_header: HeaderName | None = None
+    allow: list[str] | None = None  # if set, only these values pass; others become "other"
+    max_values: Annotated[int, Field(ge=1)] = 50  # distinct traffic-fed values per label, then "other"
+
+
+class Readiness(_Section):
+    """How /readyz decides the model server is reachable."""
+
+    path: str | None = None  # GET this path on the upstream and expect 2xx; null = TCP connect only
+    interval: PositiveFloat = 5.0
+    timeout: PositiveFloat = 2.0
+
+    @field_validator("path")
+    @classmethod
+    def _path_absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must start with '/', for example /v2/health/ready")
+        return value
+
+
+class Drain(_Section):
+    """SIGTERM / SIGINT handling."""
+
+    delay: Annotated[float, Field(ge=0)] = 0.0  # keep serving with /readyz false before closing listeners
+    timeout: Annotated[float, Field(ge=0)] = 30.0  # in-flight requests get this long to finish
+
+
+class Metrics(_Section):
+    duration_buckets: list[PositiveFloat] = Field(
+        default_factory=lambda: [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+            1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+        ]
+    )  # fmt: skip
+    size_buckets: list[PositiveFloat] = Field(
+        default_factory=lambda: [float(4**n) for n in range(3, 16)]  # 64 B .. 1 GiB
+    )
+    gap_buckets: list[PositiveFloat] = Field(
+        default_factory=lambda: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+    )
+
+    @field_validator("duration_buckets", "size_buckets", "gap_buckets")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if not value or any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("must be a non-empty list of strictly increasing numbers")
+        return value
+
+
+class ProxyConfig(_Section):
+    listen: HostPort = "0.0.0.0:8080"
+    upstream: str = "http://127.0.0.1:8000"
+    admin: HostPort = "0.0.0.0:9464"
+    request_id_header: HeaderName = "x-request-id"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    limits: Limits = Field(default_factory=Limits)
+    upstream_pool: Upstream = Field(default_factory=Upstream)
+    labels: Labels = Field(default_factory=Labels)
+    readiness: Readiness = Field(default_factory=Readiness)
+    drain: Drain = Field(default_factory=Drain)
+    metrics: Metrics = Field(default_factory=Metrics)
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL, for example http://127.0.0.1:8000")
+        if not parts.hostname:
+            raise ValueError("has no host, for example http://127.0.0.1:8000")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(
+                "must not carry a path, query or fragment: requests keep their own path "
+                "(write http://host:port)"
+            )
+        return value
+
+    def upstream_target(self) -> tuple[str, str, int]:
+        """(scheme, host, port) of the upstream URL."""
+        parts = urlsplit(self.upstream)
+        scheme = parts.scheme
+        port = parts.port or (443 if scheme == "https" else 80)
+        return scheme, parts.hostname or "", port
+
+    def public_dict(self) -> dict[str, Any]:
+        """The effective configuration with secrets masked, for /config."""
+        from proxy.config import mask_url
+
+        data = self.model_dump(mode="json")
+        data["upstream"] = mask_url(self.upstream)
+        return data
