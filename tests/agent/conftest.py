@@ -22,9 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 STUB_SOURCE = Path(__file__).with_name("stub_nvml.c")
 TIMEOUT = aiohttp.ClientTimeout(total=5)
 _LISTENING = re.compile(r"listening on (http://\S+)")
-#: ``infermon`` through proxy.cli.main, with only the agent subcommand loaded so these tests do not
-#: depend on the other subcommands' modules (test_cli_lists_agent checks the real registration).
-LAUNCH = "import sys, proxy.cli as cli; cli.COMMAND_MODULES = ('proxy.agent.command',); sys.exit(cli.main())"
+#: ``infermon`` as the console script runs it: proxy.cli.main through ``python -m proxy``.
+INFERMON = (sys.executable, "-m", "proxy")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -124,7 +123,7 @@ async def start_agent() -> AsyncIterator[StartAgent]:
 
     async def start(*args: str, env: dict[str, str] | None = None) -> AgentProcess:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", LAUNCH, "agent", "--listen", "127.0.0.1:0", *args,
+            *INFERMON, "agent", "--listen", "127.0.0.1:0", *args,
             env=env or agent_env(), cwd=REPO,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip

@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
 from proxy import cli
-from tests.agent.conftest import LAUNCH, REPO, StartAgent, agent_env, find, names
+from tests.agent.conftest import INFERMON, REPO, StartAgent, agent_env, find, names
 
 GPU0 = "GPU-00000000-0000-0000-0000-000000000000"
 GPU1 = "GPU-00000000-0000-0000-0000-000000000001"
@@ -155,7 +154,7 @@ async def test_no_driver_on_this_machine(start_agent: StartAgent, signum: int) -
 )
 async def test_bad_config_exits_2(args: list[str], env: dict[str, str], message: str) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LAUNCH, "agent", *args,
+        *INFERMON, "agent", *args,
         env=agent_env(**env), cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, stderr = await asyncio.wait_for(proc.communicate(), timeout=20)
@@ -167,7 +166,7 @@ async def test_port_in_use_exits_2(start_agent: StartAgent) -> None:
     first = await start_agent("--interval", "5")
     port = first.url.rsplit(":", 1)[1]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LAUNCH, "agent", "--listen", f"127.0.0.1:{port}",
+        *INFERMON, "agent", "--listen", f"127.0.0.1:{port}",
         env=agent_env(), cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, stderr = await asyncio.wait_for(proc.communicate(), timeout=20)
