@@ -31,7 +31,7 @@ from typing import Any
 from bench import report, sse_client, upstreams, wrk
 from bench.procs import LOOPBACK, Child, ChildFailed, Children, free_port, tail, wait_for_port
 from bench.report import MB, LoadFigures, SoakFigures, SseFigures
-from bench.sampler import ProcessTree, RssSampler
+from bench.sampler import ProcessTree, RssSampler, cpu_layout
 
 TARGETS = ("direct", "nginx", "infermon")
 
@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--targets",
         default=",".join(TARGETS),
         help="comma-separated subset of direct,nginx,infermon for the load table (all)",
+    )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="let the scheduler place wrk and the servers (default: pinned)"
     )
     parser.add_argument("--no-sse", action="store_true", help="skip the SSE time-to-first-event run")
     parser.add_argument("--sse-streams", type=int, default=30, help="SSE streams per target (30)")
@@ -350,12 +353,25 @@ class Run:
         self.script = wrk.write_script(directory)
         self.problems: list[str] = out["problems"]
         self.load: list[LoadFigures] = out["load"]
+        self.layout = cpu_layout(not args.no_pin)
+        if self.layout is not None:
+            os.sched_setaffinity(0, self.layout[0])  # this harness, and wrk started from it
+            out["machine"]["pinning"] = {"wrk": sorted(self.layout[0]), "servers": sorted(self.layout[1])}
+        else:
+            out["machine"]["pinning"] = None
         self.infermon_error: str | None = None
         if "infermon" in args.targets or args.soak_only or args.soak > 0:
             self.infermon_error = check_infermon(args)
             if self.infermon_error:
                 self.problems.append(f"infermon not measured: {self.infermon_error}")
                 say(f"[infermon] NOT MEASURED: {self.infermon_error}")
+
+    def tree(self, child: Child) -> ProcessTree:
+        """The server's process tree, bound to the server CPUs when pinning."""
+        tree = ProcessTree(child.pid)
+        if self.layout is not None:
+            tree.pin(self.layout[1])
+        return tree
 
     def infermon(self, upstream_url: str, probe_path: str, phase: str) -> tuple[Child, int, int] | None:
         if self.infermon_error:
@@ -373,20 +389,20 @@ class Run:
         """Start the proxies asked for (all at once; an idle one costs nothing) in front of `upstream`."""
         targets: list[LoadTarget] = []
         if "direct" in self.args.targets:
-            tree = ProcessTree(upstream.child.pid)
+            tree = self.tree(upstream.child)
             targets.append(LoadTarget("direct", upstream.url + "/", tree, upstream.child))
         if "nginx" in self.args.targets:
             port = free_port()
             say(f"[nginx] reverse proxy on {LOOPBACK}:{port}")
             config = upstreams.proxy_config(self.directory, port, upstream.port)
             proxy = upstreams.start_nginx(self.children, "proxy", self.directory, config, port)
-            targets.append(LoadTarget("nginx", proxy.url + "/", ProcessTree(proxy.child.pid), proxy.child))
+            targets.append(LoadTarget("nginx", proxy.url + "/", self.tree(proxy.child), proxy.child))
         if "infermon" in self.args.targets:
             started = self.infermon(upstream.url, "/", "infermon")
             if started is not None:
                 child, port, admin = started
                 url = f"http://{LOOPBACK}:{port}/"
-                targets.append(LoadTarget("infermon", url, ProcessTree(child.pid), child, admin))
+                targets.append(LoadTarget("infermon", url, self.tree(child), child, admin))
         return targets
 
     def load_runs(self, upstream: upstreams.Server) -> None:
@@ -416,6 +432,7 @@ class Run:
     def sse_runs(self) -> None:
         sse_port = free_port()
         sse = upstreams.start_sse_upstream(self.children, self.directory, sse_port)
+        self.tree(sse.child)
         started = None
         if "infermon" in self.args.targets:
             started = self.infermon(sse.url, "/stream?events=1&delay_ms=0", "sse")
@@ -431,7 +448,7 @@ class Run:
         child, port, _ = started
         say(f"[soak] {self.args.soak} requests through infermon at c={self.args.connections}")
         url = f"http://{LOOPBACK}:{port}/"
-        self.out["soak"] = run_soak(self.args, url, ProcessTree(child.pid), self.script, child)
+        self.out["soak"] = run_soak(self.args, url, self.tree(child), self.script, child)
         self.children.stop(child)
 
 
@@ -441,6 +458,7 @@ def execute(args: argparse.Namespace, children: Children, directory: Path, out: 
     say(f"[setup] nginx upstream on {LOOPBACK}:{port}")
     config = upstreams.upstream_config(directory, port)
     upstream = upstreams.start_nginx(children, "upstream", directory, config, port)
+    run.tree(upstream.child)  # binds it to the server CPUs before any load
     if not args.soak_only:
         run.load_runs(upstream)
         if not args.no_sse:
@@ -458,6 +476,13 @@ def print_report(out: dict[str, Any], args: argparse.Namespace) -> None:
         f"wrk {args.duration:g}s per run after {args.warmup:g}s warm-up; c=1 -t1 and c={args.connections} "
         f"-t{args.threads}; proxies: nginx 1 worker, infermon 1 process"
     )
+    pinning = info.get("pinning")
+    if pinning:
+        print(
+            f"pinned: wrk and harness on CPU {pinning['wrk']}, upstream and proxy on CPU {pinning['servers']}"
+        )
+    else:
+        print("not pinned: the scheduler places wrk and the servers")
     if out["load"]:
         print()
         print(report.load_table(out["load"]))

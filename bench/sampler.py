@@ -2,11 +2,14 @@
 
 For nginx that is the master and its workers; for infermon it is its one process (and any child it
 may start). CPU is user + system seconds from ``psutil`` read before and after a wrk run; RSS is
-sampled by a background thread while the run goes on, and the peak is kept.
+sampled by a background thread while the run goes on, and the peak is kept. `ProcessTree.pin` binds
+a started server to its CPUs (see `cpu_layout`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from types import TracebackType
@@ -25,6 +28,17 @@ class ProcessTree:
             return [self.root, *self.root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
+
+    def pin(self, cpus: set[int]) -> None:
+        """Bind every thread of every process in the tree to `cpus` (threads made later inherit it)."""
+        for proc in self.processes():
+            try:
+                tids = os.listdir(f"/proc/{proc.pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
 
     def cpu_seconds(self) -> float:
         total = 0.0
@@ -86,3 +100,18 @@ class RssSampler:
         self._stop.set()
         self._thread.join(timeout=5.0)
         self._sample()
+
+
+def cpu_layout(pin: bool) -> tuple[set[int], set[int]] | None:
+    """(load generator CPUs, server CPUs): the first half of this process's CPUs and the rest.
+
+    None when pinning is off or there are fewer than two CPUs. On 2 cores: wrk and the harness on
+    CPU 0, upstream and proxy on CPU 1, as a sidecar shares its pod's cores with the model server
+    while clients run elsewhere. Without pinning, c=1 latencies on a 2-core VM jump between two modes
+    (both ends on one core or not) from one run to the next.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return None
+    half = max(1, len(cpus) // 2)
+    return set(cpus[:half]), set(cpus[half:])
