@@ -1,4 +1,5 @@
 /* A stand-in libnvidia-ml.so.1 for tests: two GPUs, built by tests/agent/conftest.py with gcc.
+ * bench/agent_cpu.py --stub builds it too and asks for more GPUs with STUB_NVML_GPUS (at most 16).
  *
  * Only the symbols the agent calls exist. Deliberately:
  *   - nvmlDeviceGetTotalEccErrors answers NVML_ERROR_NOT_SUPPORTED (ECC off, like consumer cards);
@@ -6,6 +7,8 @@
  *   - the first nvmlEventSetWait_v2 delivers XID 79 on GPU 0, later ones time out;
  *   - GPU 0 runs one compute process, pid STUB_PID (4242 unless -DSTUB_PID=...), using 1 GiB.
  */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -24,7 +27,8 @@ typedef device_t *nvmlDevice_t;
 typedef struct { int used; } event_set_t;
 typedef event_set_t *nvmlEventSet_t;
 
-static device_t devices[2] = {{0}, {1}};
+#define MAX_GPUS 16
+static device_t devices[MAX_GPUS];
 static event_set_t the_set;
 static int xid_sent = 0;
 
@@ -37,30 +41,42 @@ typedef struct {
     nvmlDevice_t device; unsigned long long eventType, eventData; unsigned int gpuInstanceId, computeInstanceId;
 } nvmlEventData_t;
 
-static int idx(nvmlDevice_t d) { return d == &devices[1] ? 1 : 0; }
+static int idx(nvmlDevice_t d) { return d->index; }
+static unsigned int gpu_count(void) {
+    const char *env = getenv("STUB_NVML_GPUS");
+    int n = env ? atoi(env) : 2;
+    return n < 1 ? 1 : n > MAX_GPUS ? MAX_GPUS : (unsigned int)n;
+}
 static nvmlReturn_t copy(char *dst, unsigned int n, const char *src) {
     if (strlen(src) + 1 > n) return NVML_ERROR_INSUFFICIENT_SIZE;
     strcpy(dst, src);
     return NVML_SUCCESS;
 }
 
-nvmlReturn_t nvmlInitWithFlags(unsigned int flags) { (void)flags; return NVML_SUCCESS; }
-nvmlReturn_t nvmlInit_v2(void) { return NVML_SUCCESS; }
+nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
+    (void)flags;
+    for (int i = 0; i < MAX_GPUS; i++) devices[i].index = i;
+    return NVML_SUCCESS;
+}
 nvmlReturn_t nvmlShutdown(void) { return NVML_SUCCESS; }
 const char *nvmlErrorString(nvmlReturn_t r) { (void)r; return "stub error"; }
 nvmlReturn_t nvmlSystemGetDriverVersion(char *v, unsigned int n) { return copy(v, n, "550.54.15"); }
 nvmlReturn_t nvmlSystemGetCudaDriverVersion(int *v) { *v = 12040; return NVML_SUCCESS; }
-nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *c) { *c = 2; return NVML_SUCCESS; }
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *c) { *c = gpu_count(); return NVML_SUCCESS; }
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int i, nvmlDevice_t *d) {
-    if (i > 1) return NVML_ERROR_INVALID_ARGUMENT;
+    if (i >= gpu_count()) return NVML_ERROR_INVALID_ARGUMENT;
     *d = &devices[i];
     return NVML_SUCCESS;
 }
 nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *n, unsigned int len) {
-    return copy(n, len, idx(d) ? "Stub GPU B" : "Stub GPU A");
+    char name[32];
+    snprintf(name, sizeof name, "Stub GPU %c", 'A' + idx(d));
+    return copy(n, len, name);
 }
 nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *u, unsigned int len) {
-    return copy(u, len, idx(d) ? "GPU-00000000-0000-0000-0000-000000000001" : "GPU-00000000-0000-0000-0000-000000000000");
+    char uuid[48];
+    snprintf(uuid, sizeof uuid, "GPU-00000000-0000-0000-0000-%012d", idx(d));
+    return copy(u, len, uuid);
 }
 nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t d, unsigned int *cur, unsigned int *pend) {
     (void)d; *cur = 0; *pend = 0; return NVML_SUCCESS;
@@ -94,7 +110,7 @@ nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t d, int type, int counter, 
     (void)d; (void)type; (void)counter; (void)n; return NVML_ERROR_NOT_SUPPORTED;
 }
 nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned int *count, nvmlProcessInfo_t *infos) {
-    if (idx(d) == 1) { *count = 0; return NVML_SUCCESS; }
+    if (idx(d) != 0) { *count = 0; return NVML_SUCCESS; }
     if (infos == NULL || *count < 1) { *count = 1; return NVML_ERROR_INSUFFICIENT_SIZE; }
     *count = 1;
     infos[0].pid = STUB_PID; infos[0].usedGpuMemory = 1ULL << 30;
