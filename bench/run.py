@@ -352,7 +352,6 @@ class Run:
         self.out = out
         self.script = wrk.write_script(directory)
         self.problems: list[str] = out["problems"]
-        self.load: list[LoadFigures] = out["load"]
         self.layout = cpu_layout(not args.no_pin)
         if self.layout is not None:
             os.sched_setaffinity(0, self.layout[0])  # this harness, and wrk started from it
@@ -406,10 +405,10 @@ class Run:
         return targets
 
     def load_runs(self, upstream: upstreams.Server) -> None:
-        args, high = self.args, self.args.connections
+        args = self.args
         targets = self.load_targets(upstream)
         counted_before = {t.name: requests_counted(t.admin) for t in targets if t.admin is not None}
-        runs: list[LoadFigures] = []
+        runs: list[LoadFigures] = self.out["runs"]
         for number in range(args.rounds):
             if args.rounds > 1:
                 say(f"[load] round {number + 1} of {args.rounds}")
@@ -424,10 +423,6 @@ class Run:
                 }
             if target.name != "direct":
                 self.children.stop(target.child)
-        self.out["runs"] = runs
-        self.load += report.combine(runs)
-        self.out["checks"] = [asdict(c) | {"verdict": c.verdict} for c in report.checks(self.load, high)]
-        self.out["ratios"] = report.ratios(self.load, high)
 
     def sse_runs(self) -> None:
         sse_port = free_port()
@@ -528,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     directory = Path(tempfile.mkdtemp(prefix="infermon-bench-"))
     directory.chmod(0o755)  # nginx workers drop to `nobody` when started as root
-    out: dict[str, Any] = {"machine": machine(), "config": {}, "load": [], "problems": []}
+    out: dict[str, Any] = {"machine": machine(), "config": {}, "runs": [], "load": [], "problems": []}
     out["config"] = {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()}
     status = 1
     try:
@@ -545,6 +540,12 @@ def main(argv: list[str] | None = None) -> int:
             say(f"configs and logs kept in {directory}")
         else:
             shutil.rmtree(directory, ignore_errors=True)
+    # Figures measured before a failure are still reported.
+    out["load"] = report.combine(out["runs"])
+    if out["load"]:
+        found = report.checks(out["load"], args.connections)
+        out["checks"] = [asdict(c) | {"verdict": c.verdict} for c in found]
+        out["ratios"] = report.ratios(out["load"], args.connections)
     print_report(out, args)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
