@@ -20,6 +20,7 @@ from proxy.agent.config import AgentConfig
 from proxy.agent.gpu import GpuCollector
 from proxy.agent.host import HostCollector
 from proxy.agent.podmap import PodMapper
+from proxy.agent.podresources import PodResources
 from proxy.agent.server import build_app
 from proxy.agent.worker import Source, Worker
 from proxy.config import load
@@ -61,8 +62,16 @@ def build(config: AgentConfig, *, nvml: Any = pynvml) -> tuple[CollectorRegistry
     registry = CollectorRegistry()
     collectors: list[Any] = []
     if config.nvml.enabled:
+        socket = config.nvml.pod_resources_socket
+        pod_resources = PodResources(socket, config.nvml.pod_resources_prefix) if socket else None
         collectors.append(
-            GpuCollector(config.nvml, config.hostname, nvml=nvml, pods=PodMapper(config.procfs))
+            GpuCollector(
+                config.nvml,
+                config.hostname,
+                nvml=nvml,
+                pods=PodMapper(config.procfs),
+                pod_resources=pod_resources,
+            )
         )
     if config.host.enabled:
         collectors.append(HostCollector(config.host, config.procfs))

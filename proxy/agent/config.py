@@ -39,6 +39,9 @@ class NvmlSettings(_Section):
     backoff_max: PositiveFloat = 300.0  # retries double up to this
     xid_events: bool = True  # count XID errors from an NVML event thread
     processes: bool = True  # per-pod GPU memory from the running compute processes
+    # kubelet pod-resources socket (GPU -> pod allocations); null turns it off, a missing file is skipped
+    pod_resources_socket: str | None = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    pod_resources_prefix: str = "nvidia.com/"  # resource names counted as GPUs
 
     @model_validator(mode="after")
     def _backoff_order(self) -> NvmlSettings:

@@ -27,6 +27,7 @@ from proxy.agent import nvml as nv
 from proxy.agent.config import NvmlSettings
 from proxy.agent.events import XidWatcher
 from proxy.agent.podmap import PodMapper
+from proxy.agent.podresources import Allocation, PodResources
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,14 @@ class GpuCollector:
         *,
         nvml: Any = pynvml,
         pods: PodMapper | None = None,
+        pod_resources: PodResources | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._hostname = hostname
         self._nvml = nvml
         self._pods = pods or PodMapper()
+        self._pod_resources = pod_resources
         self._clock = clock
         self._session: _Session | None = None
         self._reason = "not_started"
@@ -100,6 +103,8 @@ class GpuCollector:
     def close(self) -> None:
         if self._session is not None:
             self._drop("stopped")
+        if self._pod_resources is not None:
+            self._pod_resources.close()
 
     def record_xid(self, uuid: str, xid: int) -> None:
         with self._xid_lock:
@@ -153,10 +158,15 @@ class GpuCollector:
             log.debug("nvmlShutdown failed: %s", exc)
 
     def _read(self, session: _Session, batch: m.Batch) -> None:
+        allocations = self._allocations(batch)
         for gpu in session.gpus:
             labels = gpu.labels(self._hostname)
             batch.add(m.GPU_INFO, (*labels, session.driver, session.cuda), 1.0)
             self._fields(gpu, nv.GPU_READERS, labels, batch)
+            for held in allocations.get(gpu.uuid, []) + allocations.get(str(gpu.index), []):
+                batch.add(
+                    m.GPU_ALLOCATION, (*labels, held.namespace, held.pod, held.container, held.resource), 1
+                )
             try:
                 migs = nv.mig_devices(self._nvml, gpu)
             except nv.FATAL:
@@ -168,9 +178,19 @@ class GpuCollector:
                 mig_labels = mig.labels(self._hostname)
                 batch.add(m.GPU_INFO, (*mig_labels, session.driver, session.cuda), 1.0)
                 self._fields(mig, nv.MIG_READERS, mig_labels, batch)
+                for held in allocations.get(mig.uuid, []):
+                    row = (*mig_labels, held.namespace, held.pod, held.container, held.resource)
+                    batch.add(m.GPU_ALLOCATION, row, 1)
             if self._settings.processes:
                 for device in migs or [gpu]:
                     self._processes(device, device.labels(self._hostname), batch)
+
+    def _allocations(self, batch: m.Batch) -> dict[str, list[Allocation]]:
+        if self._pod_resources is None or not self._pod_resources.available:
+            return {}
+        found = self._pod_resources.allocations()
+        batch.add(m.GPU_POD_RESOURCES_UP, (), 0.0 if found is None else 1.0)
+        return found or {}
 
     def _fields(
         self, device: nv.Device, readers: dict[str, nv.Reader], labels: tuple[str, ...], batch: m.Batch

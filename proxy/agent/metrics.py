@@ -85,12 +85,24 @@ GPU_POD_MEMORY = _gpu(
     "pod_uid",
     "container_id",
 )
+GPU_ALLOCATION = _gpu(
+    "pod_allocation",
+    "gauge",
+    "1 for each container the kubelet allocated this device to (pod-resources API)",
+    "k8s_namespace",
+    "k8s_pod",
+    "k8s_container",
+    "resource",
+)
+GPU_POD_RESOURCES_UP = Spec(
+    "infermon_gpu_pod_resources_up", "gauge", "1 if the last kubelet pod-resources List call answered, else 0"
+)
 
 GPU_SPECS = (
     GPU_UP, GPU_COUNT, GPU_DURATION, GPU_LAST, GPU_INIT_FAILURES, GPU_INFO, GPU_UTIL, GPU_MEM_UTIL,
     GPU_MEM_USED, GPU_MEM_FREE, GPU_MEM_TOTAL, GPU_POWER, GPU_ENERGY, GPU_TEMP, GPU_SM_CLOCK,
     GPU_MEM_CLOCK, GPU_CLOCK_EVENT, GPU_PCIE, GPU_PCIE_REPLAY, GPU_REMAPPED, GPU_REMAP_PENDING,
-    GPU_REMAP_FAILED, GPU_ECC, GPU_XID, GPU_PROCESSES, GPU_POD_MEMORY,
+    GPU_REMAP_FAILED, GPU_ECC, GPU_XID, GPU_PROCESSES, GPU_POD_MEMORY, GPU_ALLOCATION, GPU_POD_RESOURCES_UP,
 )  # fmt: skip
 
 # Host.

@@ -23,6 +23,7 @@ def test_defaults() -> None:
     assert config.nvml.xid_events
     assert config.nvml.processes
     assert (config.nvml.backoff_initial, config.nvml.backoff_max) == (10.0, 300.0)
+    assert config.nvml.pod_resources_socket == "/var/lib/kubelet/pod-resources/kubelet.sock"
     assert config.host.enabled
 
 
@@ -30,7 +31,11 @@ def test_layers_file_env_flags(tmp_path: Path) -> None:
     path = tmp_path / "agent.yaml"
     path.write_text("interval: 5\nhostname: from-file\nnvml:\n  backoff_max: 60\nhost:\n  enabled: false\n")
     config = agent_config(
-        {"INFERMON_AGENT_HOSTNAME": "node-7", "INFERMON_AGENT_NVML__XID_EVENTS": "false"},
+        {
+            "INFERMON_AGENT_HOSTNAME": "node-7",
+            "INFERMON_AGENT_NVML__XID_EVENTS": "false",
+            "INFERMON_AGENT_NVML__POD_RESOURCES_SOCKET": "/run/kubelet.sock",
+        },
         file=path,
         interval=2.5,
     )
@@ -38,6 +43,7 @@ def test_layers_file_env_flags(tmp_path: Path) -> None:
     assert config.hostname == "node-7"
     assert config.nvml.backoff_max == 60
     assert config.nvml.xid_events is False
+    assert config.nvml.pod_resources_socket == "/run/kubelet.sock"
     assert config.host.enabled is False
 
 
