@@ -87,6 +87,10 @@ class Children:
         self._children.append(child)
         return child
 
+    def pids(self) -> list[int]:
+        """Process ids of the children still running."""
+        return [child.pid for child in self._children if child.popen.poll() is None]
+
     def stop(self, child: Child) -> None:
         """End one child's whole process group, waiting at most `grace` seconds before KILL."""
         popen = child.popen

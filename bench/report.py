@@ -44,6 +44,8 @@ class LoadFigures:
     rss_peak_mb: float
     rss_after_mb: float
     rounds: int = 1  # runs this row stands for (medians over them when more than one)
+    other_cpu_pct: float = 0.0  # machine CPU used by processes outside this run, % of all cores
+    steal_pct: float = 0.0
 
     @property
     def cpu_s_per_10k(self) -> float:
@@ -122,6 +124,8 @@ def combine(runs: list[LoadFigures]) -> list[LoadFigures]:
                 rss_peak_mb=max(f.rss_peak_mb for f in group),
                 rss_after_mb=group[-1].rss_after_mb,
                 rounds=len(group),
+                other_cpu_pct=median([f.other_cpu_pct for f in group]),
+                steal_pct=median([f.steal_pct for f in group]),
             )
         )
     return out
@@ -206,7 +210,8 @@ def load_table(load: list[LoadFigures]) -> str:
     direct_p50 = {f.connections: f.p50_us for f in load if f.target == "direct"}
     header = (
         f"{'target':<9} {'conc':>4} {'rps':>9} {'p50 us':>8} {'p99 us':>8} {'+p50 us':>8} "
-        f"{'cpu s/10k':>9} {'cpu us/req':>10} {'peak RSS MB':>11} {'RSS after MB':>12} {'errors':>7}"
+        f"{'cpu s/10k':>9} {'cpu us/req':>10} {'peak RSS MB':>11} {'RSS after MB':>12} {'errors':>7} "
+        f"{'other %':>7}"
     )
     lines = [header, "-" * len(header)]
     for f in load:
@@ -215,7 +220,8 @@ def load_table(load: list[LoadFigures]) -> str:
         lines.append(
             f"{f.target:<9} {f.connections:>4} {f.rps:>9.0f} {f.p50_us:>8.0f} {f.p99_us:>8.0f} "
             f"{_num(added, '>8.0f'):>8} {f.cpu_s_per_10k:>9.3f} {f.cpu_us_per_request:>10.1f} "
-            f"{f.rss_peak_mb:>11.1f} {f.rss_after_mb:>12.1f} {f.non_2xx + f.socket_errors:>7d}"
+            f"{f.rss_peak_mb:>11.1f} {f.rss_after_mb:>12.1f} {f.non_2xx + f.socket_errors:>7d} "
+            f"{f.other_cpu_pct:>7.1f}"
         )
     return "\n".join(lines)
 

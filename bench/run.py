@@ -31,7 +31,7 @@ from typing import Any
 from bench import report, sse_client, upstreams, wrk
 from bench.procs import LOOPBACK, Child, ChildFailed, Children, free_port, tail, wait_for_port
 from bench.report import MB, LoadFigures, SoakFigures, SseFigures
-from bench.sampler import ProcessTree, RssSampler, cpu_layout
+from bench.sampler import MachineCpu, ProcessTree, RssSampler, cpu_layout
 
 TARGETS = ("direct", "nginx", "infermon")
 
@@ -197,11 +197,19 @@ def measure(
     seconds: float,
     script: Path,
     check: Child | None = None,
+    machine_cpu: MachineCpu | None = None,
 ) -> LoadFigures:
     cpu_before = tree.cpu_seconds()
+    machine_before = machine_cpu.reading() if machine_cpu else (0.0, 0.0, 0.0)
+    started = time.monotonic()
     with RssSampler(tree, interval=0.2) as sampler:
         result = wrk.run(url, conns, threads, seconds, script)
     cpu = tree.cpu_seconds() - cpu_before
+    other_pct = steal_pct = 0.0
+    if machine_cpu is not None:
+        busy, ours, steal = (b - a for a, b in zip(machine_before, machine_cpu.reading(), strict=True))
+        capacity = (time.monotonic() - started) * (os.cpu_count() or 1) / 100
+        other_pct, steal_pct = max(0.0, busy - ours) / capacity, steal / capacity
     time.sleep(0.3)
     rss_after = tree.rss_bytes()
     if check is not None:
@@ -225,6 +233,8 @@ def measure(
         cpu_us_per_request=per_request,
         rss_peak_mb=sampler.peak / MB,
         rss_after_mb=rss_after / MB,
+        other_cpu_pct=other_pct,
+        steal_pct=steal_pct,
     )
 
 
@@ -240,7 +250,9 @@ class LoadTarget:
     sent: int = 0  # requests wrk completed against it, warm-up included
 
 
-def load_round(args: argparse.Namespace, target: LoadTarget, script: Path, first: bool) -> list[LoadFigures]:
+def load_round(
+    args: argparse.Namespace, target: LoadTarget, script: Path, first: bool, machine_cpu: MachineCpu
+) -> list[LoadFigures]:
     """A warm-up in the first round, then c=1 and c=high."""
     out: list[LoadFigures] = []
     if first and args.warmup > 0:
@@ -249,7 +261,15 @@ def load_round(args: argparse.Namespace, target: LoadTarget, script: Path, first
     for conns, threads in ((1, 1), (args.connections, args.threads)):
         say(f"[{target.name}] wrk -c{conns} -t{threads} -d{args.duration:g}s")
         figures = measure(
-            target.name, target.url, target.tree, conns, threads, args.duration, script, target.child
+            target.name,
+            target.url,
+            target.tree,
+            conns,
+            threads,
+            args.duration,
+            script,
+            target.child,
+            machine_cpu,
         )
         target.sent += figures.requests
         if figures.non_2xx or figures.socket_errors:
@@ -337,6 +357,7 @@ def machine() -> dict[str, Any]:
         "nginx": version([upstreams.NGINX, "-v"]),
         "wrk": version([wrk.WRK, "--version"]),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -351,6 +372,7 @@ class Run:
         self.directory = directory
         self.out = out
         self.script = wrk.write_script(directory)
+        self.machine_cpu = MachineCpu(children.pids)
         self.problems: list[str] = out["problems"]
         self.layout = cpu_layout(not args.no_pin)
         if self.layout is not None:
@@ -413,7 +435,7 @@ class Run:
             if args.rounds > 1:
                 say(f"[load] round {number + 1} of {args.rounds}")
             for target in targets:
-                runs += load_round(args, target, self.script, first=number == 0)
+                runs += load_round(args, target, self.script, number == 0, self.machine_cpu)
         for target in targets:
             if target.admin is not None:
                 self.out["metrics_check"] = {
@@ -467,6 +489,10 @@ def print_report(out: dict[str, Any], args: argparse.Namespace) -> None:
     info = out["machine"]
     print(f"infermon benchmark  {info['time']}  {info['cpus']} CPUs  {info['platform']}")
     print(f"{info['nginx']}  |  {info['wrk']}  |  Python {info['python']}")
+    print(
+        f"load average at start {info['loadavg_at_start']}, at end {info.get('loadavg_at_end')} "
+        "(other work on the machine shows up as noise)"
+    )
     print(
         f"wrk {args.duration:g}s per run after {args.warmup:g}s warm-up; c=1 -t1 and c={args.connections} "
         f"-t{args.threads}; proxies: nginx 1 worker, infermon 1 process"
@@ -540,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"configs and logs kept in {directory}")
         else:
             shutil.rmtree(directory, ignore_errors=True)
+    out["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     # Figures measured before a failure are still reported.
     out["load"] = report.combine(out["runs"])
     if out["load"]:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import psutil
@@ -58,6 +59,29 @@ class ProcessTree:
             except psutil.NoSuchProcess:
                 continue
         return total
+
+
+class MachineCpu:
+    """Busy CPU seconds of the whole machine next to those of this harness and its children.
+
+    The difference over a run is CPU that something else on the machine used (a test suite, a
+    build): the noise behind an odd figure. Only user and system time count: interrupt time (the
+    loopback traffic's softirq work) is not charged to any process, so it would show as "other".
+    Steal is time the hypervisor gave to other guests.
+    """
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self.pids = pids
+        self.me = psutil.Process()
+
+    def reading(self) -> tuple[float, float, float]:
+        """(machine busy seconds, ours, steal)."""
+        times = psutil.cpu_times()
+        busy = sum(float(getattr(times, key, 0.0)) for key in ("user", "nice", "system"))
+        mine = self.me.cpu_times()
+        ours = float(mine.user + mine.system + mine.children_user + mine.children_system)
+        ours += sum(ProcessTree(pid).cpu_seconds() for pid in self.pids() if psutil.pid_exists(pid))
+        return busy, ours, float(getattr(times, "steal", 0.0))
 
 
 class RssSampler:
