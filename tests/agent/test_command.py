@@ -129,7 +129,10 @@ async def test_no_driver_on_this_machine(start_agent: StartAgent, signum: int) -
     if _has_nvml():
         pytest.skip("this machine has an NVML library")
     agent = await start_agent("--interval", "0.1")
-    samples = await agent.metrics_until(lambda s: bool(find(s, "infermon_gpu_collector_up")))
+    # GPU and host snapshots are published one after the other: wait for both
+    samples = await agent.metrics_until(
+        lambda s: bool(find(s, "infermon_gpu_collector_up") and find(s, "infermon_host_cpus"))
+    )
     assert find(samples, "infermon_gpu_collector_up", reason="library_not_found") == [0.0]
     assert find(samples, "infermon_gpu_count") == [0.0]
     assert find(samples, "infermon_gpu_init_failures_total", reason="library_not_found") == [1.0]
