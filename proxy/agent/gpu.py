@@ -65,6 +65,7 @@ class GpuCollector:
         self._init_failures: dict[str, int] = defaultdict(int)
         self._xid_lock = threading.Lock()
         self._xids: dict[tuple[str, int], int] = defaultdict(int)
+        self._known: dict[str, tuple[str, ...]] = {}  # uuid -> labels, kept across sessions for XID series
         self._skip: set[tuple[str, str]] = set()  # (uuid, field) found unsupported
         self._warned: set[tuple[str, str, str]] = set()
         self._families: tuple[Metric, ...] = ()
@@ -125,6 +126,7 @@ class GpuCollector:
         log.info("NVML ready: %d GPU(s), driver %s, CUDA %s", len(session.gpus), session.driver, session.cuda)
         self._session = session
         self._backoff = self._settings.backoff_initial
+        self._known.update((gpu.uuid, gpu.labels(self._hostname)) for gpu in session.gpus)
         if self._settings.xid_events and session.gpus:
             session.watcher = XidWatcher(self._nvml, session.gpus, self.record_xid)
             session.watcher.start()
@@ -242,10 +244,8 @@ class GpuCollector:
             counts = sorted(self._xids.items())
         if not counts:
             return
-        devices = {gpu.uuid: gpu for gpu in self._session.gpus} if self._session else {}
         for (uuid, xid), count in counts:
-            gpu = devices.get(uuid)
-            labels = gpu.labels(self._hostname) if gpu else ("", uuid, "", self._hostname, "", "")
+            labels = self._known.get(uuid, ("", uuid, "", self._hostname, "", ""))
             batch.add(m.GPU_XID, (*labels, str(xid)), float(count))
 
     def _unsupported(self, device: nv.Device, field: str, exc: BaseException) -> None:

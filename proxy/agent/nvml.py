@@ -9,6 +9,7 @@ function names and signatures, raising ``pynvml``'s exception classes, as promet
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import pynvml
 
 from proxy.agent import metrics as m
+
+log = logging.getLogger(__name__)
 
 Value = tuple[m.Spec, tuple[str, ...], float]
 Reader = Callable[[Any, Any], list[Value]]
@@ -83,10 +86,14 @@ class Device:
 
 
 def gpus(nvml: Any) -> list[Device]:
-    """Every full GPU NVML reports."""
+    """Every full GPU NVML reports and this process may open (others are logged and skipped)."""
     found = []
     for index in range(nvml.nvmlDeviceGetCount()):
-        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        except pynvml.NVMLError_NoPermission:
+            log.warning("GPU %d: no permission to open it (device cgroup?), left out", index)
+            continue
         found.append(
             Device(handle, index, text(nvml.nvmlDeviceGetUUID(handle)), text(nvml.nvmlDeviceGetName(handle)))
         )

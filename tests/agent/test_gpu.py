@@ -220,6 +220,33 @@ def test_gpu_lost_mid_run_drops_the_session_and_recovers(tmp_path: Path) -> None
     assert find(s, "infermon_gpu_power_watts", uuid="GPU-a") == [250.0]
 
 
+def test_xid_series_keep_their_labels_while_the_gpu_is_gone(tmp_path: Path) -> None:
+    gpu = FakeGpu(uuid="GPU-a")
+    nvml = FakeNvml([gpu])
+    collector = make(nvml, tmp_path, xid_events=False)
+    collector.collect_once()
+    collector.record_xid("GPU-a", 79)
+    collector.collect_once()
+    before = [ls for (n, ls) in scrape(collector) if n == "infermon_gpu_xid_errors_total"]
+    gpu.lost = True
+    collector.collect_once()
+    s = scrape(collector)
+    assert find(s, "infermon_gpu_collector_up") == [0.0]
+    assert [ls for (n, ls) in s if n == "infermon_gpu_xid_errors_total"] == before
+    assert find(s, "infermon_gpu_xid_errors_total", gpu="0", model_name=gpu.name, xid="79") == [1.0]
+
+
+def test_a_gpu_without_permission_is_skipped(tmp_path: Path) -> None:
+    hidden = FakeGpu(
+        uuid="GPU-hidden", failing={"nvmlDeviceGetHandleByIndex": pynvml.NVML_ERROR_NO_PERMISSION}
+    )
+    collector = make(FakeNvml([hidden, FakeGpu(uuid="GPU-b")]), tmp_path, xid_events=False)
+    collector.collect_once()
+    s = scrape(collector)
+    assert find(s, "infermon_gpu_count") == [1.0]
+    assert find(s, "infermon_gpu_info", uuid="GPU-b", gpu="1") == [1.0]
+
+
 def test_scrape_reads_the_last_snapshot_without_calling_nvml(tmp_path: Path) -> None:
     gpu = FakeGpu(uuid="GPU-a", utilization=30)
     nvml = FakeNvml([gpu])
