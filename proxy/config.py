@@ -64,14 +64,14 @@ def load(
             continue
         keys = tuple(part.lower() for part in name[len(env_prefix) :].split("__"))
         _set(merged, keys, _env_value(environ[name]))
-        sources[keys] = f"env {name}"
+        _blame(sources, keys, f"env {name}")
 
     for dotted, value in (flags or {}).items():
         if value is None:
             continue
         keys = tuple(dotted.split("."))
         _set(merged, keys, value)
-        sources[keys] = "flag --" + keys[-1].replace("_", "-")
+        _blame(sources, keys, "flag --" + keys[-1].replace("_", "-"))
 
     try:
         return model.model_validate(merged)
@@ -116,6 +116,14 @@ def _set(target: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
             node[key] = child
         node = child
     node[keys[-1]] = value
+
+
+def _blame(sources: dict[tuple[str, ...], str], keys: tuple[str, ...], origin: str) -> None:
+    """Record that ``keys`` (and everything below it, which the new value replaced) came from ``origin``."""
+    depth = len(keys)
+    for known in [k for k in sources if len(k) > depth and k[:depth] == keys]:
+        del sources[known]
+    sources[keys] = origin
 
 
 def _merge(
@@ -170,5 +178,7 @@ def mask_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    # the host part is kept as written: IPv6 brackets, case and port stay as they were
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
