@@ -1,0 +1,313 @@
+"""proxy.config.load: the layers (defaults < file < env < flags), env key mapping and the error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.config import load, mask_url
+from proxy.errors import ConfigError
+from proxy.settings import ProxyConfig
+
+
+def _file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "infermon.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _load(
+    file: Path | None = None, env: dict[str, str] | None = None, flags: dict[str, object] | None = None
+) -> ProxyConfig:
+    return load(ProxyConfig, file=file, env=env or {}, flags=flags, ignore_env_prefixes=("INFERMON_AGENT_",))
+
+
+def _error(
+    file: Path | None = None, env: dict[str, str] | None = None, flags: dict[str, object] | None = None
+) -> str:
+    with pytest.raises(ConfigError) as info:
+        _load(file, env, flags)
+    return str(info.value)
+
+
+# -- precedence -------------------------------------------------------------------------------
+
+
+def test_defaults_when_no_layer_sets_anything() -> None:
+    cfg = _load()
+    assert cfg.listen == "0.0.0.0:8080"
+    assert cfg.upstream == "http://127.0.0.1:8000"
+    assert cfg.admin == "0.0.0.0:9464"
+    assert cfg.limits.max_in_flight == 4096
+    assert cfg.labels.variant == "stable"
+
+
+def test_file_overrides_defaults(tmp_path: Path) -> None:
+    path = _file(tmp_path, "listen: 127.0.0.1:1111\nlimits:\n  max_in_flight: 11\n")
+    cfg = _load(path)
+    assert cfg.listen == "127.0.0.1:1111"
+    assert cfg.limits.max_in_flight == 11
+    assert cfg.limits.max_connections == 10_000  # siblings keep their defaults
+
+
+def test_env_overrides_file(tmp_path: Path) -> None:
+    path = _file(tmp_path, "listen: 127.0.0.1:1111\nlimits:\n  max_in_flight: 11\n  max_connections: 5\n")
+    cfg = _load(path, env={"INFERMON_LISTEN": "127.0.0.1:2222", "INFERMON_LIMITS__MAX_IN_FLIGHT": "22"})
+    assert cfg.listen == "127.0.0.1:2222"
+    assert cfg.limits.max_in_flight == 22
+    assert cfg.limits.max_connections == 5  # the file's other keys in the same section survive
+
+
+def test_flags_override_env_and_file(tmp_path: Path) -> None:
+    path = _file(tmp_path, "listen: 127.0.0.1:1111\nadmin: 127.0.0.1:9001\n")
+    cfg = _load(
+        path,
+        env={"INFERMON_LISTEN": "127.0.0.1:2222", "INFERMON_ADMIN": "127.0.0.1:9002"},
+        flags={"listen": "127.0.0.1:3333", "admin": None, "limits.max_in_flight": 33},
+    )
+    assert cfg.listen == "127.0.0.1:3333"
+    assert cfg.admin == "127.0.0.1:9002"  # a None flag is "not given": env still wins over the file
+    assert cfg.limits.max_in_flight == 33
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = _file(tmp_path, "log_level: debug\n")
+    assert _load(env={"INFERMON_CONFIG": str(path)}).log_level == "debug"
+
+
+def test_explicit_file_wins_over_infermon_config(tmp_path: Path) -> None:
+    chosen = _file(tmp_path, "log_level: error\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("log_level: debug\n")
+    assert _load(chosen, env={"INFERMON_CONFIG": str(other)}).log_level == "error"
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    assert _load(_file(tmp_path, "# nothing here\n")) == ProxyConfig()
+
+
+# -- environment mapping ----------------------------------------------------------------------
+
+
+def test_nested_env_keys() -> None:
+    cfg = _load(
+        env={
+            "INFERMON_LIMITS__MAX_IN_FLIGHT": "7",
+            "INFERMON_UPSTREAM_POOL__CONNECT_TIMEOUT": "1.5",
+            "INFERMON_READINESS__PATH": "/v2/health/ready",
+        }
+    )
+    assert cfg.limits.max_in_flight == 7
+    assert cfg.upstream_pool.connect_timeout == 1.5
+    assert cfg.readiness.path == "/v2/health/ready"
+
+
+def test_json_list_values_from_env() -> None:
+    cfg = _load(
+        env={
+            "INFERMON_LABELS__ALLOW": '["iris", "churn"]',
+            "INFERMON_METRICS__DURATION_BUCKETS": "[0.1, 1, 10]",
+        }
+    )
+    assert cfg.labels.allow == ["iris", "churn"]
+    assert cfg.metrics.duration_buckets == [0.1, 1.0, 10.0]
+
+
+def test_json_mapping_value_from_env() -> None:
+    cfg = _load(env={"INFERMON_DRAIN": '{"delay": 1.5, "timeout": 4}'})
+    assert (cfg.drain.delay, cfg.drain.timeout) == (1.5, 4.0)
+
+
+def test_other_prefixes_and_reserved_names_are_not_keys() -> None:
+    cfg = _load(env={"INFERMON_AGENT_INTERVAL": "3", "OTHER_LISTEN": "x", "PATH": "/bin"})
+    assert cfg == ProxyConfig()
+
+
+# -- unknown keys -----------------------------------------------------------------------------
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    path = _file(tmp_path, "limits:\n  max_inflight: 3\n")
+    message = _error(path)
+    assert "unknown key limits.max_inflight" in message
+    assert f"file {path}" in message
+
+
+def test_unknown_top_level_key_in_file(tmp_path: Path) -> None:
+    path = _file(tmp_path, "listen: 127.0.0.1:1\nupstreams: http://x\n")
+    message = _error(path)
+    assert "unknown key upstreams" in message
+    assert "listen" not in message
+
+
+def test_unknown_key_in_env() -> None:
+    message = _error(env={"INFERMON_LIMITS__MAX_INFLIGHT": "3"})
+    assert "unknown key limits.max_inflight" in message
+    assert "env INFERMON_LIMITS__MAX_INFLIGHT" in message
+
+
+def test_unknown_key_in_flags() -> None:
+    message = _error(flags={"limits.bogus": 1})
+    assert "unknown key limits.bogus" in message
+    assert "flag --bogus" in message
+
+
+def test_every_problem_is_reported(tmp_path: Path) -> None:
+    path = _file(tmp_path, "lisen: 1\nlimits:\n  max_in_flight: 0\n")
+    lines = _error(path).splitlines()
+    assert len(lines) == 2
+    assert any("unknown key lisen" in line for line in lines)
+    assert any(line.startswith("config error: limits.max_in_flight = 0") for line in lines)
+
+
+# -- bad values -------------------------------------------------------------------------------
+
+
+def test_bad_value_from_env_names_key_value_source_and_rule() -> None:
+    message = _error(env={"INFERMON_LIMITS__MAX_HEADER_BYTES": "lots"})
+    assert message.startswith("config error: limits.max_header_bytes = 'lots'")
+    assert "(from env INFERMON_LIMITS__MAX_HEADER_BYTES)" in message
+    assert "valid integer" in message
+
+
+def test_bad_value_from_file_names_key_value_source_and_rule(tmp_path: Path) -> None:
+    path = _file(tmp_path, "upstream: ftp://model:21\n")
+    message = _error(path)
+    assert "upstream = 'ftp://model:21'" in message
+    assert f"(from file {path})" in message
+    assert "http:// or https://" in message
+
+
+def test_bad_value_from_flag() -> None:
+    message = _error(flags={"log_level": "loud"})
+    assert "log_level = 'loud'" in message
+    assert "(from flag --log-level)" in message
+    assert "'debug'" in message  # the allowed values are listed
+
+
+def test_bad_value_below_minimum(tmp_path: Path) -> None:
+    message = _error(_file(tmp_path, "limits:\n  max_header_bytes: 100\n"))
+    assert "limits.max_header_bytes = 100" in message
+    assert "greater than or equal to 1024" in message
+
+
+def test_bad_list_element_points_at_the_element() -> None:
+    message = _error(env={"INFERMON_METRICS__SIZE_BUCKETS": '[64, "big"]'})
+    assert "metrics.size_buckets.1 = 'big'" in message
+    assert "env INFERMON_METRICS__SIZE_BUCKETS" in message
+
+
+def test_buckets_must_increase() -> None:
+    message = _error(env={"INFERMON_METRICS__GAP_BUCKETS": "[1, 0.5]"})
+    assert "metrics.gap_buckets" in message
+    assert "strictly increasing" in message
+
+
+def test_malformed_json_is_kept_as_text_and_rejected() -> None:
+    message = _error(env={"INFERMON_LABELS__ALLOW": "[iris"})
+    assert "labels.allow = '[iris'" in message
+    assert "valid list" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("8080", "expected HOST:PORT"),
+        ("127.0.0.1:99999", "from 0 to 65535"),
+        ("bad host!:80", "not a host name"),
+        ("[nope]:80", "not an IPv6 address"),
+    ],
+)
+def test_bad_listen_addresses(value: str, fragment: str) -> None:
+    message = _error(flags={"listen": value})
+    assert f"listen = {value!r}" in message
+    assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("http://", "has no host"),
+        ("http://h:notaport", "invalid port"),
+        ("http://h:8000/v2", "must not carry a path"),
+        ("http://h:8000?x=1", "must not carry a path"),
+    ],
+)
+def test_bad_upstream_urls(value: str, fragment: str) -> None:
+    message = _error(env={"INFERMON_UPSTREAM": value})
+    assert fragment in message
+    assert "env INFERMON_UPSTREAM" in message
+
+
+def test_readiness_path_must_be_absolute() -> None:
+    assert "must start with '/'" in _error(env={"INFERMON_READINESS__PATH": "health"})
+
+
+def test_header_names_are_validated_and_lowered() -> None:
+    assert _load(env={"INFERMON_LABELS__VARIANT_HEADER": "X-Variant"}).labels.variant_header == "x-variant"
+    assert "not a valid HTTP header name" in _error(env={"INFERMON_REQUEST_ID_HEADER": "x id"})
+
+
+def test_section_that_is_not_a_mapping(tmp_path: Path) -> None:
+    message = _error(_file(tmp_path, "limits: 5\n"))
+    assert "limits = 5" in message
+    assert "valid dictionary" in message
+
+
+def test_env_replacing_a_file_value_is_blamed_on_env(tmp_path: Path) -> None:
+    path = _file(tmp_path, "limits:\n  max_in_flight: 3\n")
+    message = _error(path, env={"INFERMON_LIMITS": '{"max_in_flight": "many"}'})
+    assert "limits.max_in_flight = 'many'" in message
+    assert "env INFERMON_LIMITS" in message
+    assert "file" not in message
+
+
+# -- the file itself --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("just text\n", "str"), ("42\n", "int")])
+def test_yaml_that_is_not_a_mapping(tmp_path: Path, text: str, kind: str) -> None:
+    path = _file(tmp_path, text)
+    message = _error(path)
+    assert str(path) in message
+    assert f"must hold a mapping of keys at the top level, not {kind}" in message
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = _file(tmp_path, "listen: [unclosed\n")
+    message = _error(path)
+    assert f"{path} is not valid YAML" in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    message = _error(path)
+    assert f"cannot read config file {path}" in message
+    assert "No such file" in message
+
+
+def test_missing_file_named_by_infermon_config(tmp_path: Path) -> None:
+    path = tmp_path / "gone.yaml"
+    assert f"cannot read config file {path}" in _error(env={"INFERMON_CONFIG": str(path)})
+
+
+# -- mask_url ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("http://user:s3cret@model:8000", "http://user:***@model:8000"),
+        ("https://user:s3cret@model", "https://user:***@model"),
+        ("http://:s3cret@model:8000", "http://:***@model:8000"),
+        ("http://user:s3cret@[::1]:8000", "http://user:***@[::1]:8000"),
+        ("http://user:s3cret@@model:8000", "http://user:***@model:8000"),
+        ("http://User:s3cret@Model.Example:8000", "http://User:***@Model.Example:8000"),
+        ("http://user@model:8000", "http://user@model:8000"),
+        ("http://model:8000", "http://model:8000"),
+    ],
+)
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+    assert "s3cret" not in mask_url(url)
