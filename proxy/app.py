@@ -53,6 +53,9 @@ class ProxyApp:
             ("infermon_upstream_connections", "Open upstream connections (busy and idle).", lambda: pool.open),
             ("infermon_upstream_idle_connections", "Idle pooled upstream connections.", lambda: len(pool.idle)),
         ]
+        self.metrics.counters = [
+            ("infermon_upstream_connections_opened", "Upstream connections established.", lambda: pool.opened_total),
+        ]
         await plane.start(listen)
         self.readiness.set("draining", True, "serving")
         _, host, port = cfg.upstream_target()

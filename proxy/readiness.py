@@ -9,6 +9,7 @@ canary controller)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -56,10 +57,8 @@ class UpstreamProbe:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def check(self) -> tuple[bool, str]:
         try:

@@ -7,6 +7,7 @@ bytes. ``null`` means "no limit" where a limit is optional.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -135,7 +136,7 @@ class Metrics(_Section):
     @field_validator("duration_buckets", "size_buckets", "gap_buckets")
     @classmethod
     def _increasing(cls, value: list[float]) -> list[float]:
-        if not value or any(b <= a for a, b in zip(value, value[1:], strict=False)):
+        if not value or any(b <= a for a, b in itertools.pairwise(value)):
             raise ValueError("must be a non-empty list of strictly increasing numbers")
         return value
 

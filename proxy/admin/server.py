@@ -19,7 +19,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data, option=orjson.OPT_INDENT_2), status=status, content_type="application/json")
+    body = orjson.dumps(data, option=orjson.OPT_INDENT_2)
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
 @web.middleware

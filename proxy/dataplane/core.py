@@ -15,7 +15,7 @@ import logging
 import socket
 
 from proxy.dataplane.hooks import Hooks
-from proxy.dataplane.server import ClientConnection
+from proxy.dataplane.server import ClientConnection, _special_fields
 from proxy.dataplane.upstream import UpstreamPool
 from proxy.settings import ProxyConfig, split_host_port
 
@@ -36,6 +36,7 @@ class DataPlane:
         self.draining = False
         self.drained = asyncio.Event()
         self.server: asyncio.Server | None = None
+        self.special_fields = _special_fields(cfg.request_id_header.encode("ascii"))
 
     @property
     def address(self) -> tuple[str, int]:

@@ -27,7 +27,6 @@ from proxy.dataplane.exchange import Exchange, Headers
 from proxy.dataplane.timer import Deadline
 from proxy.dataplane.upstream import (
     CHUNKED,
-    LENGTH,
     NO_BODY,
     UNTIL_CLOSE,
     WRITE_HIGH,
@@ -67,6 +66,32 @@ _XFH = b"x-forwarded-host"
 _EXPECT = b"expect"
 _UPGRADE = b"upgrade"
 _CONNECTION = b"connection"
+
+
+# request header fields the data plane looks at; everything else is forwarded untouched
+(_K_HOST, _K_CONTENT_LENGTH, _K_TE, _K_CONNECTION, _K_XFF, _K_RID, _K_UPGRADE, _K_XFP, _K_XFH, _K_EXPECT, _K_HOP) = (
+    range(11)
+)
+_NOT_FIELDS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def _special_fields(request_id_header: bytes) -> dict[bytes, int]:
+    table = {name: _K_HOP for name in http.HOP_BY_HOP}
+    table.update(
+        {
+            _HOST: _K_HOST,
+            _CONTENT_LENGTH: _K_CONTENT_LENGTH,
+            _TRANSFER_ENCODING: _K_TE,
+            _CONNECTION: _K_CONNECTION,
+            _XFF: _K_XFF,
+            _UPGRADE: _K_UPGRADE,
+            _XFP: _K_XFP,
+            _XFH: _K_XFH,
+            _EXPECT: _K_EXPECT,
+            request_id_header: _K_RID,
+        }
+    )
+    return table
 
 
 class _Reject(Exception):
@@ -138,6 +163,7 @@ class ClientConnection(asyncio.Protocol):
         self.limits = cfg.limits
         self.hooks = plane.hooks
         self.rid_header = cfg.request_id_header.encode("ascii")
+        self._special = plane.special_fields
         self.transport: asyncio.Transport | None = None
         self.client_host = ""
         self.parser = httptools.HttpRequestParser(self)
@@ -154,6 +180,7 @@ class ClientConnection(asyncio.Protocol):
         self._raw_head = 0  # bytes received while a head is incomplete
         self._in_head = False
         self._reject: _Reject | None = None
+        self._feeding = False  # inside parser.feed_data: upstream writes are flushed after it
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -175,23 +202,43 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.tunnel.write(data)
+            self.tunnel.flush()
             return
         if self._paused & PAUSE_LINGER:
             return  # discarding what a client still sends after a final error
         if self.parsing is None or self._in_head:
             self._raw_head += len(data)
+        self._feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade_requested(data[exc.args[0] :])
             return
         except httptools.HttpParserError as exc:
-            reject = self._reject or _Reject(400, f"malformed request: {exc}")
+            reject = self._reject
             self._reject = None
+            if reject is None:
+                cause = exc.__context__
+                if isinstance(exc, httptools.HttpParserCallbackError) and cause is not None:
+                    log.error("internal error while handling a request", exc_info=cause)
+                    reject = _Reject(500, "internal proxy error")
+                else:
+                    reject = _Reject(400, f"malformed request: {exc}")
+            self._flush_up()
             self._parse_failed(reject)
             return
+        finally:
+            self._flush_up()
         if self._in_head and self._raw_head > self.limits.max_header_bytes:
             self._parse_failed(_Reject(431, "request head too large (limits.max_header_bytes)"))
+
+    def _flush_up(self) -> None:
+        self._feeding = False
+        requests = self.requests
+        if requests:
+            conn = requests[0].upstream
+            if conn is not None:
+                conn.flush()
 
     def eof_received(self) -> bool | None:
         return False  # a client that stops sending mid-exchange has gone: treated as an abort
@@ -331,8 +378,6 @@ class ClientConnection(asyncio.Protocol):
         q = target.find(b"?")
         ex.path = (target if q < 0 else target[:q]).decode("latin-1")
 
-        headers = self._headers
-        tokens = http.connection_tokens(headers)
         forward: Headers = []
         host: bytes | None = None
         hosts = 0
@@ -342,37 +387,47 @@ class ClientConnection(asyncio.Protocol):
         content_length: bytes | None = None
         te: bytes | None = None
         upgrade: bytes | None = None
-        rid = self.rid_header
-        hop = http.HOP_BY_HOP
-        for name, value in headers:
-            lname = name.lower()
-            if lname == _CONTENT_LENGTH:
-                content_length = value
-            elif lname == _TRANSFER_ENCODING:
-                te = value if te is None else te + b", " + value
-                continue
-            elif lname == _UPGRADE:
-                upgrade = value
-                continue
-            if lname in hop or lname in tokens:
-                continue
-            if lname == _HOST:
+        connection: list[bytes] | None = None
+        special = self._special
+        for name, value in self._headers:
+            kind = special.get(name.lower())
+            if kind is None:
+                forward.append((name, value))
+            elif kind == _K_HOST:
                 hosts += 1
                 host = value
-            elif lname == _XFF:
+                forward.append((name, value))
+            elif kind == _K_CONTENT_LENGTH:
+                content_length = value
+                forward.append((name, value))
+            elif kind == _K_TE:
+                te = value if te is None else te + b", " + value
+            elif kind == _K_CONNECTION:
+                connection = [value] if connection is None else [*connection, value]
+            elif kind == _K_XFF:
                 xff.append(value)
-                continue
-            elif lname == rid:
+            elif kind == _K_RID:
                 if request_id is None and http.is_valid_request_id(value):
                     request_id = value
-                continue
-            elif lname == _XFP:
+            elif kind == _K_UPGRADE:
+                upgrade = value
+            elif kind == _K_XFP:
                 has_xfp = True
-            elif lname == _XFH:
+                forward.append((name, value))
+            elif kind == _K_XFH:
                 has_xfh = True
-            elif lname == _EXPECT and value.lower() != b"100-continue":
-                req.error = req.error or (417, "only 'Expect: 100-continue' is supported")
-            forward.append((name, value))
+                forward.append((name, value))
+            elif kind == _K_EXPECT:
+                if value.lower() != b"100-continue":
+                    req.error = req.error or (417, "only 'Expect: 100-continue' is supported")
+                forward.append((name, value))
+            # else: hop-by-hop, dropped
+        tokens: set[bytes] = set()
+        if connection is not None:
+            tokens = http.connection_tokens([(_CONNECTION, v) for v in connection])
+            named = tokens - _NOT_FIELDS
+            if named:  # Connection names more fields as hop-by-hop: they stop here too
+                forward = [(n, v) for n, v in forward if n.lower() not in named]
 
         ex.request_id = request_id.decode("ascii") if request_id is not None else new_request_id()
         if req.error is not None:
@@ -411,7 +466,7 @@ class ClientConnection(asyncio.Protocol):
             forward.append((b"X-Forwarded-Proto", b"http"))
         if not has_xfh:
             forward.append((b"X-Forwarded-Host", host))
-        forward.append((rid, ex.request_id.encode("ascii")))
+        forward.append((self.rid_header, ex.request_id.encode("ascii")))
         ex.request_headers = forward
         req.head_only = ex.method == "HEAD"
 
@@ -467,6 +522,8 @@ class ClientConnection(asyncio.Protocol):
             self._resume(PAUSE_BUFFER)
         if req.request_done:
             conn.request_sent()
+        if not self._feeding:
+            conn.flush()
 
     def _send_up(self, req: _Request, data: bytes) -> None:
         """Forward request body bytes, or hold them until an upstream connection is attached."""
@@ -675,7 +732,7 @@ class ClientConnection(asyncio.Protocol):
         kind = self.deadline_kind
         if self.closed or self.transport is None:
             return
-        if kind == T_IDLE or kind == T_LINGER:
+        if kind in (T_IDLE, T_LINGER):
             self.transport.close()
             return
         if kind == T_HEAD and not self.requests:
@@ -735,13 +792,23 @@ class ClientConnection(asyncio.Protocol):
 class _Owner:
     """Receives one upstream exchange's events on behalf of a request; stale owners are ignored."""
 
-    __slots__ = ("client", "conn", "first", "req")
+    __slots__ = ("client", "conn", "first", "out", "req")
 
     def __init__(self, client: ClientConnection, req: _Request, conn: UpstreamConnection) -> None:
         self.client = client
         self.req = req
         self.conn = conn
         self.first = True
+        #: response bytes gathered during one upstream read, written to the client in one call
+        self.out: list[bytes] = []
+
+    def upstream_flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            transport = self.client.transport
+            if transport is not None and not self.client.closed:
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def upstream_interim(self, status: int, reason: bytes, headers: Headers) -> None:
         client = self.client
@@ -763,28 +830,34 @@ class _Owner:
         if hooks.upstream_head:
             hooks.call(hooks.upstream_head, "on_upstream_head", ex)
         headers = ex.response_headers
-        tokens = http.connection_tokens(headers)
-        hop = http.HOP_BY_HOP
         rid = client.rid_header
+        hop = http.HOP_BY_HOP
         parts = [http.status_line(status, reason)]
         has_rid = False
         te = b""
+        connection: list[bytes] | None = None
         for name, value in headers:
             lname = name.lower()
-            if lname in hop or lname in tokens:
+            if lname in hop:
                 if lname == _TRANSFER_ENCODING:
                     te = value
+                elif lname == _CONNECTION:
+                    connection = [value] if connection is None else [*connection, value]
                 continue
             if lname == rid:
                 has_rid = True
-            parts.append(name)
-            parts.append(b": ")
-            parts.append(value)
-            parts.append(b"\r\n")
+            parts += (name, b": ", value, b"\r\n")
+        if connection is not None:
+            named = http.connection_tokens([(_CONNECTION, v) for v in connection]) - _NOT_FIELDS
+            if named:
+                parts = [parts[0]]
+                http.serialize_headers(
+                    parts, [(n, v) for n, v in headers if n.lower() not in hop and n.lower() not in named]
+                )
         if not has_rid:
             parts.append(rid + b": " + ex.request_id.encode("ascii") + b"\r\n")
         http11 = ex.http_version == "1.1"
-        if framing == CHUNKED or framing == UNTIL_CLOSE:
+        if framing in (CHUNKED, UNTIL_CLOSE):
             ex.stream = True
             if http11:
                 req.chunked_out = True
@@ -802,8 +875,7 @@ class _Owner:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
         req.response_started = True
-        if client.transport is not None and not client.closed:
-            client.transport.write(b"".join(parts))
+        self.out.append(b"".join(parts))
 
     def upstream_body(self, chunk: bytes) -> None:
         req = self.req
@@ -817,28 +889,26 @@ class _Owner:
         ex.bytes_out += len(chunk)
         if hooks.response_body:
             hooks.call(hooks.response_body, "on_response_body", ex, chunk)
-        transport = self.client.transport
-        if transport is None or self.client.closed:
-            return
         if req.chunked_out:
-            transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            self.out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
         else:
-            transport.write(chunk)
+            self.out.append(chunk)
 
     def upstream_complete(self, trailers: Headers, reusable: bool) -> None:
         client = self.client
         req = self.req
-        if req.chunked_out and client.transport is not None and not client.closed:
-            parts = [b"0\r\n"]
+        if req.chunked_out:
+            self.out.append(b"0\r\n")
             if trailers:
-                http.serialize_headers(parts, trailers)
-            parts.append(b"\r\n")
-            client.transport.write(b"".join(parts))
+                http.serialize_headers(self.out, trailers)
+            self.out.append(b"\r\n")
+        self.upstream_flush()
         req.upstream = None
         client.plane.pool.release(self.conn, reusable=reusable and req.request_done)
         client._finish(req)
 
     def upstream_failed(self, error: UpstreamError, stale: bool) -> None:
+        self.upstream_flush()
         if self.req.upstream is not self.conn:
             return
         self.client._upstream_error(self.req, error, stale)

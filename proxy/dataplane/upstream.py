@@ -11,6 +11,7 @@ ones up to ``max_connections`` and queues callers beyond that for at most ``pool
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -62,6 +63,7 @@ class UpstreamOwner(Protocol):
     def upstream_failed(self, error: UpstreamError, stale: bool) -> None: ...
     def upstream_upgraded(self, reason: bytes, headers: Headers, rest: bytes) -> None: ...
     def upstream_tunnel_data(self, data: bytes) -> None: ...
+    def upstream_flush(self) -> None: ...
     def upstream_tunnel_closed(self) -> None: ...
     def upstream_pause_writing(self) -> None: ...
     def upstream_resume_writing(self) -> None: ...
@@ -91,12 +93,16 @@ class UpstreamConnection(asyncio.Protocol):
         self._complete = False
         self._garbage = False  # bytes after the end of the response
         self._keep_alive = False
+        self._out: list[bytes] = []
         self._reading_paused = False
 
     # -- used by the owner --------------------------------------------------------------------
 
     def start(self, owner: UpstreamOwner, head: bytes, head_only: bool) -> None:
-        """Begin an exchange: send the request head (the body follows through :meth:`write`)."""
+        """Begin an exchange with the request head; the body follows through :meth:`write`.
+
+        Writes are gathered until :meth:`flush`, so a head and a small body leave in one send.
+        """
         self.owner = owner
         self._head_only = head_only
         self._got_bytes = False
@@ -110,16 +116,19 @@ class UpstreamConnection(asyncio.Protocol):
         if self._parser is None:
             self._parser = httptools.HttpResponseParser(self)
         self.deadline.set_in(self.cfg.read_timeout)
-        assert self.transport is not None
-        self.transport.write(head)
+        self._out = [head]
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        self._out.append(data)
 
     def writelines(self, data: list[bytes]) -> None:
-        assert self.transport is not None
-        self.transport.writelines(data)
+        self._out += data
+
+    def flush(self) -> None:
+        out = self._out
+        if out and self.transport is not None:
+            self._out = []
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def request_sent(self) -> None:
         """The whole request is written: the response head is now due within response_timeout."""
@@ -178,6 +187,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._complete:
             self._finish(reusable=self._keep_alive and not self._garbage)
+        elif self.owner is not None:
+            self.owner.upstream_flush()
 
     def eof_received(self) -> bool | None:
         return False
@@ -241,7 +252,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = True
         framing = self._body_framing(status)
         self._framing = framing
-        self.deadline.set_in(self.cfg.read_timeout)
         owner.upstream_head(status, self._reason, self._headers, framing)
         if framing == NO_BODY and self._head_only:
             # llhttp does not know the request was HEAD and would wait for Content-Length bytes;
@@ -331,6 +341,7 @@ class UpstreamPool:
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if scheme == "https" else None
         self.idle: deque[UpstreamConnection] = deque()
         self.open = 0  # connections open or being opened
+        self.opened_total = 0  # connections established, ever
         self.waiters: deque[Ticket] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -375,10 +386,8 @@ class UpstreamPool:
     def forget(self, conn: UpstreamConnection) -> None:
         """Called once when a connection is lost."""
         self.open -= 1
-        try:
+        with contextlib.suppress(ValueError):
             self.idle.remove(conn)
-        except ValueError:
-            pass
         if not self._closed:
             self._serve_waiter_with_new_connection()
 
@@ -413,10 +422,8 @@ class UpstreamPool:
         if ticket.cancelled:
             return
         ticket.cancelled = True
-        try:
+        with contextlib.suppress(ValueError):
             self.waiters.remove(ticket)
-        except ValueError:
-            pass
         ticket.callback(
             None,
             PoolExhausted(
@@ -440,6 +447,7 @@ class UpstreamPool:
             reason = exc.strerror or str(exc)
             self._deliver(ticket, None, UpstreamConnectError(f"upstream {self._where()} unreachable: {reason}"))
             return
+        self.opened_total += 1
         if ticket.cancelled or self._closed:
             self.release(conn, reusable=True)
             return

@@ -12,8 +12,8 @@ from __future__ import annotations
 import platform
 import sys
 from bisect import bisect_left
-from time import perf_counter
 from collections.abc import Callable, Iterator, Sequence
+from time import perf_counter
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -70,7 +70,7 @@ class FastHistogram:
         total = 0
         for bound, n in zip(self.bounds, self.counts, strict=False):
             total += n
-            out.append((floatToGoString(bound), total))
+            out.append((_go_float(bound), total))
         out.append(("+Inf", total + self.counts[-1]))
         return out
 
@@ -113,6 +113,7 @@ class RequestMetrics(Observer, Collector):
         self.retries = 0
         self.in_flight: Callable[[], int] = lambda: 0
         self.gauges: list[tuple[str, str, Callable[[], float]]] = []
+        self.counters: list[tuple[str, str, Callable[[], float]]] = []
         self.hooks: Hooks | None = None
 
     # -- hot path -----------------------------------------------------------------------------
@@ -186,9 +187,12 @@ class RequestMetrics(Observer, Collector):
         yield requests
 
         specs = (
-            ("infermon_request_duration_seconds", "End-to-end request duration, first request byte to last response byte.", "duration"),
-            ("infermon_upstream_header_seconds", "Time from sending the request upstream to its response head.", "upstream_header"),
-            ("infermon_time_to_first_byte_seconds", "First request byte to first response body byte (TTFT for streams).", "ttfb"),
+            ("infermon_request_duration_seconds",
+             "End-to-end request duration, first request byte to last response byte.", "duration"),
+            ("infermon_upstream_header_seconds",
+             "Time from sending the request upstream to its response head.", "upstream_header"),
+            ("infermon_time_to_first_byte_seconds",
+             "First request byte to first response body byte (TTFT for streams).", "ttfb"),
             ("infermon_request_size_bytes", "Request body size.", "request_size"),
             ("infermon_response_size_bytes", "Response body size.", "response_size"),
         )  # fmt: skip
@@ -243,12 +247,19 @@ class RequestMetrics(Observer, Collector):
             yield obs
         for gname, doc, fn in self.gauges:
             yield GaugeMetricFamily(gname, doc, value=fn())
+        for cname, doc, fn in self.counters:
+            yield CounterMetricFamily(cname, doc, value=fn())
 
         yield InfoMetricFamily(
             "infermon_build",
             "infermon build information.",
             value={"version": __version__, "python": platform.python_version(), "loop": _loop_name()},
         )
+
+
+def _go_float(value: float) -> str:
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text
 
 
 def _loop_name() -> str:

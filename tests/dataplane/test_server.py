@@ -1,0 +1,473 @@
+"""Client-side HTTP/1.1 behaviour of the data plane (RFC 9110 / 9112), against real upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from proxy.dataplane.server import new_request_id
+from tests.conftest import ProxyFactory
+from tests.helpers import (
+    TIMEOUT,
+    Client,
+    RawUpstream,
+    build_request,
+    read_chunked,
+    read_request_head,
+)
+
+RawFactory = Callable[..., Awaitable[RawUpstream]]
+
+
+def echo_headers(resp: Any) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for k, v in resp.json()["headers"]:
+        out.setdefault(k.lower(), []).append(v)
+    return out
+
+
+async def test_keep_alive_reuses_client_and_upstream_connections(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    for _ in range(5):
+        resp = await client.request("GET", "/x")
+        assert (resp.status, resp.body) == (200, b"ok")
+    assert app.plane is not None and app.plane.pool.opened_total == 1
+    await client.close()
+
+
+async def test_request_id_generated_forwarded_and_returned(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/echo")
+    rid = resp.header("x-request-id")
+    assert rid is not None and len(rid) == 36 and rid[14] == "4"
+    assert echo_headers(resp)["x-request-id"] == [rid]
+    resp = await client.request("GET", "/echo", headers={"X-Request-ID": "client-id-1"})
+    assert resp.header("x-request-id") == "client-id-1"
+    assert echo_headers(resp)["x-request-id"] == ["client-id-1"]
+    # an unusable id (spaces, too long) is replaced, not forwarded
+    resp = await client.request("GET", "/echo", headers={"X-Request-ID": "bad id"})
+    assert resp.header("x-request-id") != "bad id"
+    assert echo_headers(resp)["x-request-id"] == [resp.header("x-request-id")]
+    await client.close()
+
+
+def test_new_request_id_is_uuid4() -> None:
+    import uuid
+
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for rid in list(ids)[:50]:
+        u = uuid.UUID(rid)
+        assert u.version == 4 and u.variant == uuid.RFC_4122
+
+
+async def test_forwarded_headers_appended(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/echo", host="models.example:8080")
+    h = echo_headers(resp)
+    assert h["x-forwarded-for"] == ["127.0.0.1"]
+    assert h["x-forwarded-proto"] == ["http"]
+    assert h["x-forwarded-host"] == ["models.example:8080"]
+    assert h["host"] == ["models.example:8080"]
+    resp = await client.request(
+        "GET", "/echo", headers=[("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-For", "10.0.0.2"),
+                                 ("X-Forwarded-Proto", "https")]
+    )  # fmt: skip
+    h = echo_headers(resp)
+    assert h["x-forwarded-for"] == ["10.0.0.1, 10.0.0.2, 127.0.0.1"]
+    assert h["x-forwarded-proto"] == ["https"]
+    await client.close()
+
+
+async def test_hop_by_hop_headers_removed_both_ways(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    seen: list[dict[str, str]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, headers, _ = await read_request_head(reader)
+        seen.append(headers)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Up-Private\r\nX-Up-Private: 1\r\n"
+            b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nX-Kept: yes\r\nUpgrade: h2c\r\n\r\nok"
+        )
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request(
+        "GET",
+        "/",
+        headers={
+            "Connection": "keep-alive, X-Private",
+            "X-Private": "secret",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic abc",
+            "Proxy-Connection": "keep-alive",
+            "Trailer": "X-T",
+            "X-Normal": "1",
+        },
+    )
+    assert resp.status == 200
+    h = seen[0]
+    for gone in ("connection", "x-private", "keep-alive", "te", "proxy-authorization", "proxy-connection", "trailer"):
+        assert gone not in h, gone
+    assert h["x-normal"] == "1"
+    for gone in ("x-up-private", "keep-alive", "proxy-authenticate", "upgrade"):
+        assert resp.header(gone) is None, gone
+    assert resp.header("x-kept") == "yes"
+    await client.close()
+
+
+async def test_pipelined_requests_answered_in_order(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    # the first is slow: the later ones must still come back after it, in order
+    await client.send(
+        build_request("GET", "/slow?delay=0.2")
+        + build_request("POST", "/echo/2", body=b"second")
+        + build_request("GET", "/echo/3")
+    )
+    first = await client.response()
+    second = await client.response()
+    third = await client.response()
+    assert first.json() == {"slow": True}
+    assert second.json()["path"] == "/echo/2"  # type: ignore[index]
+    assert second.json()["body"] == "second"  # type: ignore[index]
+    assert third.json()["path"] == "/echo/3"  # type: ignore[index]
+    await client.close()
+
+
+async def test_chunked_request_stays_chunked(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    got: list[tuple[dict[str, str], bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, headers, _ = await read_request_head(reader)
+        body = await read_chunked(reader)
+        got.append((headers, body))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    await client.send(
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    resp = await client.response()
+    assert resp.status == 200
+    headers, body = got[0]
+    assert headers["transfer-encoding"] == "chunked"
+    assert "content-length" not in headers
+    assert body == b"hello world"
+    await client.close()
+
+
+async def test_content_length_kept_and_chunked_response_stays_chunked(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            line, headers, _ = await read_request_head(reader)
+            if "content-length" in headers:
+                await reader.readexactly(int(headers["content-length"]))
+            if line.startswith("GET /chunked"):
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+                    b"3\r\nabc\r\n2\r\nde\r\n0\r\nX-Sum: 5\r\n\r\n"
+                )
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("POST", "/cl", body=b"12345")
+    assert resp.header("content-length") == "5" and resp.header("transfer-encoding") is None
+    assert resp.body == b"hello"
+    resp = await client.request("GET", "/chunked")
+    assert resp.chunked and resp.header("content-length") is None
+    assert resp.body == b"abcde"
+    assert (b"X-Sum", b"5") in resp.trailers
+    await client.close()
+
+
+async def test_read_until_close_response(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil ")
+        await writer.drain()
+        writer.write(b"close")
+        writer.close()
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/")
+    assert resp.body == b"until close"
+    assert resp.chunked  # an HTTP/1.1 client keeps its connection: re-framed as chunked
+    resp = await client.request("GET", "/")
+    assert resp.body == b"until close"
+    await client.close()
+    # an HTTP/1.0 client gets it close-delimited
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"GET / HTTP/1.0\r\n\r\n")
+    resp = await client.response()
+    assert resp.body == b"until close" and not resp.chunked
+    assert await client.closed()
+
+
+async def test_http10_client_gets_dechunked_body_and_close(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"GET /sse?events=2&delay=0 HTTP/1.0\r\n\r\n")
+    resp = await client.response()
+    assert resp.status == 200 and not resp.chunked
+    assert resp.body.count(b"data:") == 3
+    assert await client.closed()
+
+
+async def test_head_204_304(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            line, _, _ = await read_request_head(reader)
+            if line.startswith("HEAD"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: a/b\r\n\r\n")
+            elif "204" in line:
+                writer.write(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n")
+            elif "304" in line:
+                writer.write(b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nend")
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("HEAD", "/")
+    assert resp.status == 200 and resp.header("content-length") == "1000" and resp.body == b""
+    resp = await client.request("GET", "/204")
+    assert resp.status == 204 and resp.body == b"" and resp.header("x-a") == "1"
+    resp = await client.request("GET", "/304")
+    assert resp.status == 304 and resp.header("etag") == '"x"'
+    resp = await client.request("GET", "/after")
+    assert resp.body == b"end"  # the connection is still in sync after bodiless responses
+    assert app.plane is not None and app.plane.pool.opened_total == 1
+    await client.close()
+
+
+async def test_expect_100_continue(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, headers, _ = await read_request_head(reader)
+        assert headers.get("expect") == "100-continue"
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = await reader.readexactly(int(headers["content-length"]))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    async with asyncio.timeout(TIMEOUT):
+        interim = await client.reader.readuntil(b"\r\n\r\n")
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    await client.send(b"data")
+    resp = await client.response()
+    assert (resp.status, resp.body) == (200, b"data")
+    await client.close()
+
+
+async def test_websocket_upgrade_is_tunnelled(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, headers, _ = await read_request_head(reader)
+        assert headers["upgrade"] == "websocket"
+        assert headers["connection"].lower() == "upgrade"
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        while True:
+            data = await reader.read(100)
+            if not data:
+                return
+            writer.write(b"echo:" + data)
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    await client.send(
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    async with asyncio.timeout(TIMEOUT):
+        head = await client.reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    assert b"Upgrade: websocket" in head
+    await client.send(b"ping")
+    async with asyncio.timeout(TIMEOUT):
+        assert await client.reader.readexactly(9) == b"echo:ping"
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: +3\r\n\r\nabc", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, identity\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: xchunked\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nX: a\r\n b\r\n\r\n", 400),  # obsolete line folding
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET /\x00 HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # a TLS hello on the plain port
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nExpect: something-else\r\n\r\n", 417),
+    ],
+)
+async def test_malformed_and_smuggling_requests_rejected(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory, raw: bytes, status: int
+) -> None:
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.read(65536))
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    await client.send(raw)
+    resp = await client.response()
+    assert resp.status == status
+    body = resp.json()
+    assert isinstance(body, dict) and body["error"] and body["request_id"] == resp.header("x-request-id")
+    assert resp.header("content-type") == "application/json"
+    assert await client.closed()
+    assert requests == []  # nothing reached the model server
+
+
+async def test_oversize_head_431_and_url_414(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, limits={"max_header_bytes": 4096})
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/echo", headers={"X-Big": "a" * 5000})
+    assert resp.status == 431
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/echo?" + "q" * 5000)
+    assert resp.status in (414, 431)
+    # a head that never ends is cut off once it passes the limit, not buffered forever
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Endless: " + b"z" * 10000)
+    resp = await client.response()
+    assert resp.status == 431
+    # within the limit it passes
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/echo", headers={"X-Ok": "a" * 3000})
+    assert resp.status == 200
+
+
+async def test_body_too_large_413(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, limits={"max_request_body_bytes": 1000})
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("POST", "/echo", body=b"a" * 1001)
+    assert resp.status == 413
+    assert await client.closed()
+    # chunked: the limit is enforced while streaming
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+    await client.send(b"400\r\n" + b"b" * 1024 + b"\r\n")
+    resp = await client.response()
+    assert resp.status == 413
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("POST", "/echo", body=b"a" * 1000)
+    assert resp.status == 200
+
+
+async def test_slow_head_gets_408(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, limits={"header_timeout": 0.3})
+    client = await Client.connect(app.proxy_address)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await client.send(b"GET / HTTP/1.1\r\nHost: t\r\n")
+    # trickle bytes: each one arrives in time, the whole head does not
+    for _ in range(3):
+        await asyncio.sleep(0.1)
+        if client.writer.is_closing():
+            break
+        client.writer.write(b"X: y\r\n")
+    resp = await client.response()
+    assert resp.status == 408
+    assert loop.time() - started < 2.0
+    assert await client.closed()
+
+
+async def test_idle_connection_closed_silently(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, limits={"header_timeout": 0.2, "keepalive_timeout": 0.2})
+    client = await Client.connect(app.proxy_address)
+    assert await client.closed()  # no bytes at all: closed without a 408
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/echo")
+    assert resp.status == 200
+    async with asyncio.timeout(TIMEOUT):
+        assert await client.reader.read() == b""  # keep-alive idle timeout: plain close
+
+
+async def test_stalled_body_gets_408(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, limits={"body_timeout": 0.3})
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+    resp = await client.response()
+    assert resp.status == 408
+
+
+async def test_connection_limit_503(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, limits={"max_connections": 2})
+    a = await Client.connect(app.proxy_address)
+    b = await Client.connect(app.proxy_address)
+    assert (await a.request("GET", "/echo")).status == 200
+    c = await Client.connect(app.proxy_address)
+    resp = await c.response()
+    assert resp.status == 503
+    assert "max_connections" in resp.json()["error"]  # type: ignore[index]
+    assert (await b.request("GET", "/echo")).status == 200
+    for x in (a, b):
+        await x.close()
+
+
+async def test_in_flight_limit_503(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, limits={"max_in_flight": 1})
+    slow = await Client.connect(app.proxy_address)
+    await slow.send(build_request("GET", "/slow?delay=0.5"))
+    assert app.plane is not None
+
+    async def busy() -> bool:
+        return app.plane is not None and app.plane.in_flight == 1
+
+    from tests.helpers import wait_until
+
+    await wait_until(busy)
+    other = await Client.connect(app.proxy_address)
+    resp = await other.request("GET", "/echo")
+    assert resp.status == 503
+    assert (await slow.response()).status == 200
+
+
+async def test_absolute_form_target(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "http://models.example/echo/abs?x=1", host="models.example")
+    assert resp.status == 200
+    assert resp.json()["path"] == "/echo/abs?x=1"  # type: ignore[index]
+    await client.close()
