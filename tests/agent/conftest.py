@@ -16,7 +16,9 @@ from pathlib import Path
 import aiohttp
 import psutil
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 REPO = Path(__file__).resolve().parents[2]
 STUB_SOURCE = Path(__file__).with_name("stub_nvml.c")
@@ -45,6 +47,13 @@ def find(samples: Samples, name: str, **labels: str) -> list[float]:
 
 def names(samples: Samples) -> set[str]:
     return {n for n, _ in samples}
+
+
+def scrape(collector: Collector) -> Samples:
+    """What a scrape of a registry holding only ``collector`` shows right now."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return parse(generate_latest(registry).decode())
 
 
 @pytest.fixture(scope="session")

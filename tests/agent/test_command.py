@@ -51,9 +51,7 @@ async def test_stub_library_end_to_end(start_agent: StartAgent, stub_nvml_dir: P
     # XID 79 arrives through the event thread; wait for it and for a few collections to have run.
     first = await agent.metrics_until(lambda s: bool(find(s, "infermon_gpu_xid_errors_total", xid="79")))
     stamp = find(first, "infermon_gpu_last_collection_timestamp_seconds")
-    samples = await agent.metrics_until(
-        lambda s: find(s, "infermon_gpu_last_collection_timestamp_seconds") != stamp
-    )
+    samples = await agent.metrics_until(lambda s: find(s, "infermon_gpu_last_collection_timestamp_seconds") != stamp)
 
     assert find(samples, "infermon_gpu_collector_up") == [1.0]
     assert find(samples, "infermon_gpu_count") == [2.0]
@@ -75,28 +73,20 @@ async def test_stub_library_end_to_end(start_agent: StartAgent, stub_nvml_dir: P
     assert find(samples, "infermon_gpu_clock_event_reason", gpu="0", reason="sw_power_cap") == [1.0]
     assert find(samples, "infermon_gpu_clock_event_reason", gpu="0", reason="gpu_idle") == [0.0]
     assert find(samples, "infermon_gpu_clock_event_reason", gpu="1", reason="gpu_idle") == [1.0]
-    assert find(samples, "infermon_gpu_pcie_throughput_bytes_per_second", gpu="0", direction="tx") == [
-        1024000
-    ]
-    assert find(samples, "infermon_gpu_pcie_throughput_bytes_per_second", gpu="0", direction="rx") == [
-        2048000
-    ]
+    assert find(samples, "infermon_gpu_pcie_throughput_bytes_per_second", gpu="0", direction="tx") == [1024000]
+    assert find(samples, "infermon_gpu_pcie_throughput_bytes_per_second", gpu="0", direction="rx") == [2048000]
     assert find(samples, "infermon_gpu_remapped_rows_total", gpu="0", cause="correctable") == [2.0]
     assert find(samples, "infermon_gpu_row_remap_pending", gpu="1") == [0.0]
     assert find(samples, "infermon_gpu_processes", gpu="0") == [1.0]
     assert find(samples, "infermon_gpu_processes", gpu="1") == [0.0]
-    pod = find(
-        samples, "infermon_gpu_pod_memory_used_bytes", gpu="0", pod_uid=POD_UID, container_id=CONTAINER
-    )
+    pod = find(samples, "infermon_gpu_pod_memory_used_bytes", gpu="0", pod_uid=POD_UID, container_id=CONTAINER)
     assert pod == [2**30]
     # ECC answers NOT_SUPPORTED and the PCIe replay symbol is missing: left out, not exported as 0.
     assert "infermon_gpu_ecc_errors_total" not in names(samples)
     assert "infermon_gpu_pcie_replays_total" not in names(samples)
     assert not any(n.startswith("node_") for n in names(samples))
 
-    status, content_type, body = await agent.get(
-        "/metrics", accept="application/openmetrics-text; version=1.0.0"
-    )
+    status, content_type, body = await agent.get("/metrics", accept="application/openmetrics-text; version=1.0.0")
     assert status == 200
     assert content_type.startswith("application/openmetrics-text")
     assert body.endswith("# EOF\n")
@@ -109,11 +99,7 @@ async def test_stub_library_end_to_end(start_agent: StartAgent, stub_nvml_dir: P
     for uuid in (GPU0, GPU1):  # logged once per device and field, however many collections ran
         assert sum(f"({uuid}): ecc not available (NVMLError_NotSupported)" in line for line in agent.log) == 1
         assert (
-            sum(
-                f"({uuid}): pcie_replays not available (NVMLError_FunctionNotFound)" in line
-                for line in agent.log
-            )
-            == 1
+            sum(f"({uuid}): pcie_replays not available (NVMLError_FunctionNotFound)" in line for line in agent.log) == 1
         )
 
 

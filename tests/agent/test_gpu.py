@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pynvml
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from proxy.agent.config import NvmlSettings
 from proxy.agent.fake import FakeGpu, FakeMig, FakeNvml, FakeProcess
 from proxy.agent.gpu import GpuCollector
 from proxy.agent.podmap import PodMapper
-from tests.agent.conftest import Samples, find, names, parse
+from tests.agent.conftest import find, names, scrape
 
 POD_A = "0a1b2c3d-0000-4000-8000-00000000000a"
 POD_B = "0a1b2c3d-0000-4000-8000-00000000000b"
@@ -26,12 +26,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def scrape(collector: GpuCollector) -> Samples:
-    registry = CollectorRegistry()
-    registry.register(collector)
-    return parse(generate_latest(registry).decode())
 
 
 def make(nvml: FakeNvml, tmp_path: Path, clock: Clock | None = None, **settings: object) -> GpuCollector:
@@ -109,9 +103,7 @@ def test_xid_events_counted_by_gpu_and_xid(tmp_path: Path) -> None:
     assert nvml.shutdown_calls == 1
 
 
-def test_xid_registration_not_supported_leaves_metric_out(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_xid_registration_not_supported_leaves_metric_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     gpu = FakeGpu(uuid="GPU-a", unsupported={"nvmlDeviceRegisterEvents"})
     collector = make(FakeNvml([gpu]), tmp_path)
     with caplog.at_level(logging.INFO):
@@ -121,9 +113,7 @@ def test_xid_registration_not_supported_leaves_metric_out(
     assert "XID events not supported" in caplog.text
 
 
-def test_unsupported_fields_left_out_and_logged_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_unsupported_fields_left_out_and_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     gpu = FakeGpu(
         uuid="GPU-a",
         unsupported={"nvmlDeviceGetTotalEccErrors", "nvmlDeviceGetComputeRunningProcesses"},
@@ -145,9 +135,7 @@ def test_unsupported_fields_left_out_and_logged_once(
         assert caplog.text.count(f"(GPU-a): {field} not available") == 1
 
 
-def test_other_errors_leave_the_field_out_and_warn_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_other_errors_leave_the_field_out_and_warn_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     gpu = FakeGpu(uuid="GPU-a", failing={"nvmlDeviceGetPowerUsage": pynvml.NVML_ERROR_NO_PERMISSION})
     collector = make(FakeNvml([gpu]), tmp_path, xid_events=False)
     with caplog.at_level(logging.WARNING):
@@ -237,9 +225,7 @@ def test_xid_series_keep_their_labels_while_the_gpu_is_gone(tmp_path: Path) -> N
 
 
 def test_a_gpu_without_permission_is_skipped(tmp_path: Path) -> None:
-    hidden = FakeGpu(
-        uuid="GPU-hidden", failing={"nvmlDeviceGetHandleByIndex": pynvml.NVML_ERROR_NO_PERMISSION}
-    )
+    hidden = FakeGpu(uuid="GPU-hidden", failing={"nvmlDeviceGetHandleByIndex": pynvml.NVML_ERROR_NO_PERMISSION})
     collector = make(FakeNvml([hidden, FakeGpu(uuid="GPU-b")]), tmp_path, xid_events=False)
     collector.collect_once()
     s = scrape(collector)
@@ -273,9 +259,7 @@ def test_units_and_clock_event_reasons(tmp_path: Path) -> None:
     assert find(s, "infermon_gpu_energy_joules_total") == [2.5]
     assert find(s, "infermon_gpu_pcie_throughput_bytes_per_second", direction="tx") == [3072.0]
     assert find(s, "infermon_gpu_sm_clock_hz") == [1.41e9]
-    active = {
-        dict(ls)["reason"] for (n, ls), v in s.items() if n == "infermon_gpu_clock_event_reason" and v == 1
-    }
+    active = {dict(ls)["reason"] for (n, ls), v in s.items() if n == "infermon_gpu_clock_event_reason" and v == 1}
     assert active == {"sw_power_cap", "hw_thermal_slowdown"}
     assert find(s, "infermon_gpu_remapped_rows_total", cause="uncorrectable") == [2.0]
     assert find(s, "infermon_gpu_row_remap_pending") == [1.0]

@@ -1,17 +1,10 @@
 from __future__ import annotations
 
 import psutil
-from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.agent.config import HostSettings
 from proxy.agent.host import HostCollector
-from tests.agent.conftest import Samples, find, names, parse
-
-
-def scrape(collector: HostCollector) -> Samples:
-    registry = CollectorRegistry()
-    registry.register(collector)
-    return parse(generate_latest(registry).decode())
+from tests.agent.conftest import find, names, scrape
 
 
 def test_host_metrics_from_this_machine() -> None:
@@ -38,9 +31,7 @@ def test_device_filters_and_procfs() -> None:
     collector.collect_once()
     s = scrape(collector)
     assert psutil.PROCFS_PATH == "/proc"
-    assert "lo" in {
-        dict(labels)["device"] for name, labels in s if name == "infermon_host_network_receive_bytes_total"
-    }
+    assert "lo" in {dict(labels)["device"] for name, labels in s if name == "infermon_host_network_receive_bytes_total"}
     assert find(s, "infermon_host_disk_read_bytes_total") == []
 
 

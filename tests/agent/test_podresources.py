@@ -15,8 +15,7 @@ from proxy.agent.config import NvmlSettings
 from proxy.agent.fake import FakeGpu, FakeMig, FakeNvml
 from proxy.agent.gpu import GpuCollector
 from proxy.agent.podresources import Allocation, PodResources, parse_list_response
-from tests.agent.conftest import find
-from tests.agent.test_gpu import scrape
+from tests.agent.conftest import find, scrape
 
 grpc = pytest.importorskip("grpc")  # optional: the pod-resources client needs grpcio
 
@@ -117,9 +116,7 @@ def test_allocations_labelled_on_gpus_and_mig_devices(kubelet_socket: tuple[str,
         FakeGpu(uuid="GPU-m", migs=[FakeMig("MIG-1", 1), FakeMig("MIG-2", 2)]),
     ]
     pod_resources = PodResources(path)
-    collector = GpuCollector(
-        NvmlSettings(xid_events=False), "node-1", nvml=FakeNvml(gpus), pod_resources=pod_resources
-    )
+    collector = GpuCollector(NvmlSettings(xid_events=False), "node-1", nvml=FakeNvml(gpus), pod_resources=pod_resources)
     try:
         collector.collect_once()
         s = scrape(collector)
