@@ -51,9 +51,7 @@ def main(args: argparse.Namespace) -> int:
         env_prefix="INFERMON_AGENT_",
         flags={"listen": args.listen, "interval": args.interval, "procfs": args.procfs},
     )
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_loop(serve(config))
 
 
@@ -95,9 +93,7 @@ async def serve(config: AgentConfig, *, nvml: Any = pynvml) -> int:
         try:
             await site.start()
         except OSError as exc:
-            raise ConfigError(
-                f"config error: listen = {config.listen!r}: cannot listen: {exc.strerror}"
-            ) from None
+            raise ConfigError(f"config error: listen = {config.listen!r}: cannot listen: {exc.strerror}") from None
         for address in runner.addresses:
             log.info("infermon agent listening on http://%s:%s", *address[:2])
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -57,14 +57,10 @@ class XidWatcher:
         registered = False
         for gpu in self._gpus:
             try:
-                self._nvml.nvmlDeviceRegisterEvents(
-                    gpu.handle, pynvml.nvmlEventTypeXidCriticalError, event_set
-                )
+                self._nvml.nvmlDeviceRegisterEvents(gpu.handle, pynvml.nvmlEventTypeXidCriticalError, event_set)
                 registered = True
             except UNSUPPORTED:
-                log.info(
-                    "GPU %s (%s): XID events not supported, xid_errors_total left out", gpu.index, gpu.uuid
-                )
+                log.info("GPU %s (%s): XID events not supported, xid_errors_total left out", gpu.index, gpu.uuid)
             except pynvml.NVMLError as exc:
                 log.warning("GPU %s (%s): cannot register for XID events: %s", gpu.index, gpu.uuid, exc)
         return registered

@@ -208,6 +208,9 @@ class FakeNvml:
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int:
         return self._check(handle, "nvmlDeviceGetCurrentClocksEventReasons").clock_reasons
 
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Any) -> int:
+        return self._check(handle, "nvmlDeviceGetCurrentClocksThrottleReasons").clock_reasons
+
     def nvmlDeviceGetPcieThroughput(self, handle: Any, counter: int) -> int:
         gpu = self._check(handle, "nvmlDeviceGetPcieThroughput")
         return gpu.pcie_tx_kib if counter == pynvml.NVML_PCIE_UTIL_TX_BYTES else gpu.pcie_rx_kib

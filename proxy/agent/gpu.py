@@ -166,9 +166,7 @@ class GpuCollector:
             batch.add(m.GPU_INFO, (*labels, session.driver, session.cuda), 1.0)
             self._fields(gpu, nv.GPU_READERS, labels, batch)
             for held in allocations.get(gpu.uuid, []) + allocations.get(str(gpu.index), []):
-                batch.add(
-                    m.GPU_ALLOCATION, (*labels, held.namespace, held.pod, held.container, held.resource), 1
-                )
+                batch.add(m.GPU_ALLOCATION, (*labels, held.namespace, held.pod, held.container, held.resource), 1)
             try:
                 migs = nv.mig_devices(self._nvml, gpu)
             except nv.FATAL:
@@ -262,6 +260,4 @@ class GpuCollector:
         key = (device.uuid, field, type(exc).__name__)
         if key not in self._warned:
             self._warned.add(key)
-            log.warning(
-                "GPU %s (%s): reading %s failed: %s (left out)", device.index, device.uuid, field, exc
-            )
+            log.warning("GPU %s (%s): reading %s failed: %s (left out)", device.index, device.uuid, field, exc)

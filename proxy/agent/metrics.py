@@ -37,17 +37,11 @@ def _gpu(name: str, kind: Literal["gauge", "counter"], doc: str, *extra: str) ->
 
 
 # Collector state.
-GPU_UP = Spec(
-    "infermon_gpu_collector_up", "gauge", "1 if NVML answered the last collection, else 0", ("reason",)
-)
+GPU_UP = Spec("infermon_gpu_collector_up", "gauge", "1 if NVML answered the last collection, else 0", ("reason",))
 GPU_COUNT = Spec("infermon_gpu_count", "gauge", "GPUs NVML reports (0 without a driver)")
 GPU_DURATION = Spec("infermon_gpu_collection_duration_seconds", "gauge", "Time the last GPU collection took")
-GPU_LAST = Spec(
-    "infermon_gpu_last_collection_timestamp_seconds", "gauge", "Unix time the last GPU collection finished"
-)
-GPU_INIT_FAILURES = Spec(
-    "infermon_gpu_init_failures_total", "counter", "nvmlInit attempts that failed", ("reason",)
-)
+GPU_LAST = Spec("infermon_gpu_last_collection_timestamp_seconds", "gauge", "Unix time the last GPU collection finished")
+GPU_INIT_FAILURES = Spec("infermon_gpu_init_failures_total", "counter", "nvmlInit attempts that failed", ("reason",))
 
 # Per device.
 GPU_INFO = _gpu("info", "gauge", "Always 1: device and driver identity", "driver_version", "cuda_version")
@@ -68,9 +62,7 @@ GPU_MEM_CLOCK = _gpu("memory_clock_hz", "gauge", "Memory clock")
 GPU_CLOCK_EVENT = _gpu(
     "clock_event_reason", "gauge", "1 while this reason holds the clocks down (throttling), else 0", "reason"
 )
-GPU_PCIE = _gpu(
-    "pcie_throughput_bytes_per_second", "gauge", "PCIe throughput over the last 20 ms sample", "direction"
-)
+GPU_PCIE = _gpu("pcie_throughput_bytes_per_second", "gauge", "PCIe throughput over the last 20 ms sample", "direction")
 GPU_PCIE_REPLAY = _gpu("pcie_replays_total", "counter", "PCIe replay (retransmission) events")
 GPU_REMAPPED = _gpu("remapped_rows_total", "counter", "Memory rows remapped", "cause")
 GPU_REMAP_PENDING = _gpu("row_remap_pending", "gauge", "1 if a row remap waits for a GPU reset")
@@ -108,28 +100,20 @@ GPU_SPECS = (
 # Host.
 HOST_CPU = Spec("infermon_host_cpu_seconds_total", "counter", "CPU time of all cores by mode", ("mode",))
 HOST_CPUS = Spec("infermon_host_cpus", "gauge", "Logical CPUs")
-HOST_MEMORY = Spec(
-    "infermon_host_memory_bytes", "gauge", "Memory by state (total, available, used ...)", ("state",)
-)
+HOST_MEMORY = Spec("infermon_host_memory_bytes", "gauge", "Memory by state (total, available, used ...)", ("state",))
 HOST_SWAP = Spec("infermon_host_swap_bytes", "gauge", "Swap by state (total, used, free)", ("state",))
 HOST_LOAD1 = Spec("infermon_host_load1", "gauge", "1-minute load average")
 HOST_LOAD5 = Spec("infermon_host_load5", "gauge", "5-minute load average")
 HOST_LOAD15 = Spec("infermon_host_load15", "gauge", "15-minute load average")
-HOST_DISK_READ = Spec(
-    "infermon_host_disk_read_bytes_total", "counter", "Bytes read from a block device", ("device",)
-)
+HOST_DISK_READ = Spec("infermon_host_disk_read_bytes_total", "counter", "Bytes read from a block device", ("device",))
 HOST_DISK_WRITTEN = Spec(
     "infermon_host_disk_written_bytes_total", "counter", "Bytes written to a block device", ("device",)
 )
 HOST_NET_RX = Spec(
     "infermon_host_network_receive_bytes_total", "counter", "Bytes received by an interface", ("device",)
 )
-HOST_NET_TX = Spec(
-    "infermon_host_network_transmit_bytes_total", "counter", "Bytes sent by an interface", ("device",)
-)
-HOST_DURATION = Spec(
-    "infermon_host_collection_duration_seconds", "gauge", "Time the last host collection took"
-)
+HOST_NET_TX = Spec("infermon_host_network_transmit_bytes_total", "counter", "Bytes sent by an interface", ("device",))
+HOST_DURATION = Spec("infermon_host_collection_duration_seconds", "gauge", "Time the last host collection took")
 
 HOST_SPECS = (
     HOST_CPU, HOST_CPUS, HOST_MEMORY, HOST_SWAP, HOST_LOAD1, HOST_LOAD5, HOST_LOAD15, HOST_DISK_READ,

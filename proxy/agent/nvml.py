@@ -94,9 +94,7 @@ def gpus(nvml: Any) -> list[Device]:
         except pynvml.NVMLError_NoPermission:
             log.warning("GPU %d: no permission to open it (device cgroup?), left out", index)
             continue
-        found.append(
-            Device(handle, index, text(nvml.nvmlDeviceGetUUID(handle)), text(nvml.nvmlDeviceGetName(handle)))
-        )
+        found.append(Device(handle, index, text(nvml.nvmlDeviceGetUUID(handle)), text(nvml.nvmlDeviceGetName(handle))))
     return found
 
 
@@ -186,7 +184,10 @@ def _memory_clock(nvml: Any, h: Any) -> list[Value]:
 
 
 def _clock_events(nvml: Any, h: Any) -> list[Value]:
-    bits = nvml.nvmlDeviceGetCurrentClocksEventReasons(h)
+    try:
+        bits = nvml.nvmlDeviceGetCurrentClocksEventReasons(h)
+    except pynvml.NVMLError_FunctionNotFound:  # drivers before R535 only have the old name
+        bits = nvml.nvmlDeviceGetCurrentClocksThrottleReasons(h)
     return [(m.GPU_CLOCK_EVENT, (label,), 1.0 if bits & bit else 0.0) for bit, label in CLOCK_EVENT_REASONS]
 
 

@@ -266,6 +266,13 @@ def test_units_and_clock_event_reasons(tmp_path: Path) -> None:
     assert find(s, "infermon_gpu_row_remap_failed") == [0.0]
 
 
+def test_clock_event_reasons_fall_back_to_the_pre_535_name(tmp_path: Path) -> None:
+    gpu = FakeGpu(uuid="GPU-a", clock_reasons=0x1, missing={"nvmlDeviceGetCurrentClocksEventReasons"})
+    collector = make(FakeNvml([gpu]), tmp_path, xid_events=False)
+    collector.collect_once()
+    assert find(scrape(collector), "infermon_gpu_clock_event_reason", reason="gpu_idle") == [1.0]
+
+
 def test_registry_describe_names_do_not_clash(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     registry.register(make(FakeNvml([]), tmp_path))
