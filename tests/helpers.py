@@ -72,6 +72,7 @@ class _RespParser:
         self.status = 0
         self.interim: list[int] = []
         self.chunked = False
+        self.has_length = False
 
     def on_status(self, status: bytes) -> None:
         self.reason = status
@@ -90,6 +91,7 @@ class _RespParser:
         self.chunked = any(
             n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers
         )
+        self.has_length = any(n.lower() == b"content-length" for n, v in self.headers)
         if self.head_only or status == 101:
             self.done = True
 
@@ -108,7 +110,7 @@ async def read_response(reader: asyncio.StreamReader, head_only: bool = False) -
         while not p.done:
             data = await reader.read(65536)
             if not data:
-                if p.head_done and not p.chunked and not p.done:
+                if p.head_done and not p.chunked and not p.has_length and not p.done:
                     break  # close-delimited body
                 raise ConnectionError("connection closed before the response was complete")
             try:
@@ -321,3 +323,20 @@ async def body_stream(total: int, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
         n = min(chunk, total - sent)
         yield block if n == chunk else block[:n]
         sent += n
+
+
+async def fetch(
+    addr: tuple[str, int], path: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> Response:
+    """One request on a fresh connection (for the admin server and other one-off calls)."""
+    client = await Client.connect(addr)
+    try:
+        return await client.request(method, path, headers=headers)
+    finally:
+        await client.close()
+
+
+async def scrape_metrics(admin: tuple[str, int]) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """GET /metrics and parse it: sample name -> {sorted label items: value}."""
+    _, text = await scrape(admin)
+    return parse_metrics(text)

@@ -1,0 +1,285 @@
+"""The admin server over real sockets: /healthz, /readyz (with a real upstream probe), /config, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import pytest
+from aiohttp import web
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.app import ProxyApp
+from proxy.settings import ProxyConfig
+from tests.conftest import ProxyFactory
+from tests.helpers import Client, RawUpstream, bound_socket, fetch, scrape, wait_until
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+def _json(body: bytes) -> dict[str, object]:
+    data = orjson.loads(body)
+    assert isinstance(data, dict)
+    return data
+
+
+async def readyz(app: ProxyApp) -> tuple[int, dict[str, object]]:
+    resp = await fetch(app.admin_address, "/readyz")
+    assert resp.header("content-type") == "application/json"
+    return resp.status, _json(resp.body)
+
+
+async def wait_ready(app: ProxyApp, status: int) -> dict[str, object]:
+    """Poll /readyz until it answers ``status`` after a real probe; returns the body."""
+    seen: dict[str, object] = {}
+
+    async def check() -> bool:
+        code, body = await readyz(app)
+        seen.clear()
+        seen.update(body)
+        gates = body["gates"]
+        assert isinstance(gates, dict)
+        return code == status and gates["upstream"]["reason"] != "not probed yet"
+
+    await wait_until(check)
+    return seen
+
+
+def upstream_reason(body: dict[str, object]) -> str:
+    gates = body["gates"]
+    assert isinstance(gates, dict)
+    reason = gates["upstream"]["reason"]
+    assert isinstance(reason, str)
+    return reason
+
+
+Serve = Callable[[web.Application], Awaitable[str]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """``await serve(app)`` -> base URL of an aiohttp app on a free port."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> str:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        sock = bound_socket()
+        await web.SockSite(runner, sock).start()
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+# -- /healthz ---------------------------------------------------------------------------------
+
+
+async def test_healthz(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    resp = await fetch(app.admin_address, "/healthz")
+    assert resp.status == 200
+    assert resp.header("content-type") == "application/json"
+    assert _json(resp.body) == {"status": "ok"}
+
+
+async def test_healthz_is_ok_even_when_the_upstream_is_down(make_proxy: ProxyFactory) -> None:
+    sock = bound_socket()  # bound, never listening: connections are refused
+    app = await make_proxy(f"http://127.0.0.1:{sock.getsockname()[1]}")
+    await wait_ready(app, 503)
+    assert (await fetch(app.admin_address, "/healthz")).status == 200
+    sock.close()
+
+
+# -- /readyz ----------------------------------------------------------------------------------
+
+
+async def test_readyz_true_with_a_reachable_upstream(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    body = await wait_ready(app, 200)
+    assert body == {
+        "ready": True,
+        "gates": {
+            "draining": {"ok": True, "reason": "serving"},
+            "upstream": {"ok": True, "reason": "tcp connect ok"},
+        },
+    }
+
+
+async def test_readyz_false_while_upstream_down_then_recovers(make_proxy: ProxyFactory) -> None:
+    sock = bound_socket()
+    app = await make_proxy(f"http://127.0.0.1:{sock.getsockname()[1]}")
+    body = await wait_ready(app, 503)
+    assert body["ready"] is False
+    assert "refused" in upstream_reason(body).lower()
+
+    runner = web.AppRunner(web.Application(), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()  # the same port starts listening
+        body = await wait_ready(app, 200)
+        assert body["ready"] is True
+        assert upstream_reason(body) == "tcp connect ok"
+    finally:
+        await runner.cleanup()
+
+
+async def test_readyz_path_probe_non_2xx_then_recovers(make_proxy: ProxyFactory, serve: Serve) -> None:
+    state = {"status": 503}
+    seen: list[str] = []
+
+    async def health(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("User-Agent", ""))
+        return web.Response(status=state["status"], text="health")
+
+    model = web.Application()
+    model.router.add_get("/v2/health/ready", health)
+    url = await serve(model)
+    app = await make_proxy(url, readiness={"path": "/v2/health/ready", "interval": 0.05})
+
+    body = await wait_ready(app, 503)
+    assert upstream_reason(body) == "GET /v2/health/ready -> HTTP/1.1 503 Service Unavailable"
+    assert seen[0] == "infermon-readiness"
+
+    state["status"] = 204
+    body = await wait_ready(app, 200)
+    assert upstream_reason(body) == "GET /v2/health/ready -> 204"
+
+    state["status"] = 404
+    body = await wait_ready(app, 503)
+    assert upstream_reason(body) == "GET /v2/health/ready -> HTTP/1.1 404 Not Found"
+
+
+async def test_readyz_path_probe_timeout(
+    make_proxy: ProxyFactory, raw_upstream: Callable[..., Awaitable[RawUpstream]]
+) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, never answers; ends when the probe gives up and closes
+
+    up = await raw_upstream(silent)
+    app = await make_proxy(up.url, readiness={"path": "/ready", "timeout": 0.1, "interval": 0.05})
+    body = await wait_ready(app, 503)
+    assert upstream_reason(body) == "no answer within 0.1 s"
+
+
+# -- /config ----------------------------------------------------------------------------------
+
+
+async def test_config_shows_effective_config_with_password_masked(make_proxy: ProxyFactory, upstream: str) -> None:
+    port = upstream.rsplit(":", 1)[1]
+    app = await make_proxy(f"http://model:s3cret@127.0.0.1:{port}", limits={"max_in_flight": 17})
+    resp = await fetch(app.admin_address, "/config")
+    assert resp.status == 200
+    assert resp.header("content-type") == "application/json"
+    assert b"s3cret" not in resp.body
+    data = _json(resp.body)
+    assert data["upstream"] == f"http://model:***@127.0.0.1:{port}"
+    limits = data["limits"]
+    assert isinstance(limits, dict)
+    assert limits["max_in_flight"] == 17  # the override
+    assert limits["max_connections"] == 10_000  # and the defaults around it
+    readiness = data["readiness"]
+    assert isinstance(readiness, dict)
+    assert readiness["interval"] == 0.2
+    assert set(data) >= {"listen", "admin", "labels", "metrics", "drain", "upstream_pool"}
+
+
+# -- /metrics ---------------------------------------------------------------------------------
+
+
+async def test_metrics_text_format_by_default(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/echo")).status == 200
+    await client.close()
+
+    content_type, text = await scrape(app.admin_address)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert "# EOF" not in text
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert {"infermon_requests", "infermon_request_duration_seconds", "process_cpu_seconds"} <= names
+
+
+async def test_metrics_openmetrics_by_accept(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/echo")).status == 200
+    await client.close()
+
+    content_type, text = await scrape(app.admin_address, accept=OPENMETRICS)
+    assert content_type.startswith(OPENMETRICS)
+    assert text.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics_families(text)}  # type: ignore[no-untyped-call]  # strict
+    requests = families["infermon_requests"]
+    assert requests.type == "counter"
+    assert [s.value for s in requests.samples if s.name == "infermon_requests_total"] == [1.0]
+    assert families["infermon_request_duration_seconds"].type == "histogram"
+    assert families["infermon_build"].type == "info"
+
+
+async def test_metrics_prometheus_style_accept_header(make_proxy: ProxyFactory, upstream: str) -> None:
+    """What Prometheus itself sends: OpenMetrics is preferred when listed."""
+    app = await make_proxy(upstream)
+    accept = f"{OPENMETRICS};q=0.6,application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=0.0.4;q=0.4"
+    content_type, text = await scrape(app.admin_address, accept=accept)
+    assert content_type.startswith("application/openmetrics-text")
+    assert text.endswith("# EOF\n")
+
+
+async def test_metrics_gzip(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    resp = await fetch(app.admin_address, "/metrics", headers={"Accept-Encoding": "gzip"})
+    assert resp.status == 200
+    assert resp.header("content-encoding") == "gzip"
+    assert b"infermon_build_info" in gzip.decompress(resp.body)
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+async def test_unknown_path_is_404_json(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    resp = await fetch(app.admin_address, "/nope")
+    assert resp.status == 404
+    assert resp.header("content-type") == "application/json"
+    assert _json(resp.body) == {"error": "Not Found", "path": "/nope"}
+
+
+async def test_wrong_method_is_405_json(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    resp = await fetch(app.admin_address, "/metrics", method="DELETE")
+    assert resp.status == 405
+    assert resp.header("content-type") == "application/json"
+    assert _json(resp.body) == {"error": "Method Not Allowed", "path": "/metrics"}
+
+
+async def test_index_lists_endpoints(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    resp = await fetch(app.admin_address, "/")
+    assert resp.status == 200
+    assert _json(resp.body) == {"endpoints": ["/metrics", "/healthz", "/readyz", "/config"]}
+
+
+async def test_readyz_false_during_drain_delay(upstream: str) -> None:
+    """On shutdown /readyz turns false first, while the admin server still answers."""
+    cfg = ProxyConfig.model_validate(
+        {"upstream": upstream, "readiness": {"interval": 0.05}, "drain": {"delay": 0.3, "timeout": 1.0}}
+    )
+    app = ProxyApp(cfg)
+    await app.start(listen=bound_socket(), admin=bound_socket())
+    await wait_ready(app, 200)
+    stopping = asyncio.create_task(app.shutdown())
+    try:
+        status, body = await readyz(app)
+        assert status == 503
+        assert body["gates"] == {
+            "draining": {"ok": False, "reason": "shutting down"},
+            "upstream": {"ok": True, "reason": "tcp connect ok"},
+        }
+    finally:
+        await asyncio.wait_for(stopping, 5)
