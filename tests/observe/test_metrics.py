@@ -1,0 +1,522 @@
+"""Request metrics, read back from /metrics with prometheus_client's parser after real traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.app import ProxyApp
+from proxy.observe.metrics import FastHistogram
+from proxy.settings import Metrics
+from tests.conftest import ProxyFactory
+from tests.helpers import (
+    TIMEOUT,
+    Client,
+    RawUpstream,
+    bound_socket,
+    metric,
+    read_request_head,
+    scrape,
+    scrape_metrics,
+    wait_until,
+)
+
+DURATION_HISTOGRAMS = (
+    "infermon_request_duration_seconds",
+    "infermon_upstream_header_seconds",
+    "infermon_time_to_first_byte_seconds",
+)
+SIZE_HISTOGRAMS = ("infermon_request_size_bytes", "infermon_response_size_bytes")
+RawFactory = Callable[..., Awaitable[RawUpstream]]
+
+
+@dataclass
+class Hist:
+    labels: dict[str, str]
+    buckets: list[tuple[float, float]]  # (le, cumulative count), in le order, +Inf last
+    count: float
+    sum: float
+
+    def le(self, bound: float) -> float:
+        for edge, value in self.buckets:
+            if edge == bound:
+                return value
+        raise KeyError(bound)
+
+
+def histograms(text: str, name: str) -> list[Hist]:
+    """Every series of histogram family ``name``."""
+    out: dict[tuple[tuple[str, str], ...], Hist] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        assert family.type == "histogram"
+        for s in family.samples:
+            labels = {k: v for k, v in s.labels.items() if k != "le"}
+            key = tuple(sorted(labels.items()))
+            h = out.setdefault(key, Hist(labels, [], math.nan, math.nan))
+            if s.name == name + "_bucket":
+                h.buckets.append((float(s.labels["le"]), s.value))
+            elif s.name == name + "_count":
+                h.count = s.value
+            elif s.name == name + "_sum":
+                h.sum = s.value
+    return list(out.values())
+
+
+def one_histogram(text: str, name: str, **labels: str) -> Hist:
+    found = [h for h in histograms(text, name) if all(h.labels.get(k) == v for k, v in labels.items())]
+    assert len(found) == 1, (name, labels, [h.labels for h in histograms(text, name)])
+    return found[0]
+
+
+def assert_well_formed(text: str) -> None:
+    """Every histogram series: buckets in order, cumulative, +Inf == _count."""
+    for family in text_string_to_metric_families(text):
+        if family.type != "histogram":
+            continue
+        for h in histograms(text, family.name):
+            edges = [edge for edge, _ in h.buckets]
+            assert edges == sorted(edges) and edges[-1] == math.inf, (family.name, h.labels)
+            values = [value for _, value in h.buckets]
+            assert values == sorted(values), (family.name, h.labels, values)
+            assert values[-1] == h.count, (family.name, h.labels)
+
+
+async def get_text(app: ProxyApp) -> str:
+    _, text = await scrape(app.admin_address)
+    return text
+
+
+# -- FastHistogram against prometheus_client --------------------------------------------------
+
+
+def _reference(bounds: list[float], values: list[float]) -> dict[str, float]:
+    registry = CollectorRegistry()
+    hist = Histogram("ref", "reference", buckets=bounds, registry=registry)
+    for v in values:
+        hist.observe(v)
+    out = {}
+    for family in registry.collect():
+        for s in family.samples:
+            if s.name == "ref_bucket":
+                out[s.labels["le"]] = s.value
+            elif s.name in ("ref_count", "ref_sum"):
+                out[s.name] = s.value
+    return out
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        Metrics().duration_buckets,
+        Metrics().size_buckets,
+        Metrics().gap_buckets,
+        [1.0],
+    ],
+)
+def test_fast_histogram_matches_prometheus_client(bounds: list[float]) -> None:
+    rng = random.Random(42)
+    values = [0.0, *bounds, *(b * 1.000001 for b in bounds), bounds[-1] * 10, 1e-9]
+    values += [rng.uniform(0, bounds[-1] * 1.2) for _ in range(500)]
+    values += [rng.lognormvariate(0, 3) for _ in range(500)]
+
+    fast = FastHistogram(bounds)
+    for v in values:
+        fast.observe(v)
+    expected = _reference(bounds, values)
+
+    got = dict(fast.cumulative())
+    assert got == {k: v for k, v in expected.items() if not k.startswith("ref_")}
+    assert fast.count == expected["ref_count"] == len(values)
+    assert fast.sum == pytest.approx(expected["ref_sum"])
+
+
+def test_fast_histogram_bound_is_inclusive() -> None:
+    fast = FastHistogram([1.0, 2.0])
+    for v in (1.0, 2.0, 2.0000001):
+        fast.observe(v)
+    assert fast.cumulative() == [("1.0", 1), ("2.0", 2), ("+Inf", 3)]
+
+
+# -- counts and histograms after known traffic ------------------------------------------------
+
+
+async def test_requests_total_per_code_and_code_class_on_histograms(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    plan = ["/echo"] * 3 + ["/status/404"] * 2 + ["/status/500", "/status/503"]
+    for path in plan:
+        resp = await client.request("GET", path)
+        assert resp.status == (200 if path == "/echo" else int(path.rsplit("/", 1)[1]))
+    await client.close()
+
+    text = await get_text(app)
+    assert_well_formed(text)
+    m = await scrape_metrics(app.admin_address)
+    for code, n in (("200", 3), ("404", 2), ("500", 1), ("503", 1)):
+        assert metric(m, "infermon_requests_total", code=code, method="GET") == n
+    assert metric(m, "infermon_requests_total") == len(plan)
+
+    for name in (*DURATION_HISTOGRAMS, *SIZE_HISTOGRAMS):
+        series = histograms(text, name)
+        assert {h.labels["code_class"]: h.count for h in series} == {"2xx": 3, "4xx": 2, "5xx": 2}, name
+        for h in series:
+            assert "code" not in h.labels
+            assert h.labels["method"] == "GET"
+            assert (h.labels["model"], h.labels["version"], h.labels["variant"]) == ("unknown", "unknown", "stable")
+
+
+async def test_request_size_buckets(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    sizes = [0, 64, 65, 1000, 5000]
+    for n in sizes:
+        resp = await client.request("POST", "/echo", body=b"a" * n, headers={"Content-Length": str(n)})
+        assert resp.status == 200
+        data = resp.json()
+        assert isinstance(data, dict)
+        assert data["length"] == n
+    await client.close()
+
+    h = one_histogram(await get_text(app), "infermon_request_size_bytes", method="POST")
+    assert h.count == len(sizes)
+    assert h.sum == sum(sizes)
+    assert [h.le(b) for b in (64, 256, 1024, 4096, 16384, math.inf)] == [2, 3, 4, 4, 5, 5]
+
+
+async def test_chunked_request_size_counts_body_bytes_only(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    await client.send(
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"64\r\n" + b"b" * 100 + b"\r\n" + b"c8\r\n" + b"c" * 200 + b"\r\n0\r\n\r\n"
+    )
+    resp = await client.response()
+    await client.close()
+    assert resp.status == 200
+    h = one_histogram(await get_text(app), "infermon_request_size_bytes", method="POST")
+    assert (h.count, h.sum) == (1, 300)
+    assert (h.le(256), h.le(1024)) == (0, 1)
+
+
+async def test_response_size_buckets(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    sizes = [10, 64, 5000, 70000]
+    for n in sizes:
+        resp = await client.request("GET", f"/big?size={n}")
+        assert resp.status == 200
+        assert len(resp.body) == n
+    await client.close()
+
+    h = one_histogram(await get_text(app), "infermon_response_size_bytes")
+    assert (h.count, h.sum) == (len(sizes), sum(sizes))
+    assert [h.le(b) for b in (64, 256, 4096, 16384, 65536, 262144, math.inf)] == [2, 2, 2, 3, 3, 4, 4]
+
+
+async def test_configured_buckets_are_used(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, metrics={"size_buckets": [10, 100], "duration_buckets": [0.5, 30]})
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/big?size=50")).status == 200
+    await client.close()
+    text = await get_text(app)
+    size = one_histogram(text, "infermon_response_size_bytes")
+    assert size.buckets == [(10, 0), (100, 1), (math.inf, 1)]
+    duration = one_histogram(text, "infermon_request_duration_seconds")
+    assert [edge for edge, _ in duration.buckets] == [0.5, 30, math.inf]
+
+
+async def test_latency_histograms_measure_a_slow_upstream(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/slow?delay=0.3")).status == 200
+    await client.close()
+
+    text = await get_text(app)
+    duration = one_histogram(text, "infermon_request_duration_seconds")
+    header = one_histogram(text, "infermon_upstream_header_seconds")
+    ttfb = one_histogram(text, "infermon_time_to_first_byte_seconds")
+    for h in (duration, header, ttfb):
+        assert h.count == 1
+        assert h.le(0.25) == 0  # the upstream slept 0.3 s before its response head
+        assert 0.3 <= h.sum < 0.3 + TIMEOUT
+    # head <= first byte <= end, all on the same request
+    assert header.sum <= ttfb.sum <= duration.sum
+
+
+async def test_time_to_first_byte_is_not_observed_without_a_body(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/status/204")).status == 204
+    assert (await client.request("HEAD", "/echo")).status == 200
+    await client.close()
+    text = await get_text(app)
+    assert sum(h.count for h in histograms(text, "infermon_request_duration_seconds")) == 2
+    assert histograms(text, "infermon_time_to_first_byte_seconds") == []
+    assert sum(h.count for h in histograms(text, "infermon_upstream_header_seconds")) == 2
+    assert sum(h.sum for h in histograms(text, "infermon_response_size_bytes")) == 0
+
+
+# -- streams ----------------------------------------------------------------------------------
+
+
+async def test_sse_time_to_first_byte_and_chunk_gaps(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/sse?events=3&first_delay=0&delay=0.3")
+    await client.close()
+    assert resp.status == 200
+    assert resp.chunked
+    assert resp.body.count(b"data: ") == 4  # 3 events and [DONE], 0.3 s apart
+
+    text = await get_text(app)
+    assert_well_formed(text)
+    duration = one_histogram(text, "infermon_request_duration_seconds")
+    ttfb = one_histogram(text, "infermon_time_to_first_byte_seconds")
+    assert duration.sum >= 0.9
+    assert ttfb.sum < 0.25  # the first event comes at once: TTFT, not the whole stream
+    assert ttfb.le(0.25) == 1
+    assert duration.le(0.5) == 0
+
+    gaps = one_histogram(text, "infermon_stream_chunk_gap_seconds")
+    assert gaps.labels == {"model": "unknown", "version": "unknown", "variant": "stable"}
+    assert gaps.count == 3
+    assert gaps.le(0.25) == 0
+    assert gaps.le(0.5) == 3
+    assert 0.9 <= gaps.sum < 1.5
+
+
+async def test_no_chunk_gaps_for_a_sized_response(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/big?size=3000000")).status == 200  # many reads, one Content-Length
+    await client.close()
+    assert histograms(await get_text(app), "infermon_stream_chunk_gap_seconds") == []
+
+
+async def test_chunk_gaps_are_labelled_by_model(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, labels={"model": "chat", "variant_header": "x-variant"})
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/sse?events=2&delay=0.01")).status == 200
+    await client.close()
+    gaps = one_histogram(await get_text(app), "infermon_stream_chunk_gap_seconds")
+    assert gaps.labels["model"] == "chat"
+    assert gaps.count == 2
+
+
+# -- gauges and outcome counters --------------------------------------------------------------
+
+
+async def test_in_flight_rises_during_a_request_and_returns_to_zero(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory
+) -> None:
+    release = asyncio.Event()
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        async with asyncio.timeout(TIMEOUT):
+            await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # keep the connection open: the proxy may pool it
+
+    up = await raw_upstream(held)
+    app = await make_proxy(up.url)
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_requests_in_flight") == 0
+
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"GET /held HTTP/1.1\r\nHost: t\r\n\r\n")
+
+    async def in_flight_is(n: float) -> bool:
+        return metric(await scrape_metrics(app.admin_address), "infermon_requests_in_flight") == n
+
+    await wait_until(lambda: in_flight_is(1))
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_client_connections") >= 1
+    assert metric(m, "infermon_upstream_connections") == 1
+    assert metric(m, "infermon_requests_total") == 0  # counted when it ends
+
+    release.set()
+    resp = await client.response()
+    assert (resp.status, resp.body) == (200, b"ok")
+    await wait_until(lambda: in_flight_is(0))
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_requests_total", code="200") == 1
+    assert metric(m, "infermon_upstream_idle_connections") == 1  # back in the pool
+    await client.close()
+
+
+async def test_upstream_down_counts_a_connect_error(make_proxy: ProxyFactory) -> None:
+    sock = bound_socket()  # bound, not listening
+    app = await make_proxy(f"http://127.0.0.1:{sock.getsockname()[1]}")
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("POST", "/v2/models/iris/infer", body=b"{}")
+    await client.close()
+    sock.close()
+    assert resp.status == 502
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_upstream_errors_total", kind="connect", model="iris") == 1
+    assert metric(m, "infermon_upstream_errors_total") == 1
+    assert metric(m, "infermon_requests_total", code="502", model="iris") == 1
+    text = await get_text(app)
+    h = one_histogram(text, "infermon_request_duration_seconds")
+    assert (h.labels["code_class"], h.count) == ("5xx", 1)
+    assert histograms(text, "infermon_upstream_header_seconds") == []  # no upstream head ever came
+
+
+async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read the request head, then wait for the proxy to give up (EOF) without answering."""
+    await read_request_head(reader)
+    await reader.read()
+
+
+async def test_upstream_timeout_counts_a_timeout_error(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    up = await raw_upstream(never_answer)
+    app = await make_proxy(up.url, upstream_pool={"response_timeout": 0.1})
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/slow")
+    await client.close()
+    assert resp.status == 504
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_upstream_errors_total", kind="timeout") == 1
+    assert metric(m, "infermon_requests_total", code="504") == 1
+
+
+async def test_upstream_reset_and_protocol_errors(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)  # then close without answering
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"THIS IS NOT HTTP\r\n\r\n")
+        await writer.drain()
+
+    for handler, kind in ((hang_up, "reset"), (garbage, "protocol")):
+        up = await raw_upstream(handler)
+        app = await make_proxy(up.url)
+        client = await Client.connect(app.proxy_address)
+        resp = await client.request("GET", "/x")
+        await client.close()
+        assert resp.status == 502, kind
+        m = await scrape_metrics(app.admin_address)
+        assert metric(m, "infermon_upstream_errors_total", kind=kind) == 1, kind
+        assert metric(m, "infermon_upstream_errors_total") == 1, kind
+
+
+async def test_client_abort_is_counted_as_499(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    up = await raw_upstream(never_answer)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+
+    async def in_flight() -> bool:
+        return metric(await scrape_metrics(app.admin_address), "infermon_requests_in_flight") == 1
+
+    await wait_until(in_flight)
+    await client.close()
+
+    async def counted() -> bool:
+        return metric(await scrape_metrics(app.admin_address), "infermon_client_aborts_total") == 1
+
+    await wait_until(counted)
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_requests_total", code="499") == 1
+    assert metric(m, "infermon_requests_in_flight") == 0
+    assert metric(m, "infermon_upstream_errors_total") == 0
+
+
+# -- process and build info -------------------------------------------------------------------
+
+
+async def test_process_and_build_info(make_proxy: ProxyFactory, upstream: str) -> None:
+    import proxy
+
+    app = await make_proxy(upstream)
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "process_cpu_seconds_total") > 0
+    assert metric(m, "process_resident_memory_bytes") > 0
+    assert metric(m, "process_open_fds") > 0
+    assert metric(m, "python_info") == 1
+    assert "python_gc_collections_total" in m
+    (labels,) = m["infermon_build_info"]
+    info = dict(labels)
+    assert m["infermon_build_info"][labels] == 1
+    assert info["version"] == proxy.__version__
+    assert info["loop"] in ("uvloop", "asyncio")
+    assert info["python"].count(".") == 2
+
+
+async def test_families_exist_before_any_traffic(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    text = await get_text(app)
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    for name in (*DURATION_HISTOGRAMS, *SIZE_HISTOGRAMS, "infermon_stream_chunk_gap_seconds"):
+        assert families[name] == "histogram"
+    counters = ("infermon_requests", "infermon_upstream_errors", "infermon_client_aborts", "infermon_upstream_retries")
+    for name in counters:
+        assert families[name] == "counter"
+    assert families["infermon_requests_in_flight"] == "gauge"
+
+
+async def test_client_abort_mid_stream_keeps_the_status_it_was_sent(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory
+) -> None:
+    async def one_event(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"d\r\ndata: first\n\n\r\n")
+        await writer.drain()
+        await reader.read()  # then nothing more until the proxy hangs up
+
+    up = await raw_upstream(one_event)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+    async with asyncio.timeout(TIMEOUT):
+        await client.reader.readuntil(b"data: first\n\n")
+    await client.close()
+
+    async def counted() -> bool:
+        return metric(await scrape_metrics(app.admin_address), "infermon_client_aborts_total") == 1
+
+    await wait_until(counted)
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_requests_total", code="200") == 1  # the client had the 200 head already
+    assert metric(m, "infermon_requests_total") == 1
+    text = await get_text(app)
+    assert one_histogram(text, "infermon_time_to_first_byte_seconds").count == 1
+    assert one_histogram(text, "infermon_response_size_bytes").sum == len(b"data: first\n\n")
+
+
+async def test_upstream_failure_mid_stream_is_counted(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    async def broken_chunk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+        await writer.drain()
+        await reader.read()
+
+    up = await raw_upstream(broken_chunk)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+    with pytest.raises(ConnectionError):
+        await client.response()  # the head was sent already: the proxy can only cut the connection
+    await client.close()
+
+    async def counted() -> bool:
+        return metric(await scrape_metrics(app.admin_address), "infermon_upstream_errors_total") == 1
+
+    await wait_until(counted)
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_upstream_errors_total", kind="protocol") == 1
+    assert metric(m, "infermon_requests_total", code="200") == 1
+    assert metric(m, "infermon_client_aborts_total") == 0
