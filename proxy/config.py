@@ -31,7 +31,7 @@ from proxy.errors import ConfigError
 M = TypeVar("M", bound=BaseModel)
 
 #: Environment variables with the prefix that are not configuration keys.
-RESERVED_ENV = frozenset({"INFERMON_CONFIG"})
+RESERVED_ENV = frozenset({"INFERMON_CONFIG", "INFERMON_AGENT_CONFIG"})
 
 
 def load(
@@ -42,17 +42,19 @@ def load(
     env_prefix: str = "INFERMON_",
     ignore_env_prefixes: tuple[str, ...] = (),
     flags: Mapping[str, Any] | None = None,
+    config_env: str = "INFERMON_CONFIG",
 ) -> M:
     """Merge the layers and validate them against ``model``.
 
     ``flags`` maps dotted keys (``"limits.max_in_flight"``) to values; ``None`` values are skipped so an
-    argparse namespace can be passed as it is. ``file`` falls back to ``$INFERMON_CONFIG``.
+    argparse namespace can be passed as it is. ``file`` falls back to the variable named by
+    ``config_env`` (``$INFERMON_CONFIG`` for the proxy, ``$INFERMON_AGENT_CONFIG`` for the agent).
     """
     environ = os.environ if env is None else env
     sources: dict[tuple[str, ...], str] = {}
     merged: dict[str, Any] = {}
 
-    path = file if file is not None else environ.get("INFERMON_CONFIG") or None
+    path = file if file is not None else environ.get(config_env) or None
     if path is not None:
         data = _read_file(Path(path))
         _merge(merged, data, sources, f"file {path}", ())

@@ -139,7 +139,9 @@ async def _ready(request: web.Request) -> web.Response:
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
     """A real aiohttp model-server-like upstream; yields its base URL."""
-    runner = web.AppRunner(upstream_app(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        upstream_app(), access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=1.0
+    )
     await runner.setup()
     sock = bound_socket()
     site = web.SockSite(runner, sock)
@@ -162,3 +164,70 @@ async def raw_upstream() -> AsyncIterator[Callable[..., Awaitable[RawUpstream]]]
     for up in started:
         with contextlib.suppress(Exception):
             await up.stop()
+
+
+class ProxyProcess:
+    """``infermon proxy`` as a real child process (for signals and memory measurements)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, listen: tuple[str, int], admin: tuple[str, int]) -> None:
+        self.proc = proc
+        self.listen = listen
+        self.admin = admin
+
+    def peak_rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM")
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture
+async def spawn_proxy() -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
+    """``await spawn_proxy(upstream_url, *extra_args, env={...})`` -> a ready proxy subprocess."""
+    import os
+    import sys
+
+    from tests.helpers import TIMEOUT, Client, free_port
+
+    procs: list[ProxyProcess] = []
+
+    async def factory(upstream: str, *args: str, env: dict[str, str] | None = None) -> ProxyProcess:
+        listen = ("127.0.0.1", free_port())
+        admin = ("127.0.0.1", free_port())
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "proxy",
+            "--listen", f"{listen[0]}:{listen[1]}", "--admin", f"{admin[0]}:{admin[1]}",
+            "--upstream", upstream, *args,
+            env={**os.environ, **(env or {})},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        pp = ProxyProcess(proc, listen, admin)
+        procs.append(pp)
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                if proc.returncode is not None:
+                    raise RuntimeError(f"proxy exited with {proc.returncode}")
+                try:
+                    client = await Client.connect(admin)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                resp = await client.request("GET", "/healthz")
+                await client.close()
+                if resp.status == 200:
+                    return pp
+
+    yield factory
+    for pp in procs:
+        if pp.proc.returncode is None:
+            pp.proc.kill()
+        await pp.proc.wait()

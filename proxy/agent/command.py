@@ -49,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
         AgentConfig,
         file=args.config,
         env_prefix="INFERMON_AGENT_",
+        config_env="INFERMON_AGENT_CONFIG",
         flags={"listen": args.listen, "interval": args.interval, "procfs": args.procfs},
     )
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
