@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
+from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.hooks import Hooks
 from proxy.dataplane.server import ClientConnection, _special_fields
 from proxy.dataplane.upstream import UpstreamPool
@@ -31,6 +33,10 @@ class DataPlane:
         default_port = 443 if scheme == "https" else 80
         self.upstream_authority = (host if port == default_port else f"{host}:{port}").encode("idna")
         self.pool = UpstreamPool(self.loop, scheme, host, port, cfg.upstream_pool)
+        #: per-request upstream choice (canary / A-B splits): ``route(ex) -> pool``, set once at
+        #: start-up; None sends everything to ``pool``. It runs after on_request_head, so it can
+        #: read the labels and headers observers set.
+        self.route: Callable[[Exchange], UpstreamPool] | None = None
         self.connections: set[ClientConnection] = set()
         self.in_flight = 0
         self.draining = False

@@ -34,6 +34,7 @@ from proxy.dataplane.upstream import (
     PoolExhausted,
     Ticket,
     UpstreamConnection,
+    UpstreamPool,
 )
 from proxy.errors import InfermonError, UpstreamError
 
@@ -123,6 +124,7 @@ class _Request:
         "in_flight",
         "pending",
         "pending_bytes",
+        "pool",
         "request_done",
         "response_done",
         "response_started",
@@ -154,6 +156,7 @@ class _Request:
         self.retry_bytes = 0
         self.ticket: Ticket | None = None
         self.upstream: UpstreamConnection | None = None
+        self.pool: UpstreamPool | None = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -493,17 +496,18 @@ class ClientConnection(asyncio.Protocol):
         http.serialize_headers(parts, ex.request_headers)
         parts.append(b"\r\n")
         req.head = b"".join(parts)
-        conn = plane.pool.take_idle()
+        pool = req.pool = plane.pool if plane.route is None else plane.route(ex)
+        conn = pool.take_idle()
         if conn is not None:
             self._attach(req, conn)
         else:
-            req.ticket = plane.pool.connect_or_wait(lambda c, e: self._pool_answered(req, c, e))
+            req.ticket = pool.connect_or_wait(lambda c, e: self._pool_answered(req, c, e))
 
     def _pool_answered(self, req: _Request, conn: UpstreamConnection | None, error: InfermonError | None) -> None:
         req.ticket = None
         if self.closed or req.response_done or not self.requests or self.requests[0] is not req:
             if conn is not None:
-                self.plane.pool.release(conn, reusable=True)
+                conn.pool.release(conn, reusable=True)
             return
         if conn is None:
             assert error is not None
@@ -555,7 +559,8 @@ class ClientConnection(asyncio.Protocol):
             req.upstream = None
             req.pending = list(req.retry_body)
             req.pending_bytes = 0
-            req.ticket = self.plane.pool.connect_or_wait(lambda c, e: self._pool_answered(req, c, e))
+            assert req.pool is not None
+            req.ticket = req.pool.connect_or_wait(lambda c, e: self._pool_answered(req, c, e))
             return
         ex.error = error.kind if isinstance(error, UpstreamError | PoolExhausted) else "internal"
         req.upstream = None
@@ -904,7 +909,7 @@ class _Owner:
             self.out.append(b"\r\n")
         self.upstream_flush()
         req.upstream = None
-        client.plane.pool.release(self.conn, reusable=reusable and req.request_done)
+        self.conn.pool.release(self.conn, reusable=reusable and req.request_done)
         client._finish(req)
 
     def upstream_failed(self, error: UpstreamError, stale: bool) -> None:
