@@ -43,6 +43,8 @@ class Exchange:
         "request_id",
         "response_headers",
         "retried",
+        "sampled",
+        "span_id",
         "status",
         "stream",
         "t_accepted",
@@ -54,6 +56,7 @@ class Exchange:
         "t_upstream_connected",
         "t_upstream_head",
         "target",
+        "trace_id",
         "upgraded",
         "variant",
         "version",
@@ -88,6 +91,10 @@ class Exchange:
         self.retried = False  # sent again on a fresh upstream connection after a stale one
         self.upgraded = False  # switched to a tunnel after 101
         self.stream = False  # response body has no declared length (chunked or until close)
+        #: W3C trace context of the proxy's span (hex), set by the tracing observer; "" when off
+        self.trace_id = ""
+        self.span_id = ""
+        self.sampled = False  # the proxy's span is recorded and exported
         #: free slot for observers (trace span, sampled body copy ...), keyed by observer
         self.extra: dict[str, Any] | None = None
 

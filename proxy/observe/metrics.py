@@ -13,7 +13,7 @@ import platform
 import sys
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from time import perf_counter
+from time import perf_counter, time
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -32,6 +32,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
@@ -50,28 +51,59 @@ _ = (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR)  # the global ones sta
 
 
 class FastHistogram:
-    """Bucket counts for one label set: ``observe`` is a bisect and two additions."""
+    """Bucket counts for one label set: ``observe`` is a bisect and two additions.
 
-    __slots__ = ("bounds", "count", "counts", "sum")
+    ``observe_exemplar`` also keeps, per bucket, the latest (trace id, value, time): OpenMetrics
+    exemplars that link a latency bucket to a trace.
+    """
+
+    __slots__ = ("bounds", "count", "counts", "exemplars", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = list(bounds)
         self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
         self.count = 0
+        self.exemplars: list[tuple[str, float, float] | None] | None = None
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
 
+    def observe_exemplar(self, value: float, trace_id: str) -> None:
+        i = bisect_left(self.bounds, value)
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+        if self.exemplars is None:
+            self.exemplars = [None] * len(self.counts)
+        self.exemplars[i] = (trace_id, value, time())
+
     def cumulative(self) -> list[tuple[str, float]]:
+        """(le, cumulative count) per bucket, +Inf last."""
         out: list[tuple[str, float]] = []
         total = 0
-        for bound, n in zip(self.bounds, self.counts, strict=False):
+        for i, n in enumerate(self.counts):
             total += n
-            out.append((_go_float(bound), total))
-        out.append(("+Inf", total + self.counts[-1]))
+            out.append((_go_float(self.bounds[i]) if i < len(self.bounds) else "+Inf", total))
+        return out
+
+    def exposition(self) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
+        """Like :meth:`cumulative`, with each bucket's latest exemplar where there is one."""
+        if self.exemplars is None:
+            return list(self.cumulative())
+        out: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+        total = 0
+        exemplars = self.exemplars
+        for i, n in enumerate(self.counts):
+            total += n
+            le = _go_float(self.bounds[i]) if i < len(self.bounds) else "+Inf"
+            ex = exemplars[i] if exemplars is not None else None
+            if ex is None:
+                out.append((le, total))
+            else:
+                out.append((le, total, Exemplar({"trace_id": ex[0]}, ex[1], ex[2])))
         return out
 
 
@@ -141,7 +173,10 @@ class RequestMetrics(Observer, Collector):
         series.count += 1
         h = series.hist
         start = ex.t_accepted
-        h.duration.observe(ex.t_done - start)
+        if ex.sampled:
+            h.duration.observe_exemplar(ex.t_done - start, ex.trace_id)
+        else:
+            h.duration.observe(ex.t_done - start)
         if ex.t_upstream_head and ex.t_upstream_connected:
             h.upstream_header.observe(ex.t_upstream_head - ex.t_upstream_connected)
         if ex.t_first_byte:
@@ -201,7 +236,7 @@ class RequestMetrics(Observer, Collector):
             for hkey, hists in self.hists.items():
                 hist: FastHistogram = getattr(hists, attr)
                 if hist.count:
-                    fam.add_metric(hkey, hist.cumulative(), hist.sum)
+                    fam.add_metric(hkey, hist.exposition(), hist.sum)
             yield fam
 
         gaps = HistogramMetricFamily(
