@@ -36,7 +36,7 @@ from proxy.dataplane.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
-from proxy.errors import InfermonError, UpstreamError
+from proxy.errors import InfermonError, UpstreamError, UpstreamProtocolError
 
 if TYPE_CHECKING:
     from proxy.dataplane.core import DataPlane
@@ -920,6 +920,10 @@ class _Owner:
 
     def upstream_upgraded(self, reason: bytes, headers: Headers, rest: bytes) -> None:
         req = self.req
+        if not req.upgrade:  # 101 to a request that asked for no protocol switch
+            self.conn.abort()
+            self.client._upstream_error(req, UpstreamProtocolError("upstream switched protocols unasked"))
+            return
         req.ex.status = 101
         req.ex.t_upstream_head = time.perf_counter()
         parts = [http.status_line(101, reason)]

@@ -471,3 +471,40 @@ async def test_absolute_form_target(make_proxy: ProxyFactory, upstream: str) -> 
     assert resp.status == 200
     assert resp.json()["path"] == "/echo/abs?x=1"  # type: ignore[index]
     await client.close()
+
+
+async def test_client_connection_close_is_honoured(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/echo", headers={"Connection": "close"})
+    assert resp.status == 200
+    assert resp.header("connection") == "close"
+    assert await client.closed()
+
+
+async def test_unrequested_101_is_a_protocol_error(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
+        await writer.drain()
+        await reader.read(100)
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/")
+    assert resp.status == 502
+
+
+async def test_interim_103_forwarded_before_final(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/")
+    assert resp.interim == [103]
+    assert (resp.status, resp.body) == (200, b"ok")
