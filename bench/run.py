@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     args.targets = [t for t in TARGETS if t in targets]
+    if args.sse_streams < 1 or args.sse_events < 1 or args.sse_delay_ms < 0:
+        parser.error("need --sse-streams >= 1, --sse-events >= 1 and --sse-delay-ms >= 0")
     if args.soak_only and args.soak <= 0:
         parser.error("--soak-only needs --soak N")
     if (
