@@ -76,6 +76,8 @@ class UpstreamProbe:
                     writer.close()
         except TimeoutError:
             return False, f"no answer within {self.cfg.timeout:g} s"
+        except ValueError:  # StreamReader.readline: no line end within its limit
+            return False, f"GET {self.cfg.path} -> status line too long"
         except OSError as exc:
             return False, exc.strerror or str(exc)
         parts = line.split()
@@ -85,7 +87,14 @@ class UpstreamProbe:
         return False, f"GET {self.cfg.path} -> {shown}"
 
     async def _run(self) -> None:
+        last_error = ""
         while True:
-            ok, reason = await self.check()
+            try:
+                ok, reason = await self.check()
+            except Exception as exc:  # an unexpected failure must close the gate, not end the probing
+                ok, reason = False, f"probe failed: {exc!r}"
+                if reason != last_error:
+                    log.exception("readiness probe of %s:%d failed", self.host, self.port)
+                last_error = reason
             self.readiness.set("upstream", ok, reason)
             await asyncio.sleep(self.cfg.interval)

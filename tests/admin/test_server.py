@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.app import ProxyApp
 from proxy.settings import ProxyConfig
 from tests.conftest import ProxyFactory
-from tests.helpers import Client, RawUpstream, bound_socket, fetch, scrape, wait_until
+from tests.helpers import Client, RawUpstream, bound_socket, fetch, read_request_head, scrape, wait_until
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -283,3 +283,22 @@ async def test_readyz_false_during_drain_delay(upstream: str) -> None:
         }
     finally:
         await asyncio.wait_for(stopping, 5)
+
+
+async def test_readyz_survives_an_upstream_that_answers_nonsense(
+    make_proxy: ProxyFactory, raw_upstream: Callable[..., Awaitable[RawUpstream]]
+) -> None:
+    """A status line longer than the reader's limit fails that probe; probing goes on and recovers."""
+    answers = [b"x" * 200_000] * 3  # for the first three probes
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(answers.pop() if answers else b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url, readiness={"path": "/ready", "interval": 0.05})
+    body = await wait_ready(app, 503)
+    assert upstream_reason(body) == "GET /ready -> status line too long"
+    body = await wait_ready(app, 200)
+    assert upstream_reason(body) == "GET /ready -> 200"
