@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -59,65 +60,64 @@ class Response:
         return orjson.loads(self.body)
 
 
-class _RespParser:
-    def __init__(self, head_only: bool) -> None:
-        self.head_only = head_only
-        self.parser = httptools.HttpResponseParser(self)
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-        self.head_done = False
-        self.done = False
-        self.status = 0
-        self.interim: list[int] = []
-        self.chunked = False
-        self.has_length = False
+_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ?(.*)$")
 
-    def on_status(self, status: bytes) -> None:
-        self.reason = status
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        (self.trailers if self.head_done else self.headers).append((name, value))
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            self.interim.append(status)
-            self.headers = []
-            return
-        self.status = status
-        self.head_done = True
-        self.chunked = any(
-            n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers
-        )
-        self.has_length = any(n.lower() == b"content-length" for n, v in self.headers)
-        if self.head_only or status == 101:
-            self.done = True
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        if self.head_done:
-            self.done = True
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head[:-4].split(b"\r\n")
+    m = _STATUS_LINE.match(lines[0])
+    if m is None:
+        raise ValueError(f"bad status line {lines[0]!r}")
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or name != name.strip() or not name:
+            raise ValueError(f"bad header line {line!r}")
+        headers.append((name, value.strip()))
+    return int(m.group(1)), m.group(2), headers
 
 
 async def read_response(reader: asyncio.StreamReader, head_only: bool = False) -> Response:
-    """Read exactly one response (Content-Length, chunked or until close)."""
-    p = _RespParser(head_only)
+    """Read exactly one response (Content-Length, chunked or until close), leaving what follows."""
+    interim: list[int] = []
     async with asyncio.timeout(TIMEOUT):
-        while not p.done:
-            data = await reader.read(65536)
-            if not data:
-                if p.head_done and not p.chunked and not p.has_length and not p.done:
-                    break  # close-delimited body
-                raise ConnectionError("connection closed before the response was complete")
-            try:
-                p.parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
+        try:
+            while True:
+                status, reason, headers = await _read_head(reader)
+                if 100 <= status < 200 and status != 101:
+                    interim.append(status)
+                    continue
                 break
-    return Response(p.status, p.reason, p.headers, b"".join(p.body), p.trailers, p.chunked, p.interim)
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionError("connection closed before a response head") from exc
+        names = {n.lower(): v for n, v in headers}
+        chunked = b"chunked" in names.get(b"transfer-encoding", b"").lower()
+        trailers: list[tuple[bytes, bytes]] = []
+        body = b""
+        try:
+            if head_only or status in (101, 204, 304):
+                pass
+            elif chunked:
+                parts = []
+                while True:
+                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+                    if size == 0:
+                        break
+                    parts.append(await reader.readexactly(size))
+                    if await reader.readexactly(2) != b"\r\n":
+                        raise ValueError("chunk not followed by CRLF")
+                while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                    name, _, value = line[:-2].partition(b":")
+                    trailers.append((name, value.strip()))
+                body = b"".join(parts)
+            elif b"content-length" in names:
+                body = await reader.readexactly(int(names[b"content-length"]))
+            else:
+                body = await reader.read()  # close-delimited
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionError("connection closed before the response was complete") from exc
+    return Response(status, reason, headers, body, trailers, chunked, interim)
 
 
 OPEN_CLIENTS: list[Client] = []

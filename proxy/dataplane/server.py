@@ -48,6 +48,7 @@ PAUSE_PIPELINE = 1  # a later request waits for the current one
 PAUSE_UPSTREAM = 2  # upstream write buffer is full
 PAUSE_BUFFER = 4  # body arriving before an upstream connection is attached
 PAUSE_LINGER = 8
+PAUSE_STOP = 16  # nothing more is read as HTTP from this client (after a parse error, an upgrade)
 
 PENDING_LIMIT = 64 * 1024
 LINGER_SECONDS = 2.0
@@ -709,7 +710,7 @@ class ClientConnection(asyncio.Protocol):
     def _parse_failed(self, reject: _Reject) -> None:
         """Answer a request we could not parse (in turn, after those before it) and close."""
         self.parser = httptools.HttpRequestParser(self)  # the old one is in an error state
-        self._pause(PAUSE_PIPELINE)  # nothing more is read from this client
+        self._pause(PAUSE_STOP)
         self._in_head = False
         req = self.parsing
         self.parsing = None
@@ -747,7 +748,7 @@ class ClientConnection(asyncio.Protocol):
             ex = self.parsing.ex
             self.parsing = None
             ex.request_id = new_request_id()
-            self._pause(PAUSE_PIPELINE)
+            self._pause(PAUSE_STOP)
             self._respond_error_now(ex, 408, "request head not received in time (limits.header_timeout)")
             return
         req = self.parsing
@@ -769,10 +770,11 @@ class ClientConnection(asyncio.Protocol):
                 self._abort_transport()
             return  # already answered (and closing), e.g. CONNECT
         req.request_done = True
+        req.close_after = True  # if the upstream declines the switch, this connection ends with its answer
         self.parsing = None
         if rest:
             self._send_up(req, rest)
-        self._pause(PAUSE_PIPELINE)  # no more HTTP from this client until the upstream answers
+        self._pause(PAUSE_STOP)  # no more HTTP from this client: it is a tunnel or it is over
 
     def tunnel_open(self, req: _Request, conn: UpstreamConnection, head: bytes, rest: bytes) -> None:
         assert self.transport is not None

@@ -508,3 +508,26 @@ async def test_interim_103_forwarded_before_final(make_proxy: ProxyFactory, raw_
     resp = await client.request("GET", "/")
     assert resp.interim == [103]
     assert (resp.status, resp.body) == (200, b"ok")
+
+
+async def test_declined_upgrade_answers_then_closes(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    resp = await client.response()
+    assert resp.status == 200  # the upstream ignored the upgrade and answered normally
+    assert await client.closed()
+
+
+async def test_pipelined_request_after_a_malformed_one_is_not_served(
+    make_proxy: ProxyFactory, upstream: str
+) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    await client.send(
+        build_request("GET", "/slow?delay=0.2") + b"GET / HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n"
+        + build_request("GET", "/echo/never")
+    )
+    assert (await client.response()).status == 200
+    assert (await client.response()).status == 400
+    assert await client.closed()
