@@ -12,7 +12,6 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httptools
 from prometheus_client.parser import text_string_to_metric_families
 
 TIMEOUT = 10.0
