@@ -23,9 +23,7 @@ def _load(
     return load(ProxyConfig, file=file, env=env or {}, flags=flags, ignore_env_prefixes=("INFERMON_AGENT_",))
 
 
-def _error(
-    file: Path | None = None, env: dict[str, str] | None = None, flags: dict[str, object] | None = None
-) -> str:
+def _error(file: Path | None = None, env: dict[str, str] | None = None, flags: dict[str, object] | None = None) -> str:
     with pytest.raises(ConfigError) as info:
         _load(file, env, flags)
     return str(info.value)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
+import shutil
+from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -520,3 +525,69 @@ async def test_upstream_failure_mid_stream_is_counted(make_proxy: ProxyFactory, 
     assert metric(m, "infermon_upstream_errors_total", kind="protocol") == 1
     assert metric(m, "infermon_requests_total", code="200") == 1
     assert metric(m, "infermon_client_aborts_total") == 0
+
+
+# -- checked by the Prometheus tools, and against docs/metrics.md ------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
+
+
+async def _traffic_text(make_proxy: ProxyFactory, upstream: str) -> str:
+    app = await make_proxy(upstream, labels={"variant_header": "x-variant"})
+    client = await Client.connect(app.proxy_address)
+    for path in ("/v2/models/iris/versions/2/infer", "/status/500", "/sse?events=2&delay=0", "/big?size=100"):
+        await client.request("GET", path)
+    await client.close()
+    return await get_text(app)
+
+
+@needs_promtool
+async def test_promtool_accepts_the_exposition(make_proxy: ProxyFactory, upstream: str) -> None:
+    assert PROMTOOL is not None
+    text = await _traffic_text(make_proxy, upstream)
+    proc = await asyncio.create_subprocess_exec(PROMTOOL, "check", "metrics", stdin=PIPE, stdout=PIPE, stderr=STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(text.encode()), TIMEOUT)
+    assert proc.returncode == 0, out.decode()
+    assert out.decode().strip() == ""  # no lint findings either
+
+
+@needs_promtool
+async def test_promql_examples_in_docs_parse(tmp_path: Path) -> None:
+    assert PROMTOOL is not None
+    text = DOCS.read_text()
+    reference = text.split("## Example queries")[0]
+    queries = re.findall(r"```promql\n(.*?)```", text, flags=re.S)
+    assert len(queries) >= 3
+    rules = {
+        "groups": [
+            {
+                "name": "docs",
+                "rules": [{"record": f"docs:example{i}", "expr": q.strip()} for i, q in enumerate(queries)],
+            }
+        ]
+    }
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    proc = await asyncio.create_subprocess_exec(PROMTOOL, "check", "rules", str(path), stdout=PIPE, stderr=STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode == 0, out.decode()
+    for query in queries:
+        for name in re.findall(r"\b(infermon_[a-z_]+)", query):
+            family = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert f"`{family}`" in reference, f"{name} used in an example but not documented"
+
+
+async def test_docs_list_every_exported_family(make_proxy: ProxyFactory, upstream: str) -> None:
+    text = await _traffic_text(make_proxy, upstream)
+    docs = DOCS.read_text()
+    documented = set(re.findall(r"`(infermon_[a-z_]+)`", docs))
+    exported = set()
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("infermon_"):
+            suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
+            exported.add(family.name + suffix)
+    assert exported - documented == set(), "exported but not in docs/metrics.md"
+    optional = {n for n in documented if n.startswith(("infermon_trace_", "infermon_access_log_"))}
+    assert documented - optional - exported == set(), "documented but not exported"
