@@ -103,4 +103,6 @@ class Labeler(Observer):
         for name, attr, cap in self.headers:
             value = ex.response_header(name)
             if value is not None:
-                setattr(ex, attr, cap(value.decode("latin-1").strip()))
+                text = value.decode("latin-1").strip()
+                if text:  # an empty header names nothing: the path or default label stays
+                    setattr(ex, attr, cap(text))

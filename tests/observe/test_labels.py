@@ -189,3 +189,16 @@ async def test_invalid_header_value_becomes_other(make_proxy: ProxyFactory, upst
     await client.close()
     m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_requests_total", variant="other") == 1
+
+
+async def test_empty_header_value_keeps_the_label_it_would_replace(make_proxy: ProxyFactory, upstream: str) -> None:
+    """An empty X-Variant names no variant: the configured default stays (it is not a bad value)."""
+    app = await make_proxy(upstream, labels={"variant_header": "x-variant", "model_header": "x-model"})
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/respond-headers?X-Variant=&X-Model=%20")).status == 200
+    assert (await client.request("POST", "/v2/models/iris/infer", body=b"{}")).status == 200
+    await client.close()
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_requests_total", model="unknown", variant="stable") == 1
+    assert metric(m, "infermon_requests_total", model="iris", variant="stable") == 1
+    assert metric(m, "infermon_requests_total", variant="other") == 0
