@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 from collections.abc import AsyncIterator
 
 import orjson
@@ -130,3 +131,34 @@ async def test_traffic_generator_counts_what_it_sent(make_proxy: ProxyFactory, m
     assert sum(stats.by_status.values()) == stats.sent
     m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_requests_total") == stats.sent
+
+
+async def test_demo_stops_cleanly_on_ctrl_c() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *INFERMON,
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        cwd=REPO,
+        env=clean_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        async with asyncio.timeout(TIMEOUT):
+            while "Ctrl-C to stop" not in (line := (await proc.stdout.readline()).decode()):
+                assert line, "demo exited early"
+        proc.send_signal(signal.SIGINT)
+        rc = await asyncio.wait_for(proc.wait(), TIMEOUT)
+        rest = (await proc.stdout.read()).decode()
+        stderr = (await proc.stderr.read()).decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr
+    assert SENT.search(rest) is not None, rest
