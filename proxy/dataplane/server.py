@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
@@ -75,6 +76,8 @@ _CONNECTION = b"connection"
     range(11)
 )
 _NOT_FIELDS = frozenset({b"close", b"keep-alive", b"upgrade"})
+# uri-host [ ":" port ] (RFC 9110 7.2): a reg-name, IPv4 or bracketed IPv6 literal
+_HOST_VALUE = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?$")
 
 
 def _special_fields(request_id_header: bytes) -> dict[bytes, int]:
@@ -369,10 +372,12 @@ class ClientConnection(asyncio.Protocol):
         """Validate the head and build the header list sent upstream (``ex.request_headers``)."""
         ex = req.ex
         target = self._url
+        authority: bytes | None = None
         if target[:1] != b"/" and target != b"*":
             if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
                 rest = target.split(b"//", 1)[1]
                 slash = rest.find(b"/")
+                authority = rest[:slash] if slash >= 0 else rest
                 target = rest[slash:] if slash >= 0 else b"/"
             elif ex.method != "OPTIONS":
                 req.error = (400, "request target must be a path (origin-form) or an absolute URL")
@@ -439,6 +444,16 @@ class ClientConnection(asyncio.Protocol):
         if ex.http_version == "1.1" and hosts != 1:
             req.error = (400, "an HTTP/1.1 request needs exactly one Host header")
             return
+        if host is not None and not _HOST_VALUE.match(host):
+            req.error = (400, "invalid Host header")
+            return
+        if authority is not None and host is not None:
+            # absolute-form: the target's authority wins over Host (RFC 9112 3.2.2)
+            forward = [(n, authority if n.lower() == _HOST else v) for n, v in forward]
+            host = authority
+        if te is not None and ex.http_version == "1.0":
+            req.error = (400, "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
+            return
         if te is not None:
             codings = [c.strip().lower() for c in te.split(b",")]
             if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
@@ -471,6 +486,7 @@ class ClientConnection(asyncio.Protocol):
         if not has_xfh:
             forward.append((b"X-Forwarded-Host", host))
         forward.append((self.rid_header, ex.request_id.encode("ascii")))
+        forward.append((b"Via", b"1.0 infermon" if ex.http_version == "1.0" else b"1.1 infermon"))
         ex.request_headers = forward
         req.head_only = ex.method == "HEAD"
 

@@ -531,3 +531,32 @@ async def test_pipelined_request_after_a_malformed_one_is_not_served(
     assert (await client.response()).status == 200
     assert (await client.response()).status == 400
     assert await client.closed()
+
+
+async def test_via_added_for_the_upstream(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/echo", headers={"Via": "1.1 edge"})
+    assert echo_headers(resp)["via"] in (["1.1 edge, 1.1 infermon"], ["1.1 edge", "1.1 infermon"])
+
+
+@pytest.mark.parametrize("host", ["a b", "a/b", "x@y", "[::1", "h:80x"])
+async def test_invalid_host_400(make_proxy: ProxyFactory, upstream: str, host: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/echo", host=host)
+    assert resp.status == 400
+
+
+async def test_absolute_form_authority_replaces_host(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "http://real.example:81/echo", host="other.example")
+    assert echo_headers(resp)["host"] == ["real.example:81"]
+
+
+async def test_transfer_encoding_in_http10_rejected(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert (await client.response()).status == 400
