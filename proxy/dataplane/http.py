@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from email.utils import formatdate
 from http import HTTPStatus
 
 import orjson
@@ -26,6 +28,18 @@ HOP_BY_HOP = frozenset(
 
 REASONS = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
 REASONS[499] = b"Client Closed Request"
+
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def date_header() -> bytes:
+    """``Date: <IMF-fixdate>\\r\\n`` for now, formatted at most once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n")
+    return _date_cache[1]
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:
@@ -65,6 +79,7 @@ def error_response(
     body = orjson.dumps({"error": message, "request_id": request_id})
     parts = [
         status_line(status),
+        date_header(),
         b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
     ]
     if request_id:

@@ -69,6 +69,7 @@ _XFH = b"x-forwarded-host"
 _EXPECT = b"expect"
 _UPGRADE = b"upgrade"
 _CONNECTION = b"connection"
+_DATE = b"date"
 
 
 # request header fields the data plane looks at; everything else is forwarded untouched
@@ -856,7 +857,7 @@ class _Owner:
         rid = client.rid_header
         hop = http.HOP_BY_HOP
         parts = [http.status_line(status, reason)]
-        has_rid = False
+        has_rid = has_date = False
         te = b""
         connection: list[bytes] | None = None
         for name, value in headers:
@@ -869,6 +870,8 @@ class _Owner:
                 continue
             if lname == rid:
                 has_rid = True
+            elif lname == _DATE:
+                has_date = True
             parts += (name, b": ", value, b"\r\n")
         if connection is not None:
             named = http.connection_tokens([(_CONNECTION, v) for v in connection]) - _NOT_FIELDS
@@ -879,6 +882,8 @@ class _Owner:
                 )
         if not has_rid:
             parts.append(rid + b": " + ex.request_id.encode("ascii") + b"\r\n")
+        if not has_date:
+            parts.append(http.date_header())  # RFC 9110 6.6.1: a forwarded response needs a Date
         http11 = ex.http_version == "1.1"
         if framing in (CHUNKED, UNTIL_CLOSE):
             ex.stream = True

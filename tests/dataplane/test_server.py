@@ -560,3 +560,23 @@ async def test_transfer_encoding_in_http10_rejected(make_proxy: ProxyFactory, up
     client = await Client.connect(app.proxy_address)
     await client.send(b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
     assert (await client.response()).status == 400
+
+
+async def test_date_added_when_the_upstream_sends_none(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    from email.utils import parsedate_to_datetime
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 2\r\n\r\nok")
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/")
+    date = resp.header("date")
+    assert date is not None
+    assert parsedate_to_datetime(date).tzinfo is not None
+    resp = await client.request("GET", "/")
+    assert resp.header_all("date") == ["Sun, 06 Nov 1994 08:49:37 GMT"]  # kept, not duplicated
