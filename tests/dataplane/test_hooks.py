@@ -285,3 +285,34 @@ async def test_on_complete_once_for_a_client_abort(make_proxy: ProxyFactory, ups
     (ex,) = seen.done
     assert ex.aborted
     assert ex.status == 200
+
+
+async def test_on_complete_once_for_a_head_timeout(make_proxy: ProxyFactory, upstream: str) -> None:
+    seen = Completions()
+    app = await make_proxy(upstream, observers=(seen,), limits={"header_timeout": 0.2})
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n")  # the head never ends
+    resp = await client.response()
+    assert resp.status == 408
+    await client.close()
+    await _until(lambda: len(seen.done) == 1)
+    assert seen.done[0].status == 408
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_requests_total", code="408") == 1
+
+
+async def test_on_complete_once_for_a_connection_over_the_limit(make_proxy: ProxyFactory, upstream: str) -> None:
+    seen = Completions()
+    app = await make_proxy(upstream, observers=(seen,), limits={"max_connections": 1})
+    first = await Client.connect(app.proxy_address)
+    assert (await first.request("GET", "/echo")).status == 200
+    second = await Client.connect(app.proxy_address)
+    resp = await second.response()
+    assert resp.status == 503
+    assert await second.closed()
+    await second.close()
+    await first.close()
+    await _until(lambda: len(seen.done) == 2)
+    assert sorted(ex.status for ex in seen.done) == [200, 503]
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_requests_total", code="503") == 1
