@@ -170,3 +170,35 @@ async def test_proxy_port_in_use_exits_1(upstream: str) -> None:
     assert rc == 1
     assert "cannot listen" in stderr
     assert "Traceback" not in stderr
+
+
+async def test_sigterm_lets_the_request_in_flight_finish(upstream: str, tmp_path: Path) -> None:
+    listen, admin = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
+    config = tmp_path / "proxy.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1:{listen[1]}\nadmin: 127.0.0.1:{admin[1]}\nupstream: {upstream}\ndrain:\n  timeout: 5\n"
+    )
+    async with proxy_process("--config", str(config)) as proc:
+
+        async def up() -> bool:
+            return await _listening(admin, proc) and await _listening(listen, proc)
+
+        await wait_until(up)
+        client = await Client.connect(listen)
+        await client.send(b"GET /slow?delay=0.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+
+        async def in_flight() -> bool:
+            _, text = await scrape(admin)
+            return metric(parse_metrics(text), "infermon_requests_in_flight") == 1
+
+        await wait_until(in_flight)
+        proc.send_signal(signal.SIGTERM)
+        resp = await client.response()
+        assert resp.status == 200
+        assert resp.header("connection") == "close"  # draining: no keep-alive
+        await client.close()
+        rc = await asyncio.wait_for(proc.wait(), TIMEOUT)
+        assert proc.stderr is not None
+        stderr = (await proc.stderr.read()).decode()
+    assert rc == 0, stderr
+    assert "drained" in stderr
