@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 
 from proxy.settings import Readiness as ReadinessConfig
@@ -42,12 +43,22 @@ class Readiness:
 class UpstreamProbe:
     """Checks the model server every ``interval``: a GET of ``path`` expecting 2xx, or a TCP connect."""
 
-    def __init__(self, readiness: Readiness, host: str, port: int, authority: str, cfg: ReadinessConfig) -> None:
+    def __init__(
+        self,
+        readiness: Readiness,
+        host: str,
+        port: int,
+        authority: str,
+        cfg: ReadinessConfig,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.readiness = readiness
         self.host = host
         self.port = port
         self.authority = authority
         self.cfg = cfg
+        #: for an https:// upstream: the probe then connects with TLS (as the data plane does)
+        self.tls = tls
         self._task: asyncio.Task[None] | None = None
         readiness.set("upstream", False, "not probed yet")
 
@@ -63,7 +74,9 @@ class UpstreamProbe:
     async def check(self) -> tuple[bool, str]:
         try:
             async with asyncio.timeout(self.cfg.timeout):
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+                reader, writer = await asyncio.open_connection(
+                    self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None
+                )
                 try:
                     if self.cfg.path is None:
                         return True, "tcp connect ok"
@@ -76,10 +89,10 @@ class UpstreamProbe:
                     writer.close()
         except TimeoutError:
             return False, f"no answer within {self.cfg.timeout:g} s"
+        except OSError as exc:  # before ValueError: a TLS certificate error is both
+            return False, exc.strerror or str(exc)
         except ValueError:  # StreamReader.readline: no line end within its limit
             return False, f"GET {self.cfg.path} -> status line too long"
-        except OSError as exc:
-            return False, exc.strerror or str(exc)
         parts = line.split()
         if len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 300:
             return True, f"GET {self.cfg.path} -> {int(parts[1])}"

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import orjson
 import pytest
@@ -13,9 +17,11 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import ProxyApp
+from proxy.readiness import Readiness, UpstreamProbe
 from proxy.settings import ProxyConfig
+from proxy.settings import Readiness as ReadinessSettings
 from tests.conftest import ProxyFactory
-from tests.helpers import Client, RawUpstream, bound_socket, fetch, read_request_head, scrape, wait_until
+from tests.helpers import TIMEOUT, Client, RawUpstream, bound_socket, fetch, read_request_head, scrape, wait_until
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -302,3 +308,49 @@ async def test_readyz_survives_an_upstream_that_answers_nonsense(
     assert upstream_reason(body) == "GET /ready -> status line too long"
     body = await wait_ready(app, 200)
     assert upstream_reason(body) == "GET /ready -> 200"
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (made with the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_probe_speaks_tls_to_an_https_upstream(serve: Serve, tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    model = web.Application()
+    model.router.add_get("/ready", ready)
+    runner = web.AppRunner(model, access_log=None, handle_signals=False)
+    await runner.setup()
+    sock = bound_socket()
+    await web.SockSite(runner, sock, ssl_context=server_tls).start()
+    port = sock.getsockname()[1]
+    try:
+        cfg = ReadinessSettings(path="/ready", timeout=2.0)
+        client_tls = ssl.create_default_context(cafile=str(cert))
+        probe = UpstreamProbe(Readiness(), "127.0.0.1", port, f"127.0.0.1:{port}", cfg, tls=client_tls)
+        assert await probe.check() == (True, "GET /ready -> 200")
+
+        untrusted = UpstreamProbe(Readiness(), "127.0.0.1", port, "x", cfg, tls=ssl.create_default_context())
+        ok, reason = await untrusted.check()
+        assert not ok
+        assert "certificate verify failed" in reason
+
+        plain = UpstreamProbe(Readiness(), "127.0.0.1", port, "x", cfg)  # plain HTTP to a TLS port
+        assert (await plain.check())[0] is False
+    finally:
+        await runner.cleanup()
