@@ -5,14 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.hooks import HOOK_NAMES, Hooks, Observer
 from tests.conftest import ProxyFactory
-from tests.helpers import TIMEOUT, Client, bound_socket, metric, scrape_metrics, wait_until
+from tests.helpers import (
+    TIMEOUT,
+    Client,
+    RawUpstream,
+    bound_socket,
+    metric,
+    read_request_head,
+    scrape_metrics,
+    wait_until,
+)
 
 
 class Boom(Observer):
@@ -316,3 +325,41 @@ async def test_on_complete_once_for_a_connection_over_the_limit(make_proxy: Prox
     assert sorted(ex.status for ex in seen.done) == [200, 503]
     m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_requests_total", code="503") == 1
+
+
+@pytest.mark.parametrize("closer", ["client", "upstream"])
+async def test_on_complete_once_for_an_upgraded_tunnel(
+    make_proxy: ProxyFactory, raw_upstream: Callable[..., Awaitable[RawUpstream]], closer: str
+) -> None:
+    async def websocket_like(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            data = await reader.readexactly(4)
+            writer.write(data.upper())
+            await writer.drain()
+            if closer == "client":
+                await reader.read()  # until the proxy closes its side
+
+    up = await raw_upstream(websocket_like)
+    seen = Completions()
+    app = await make_proxy(up.url, observers=(seen,))
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    resp = await client.response()
+    assert resp.status == 101
+    await client.send(b"ping")
+    async with asyncio.timeout(TIMEOUT):
+        assert await client.reader.readexactly(4) == b"PING"
+    if closer == "client":
+        await client.close()
+    else:
+        assert await client.closed()
+        await client.close()
+    await _until(lambda: len(seen.done) == 1)
+    (ex,) = seen.done
+    assert (ex.status, ex.upgraded, ex.aborted) == (101, True, False)
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_requests_total", code="101") == 1
+    assert metric(m, "infermon_client_aborts_total") == 0
+    assert metric(m, "infermon_requests_in_flight") == 0
