@@ -10,15 +10,19 @@ key, the bad value, where it came from and what is allowed::
 
 Environment variables map to keys by upper-casing and joining nesting levels with ``__``:
 ``INFERMON_LISTEN`` is ``listen``, ``INFERMON_LIMITS__MAX_IN_FLIGHT`` is ``limits.max_in_flight``.
+A model may also name other variables it reads (``ENV_ALIASES``: the standard ``OTEL_*`` ones for
+``tracing``); they are applied after the file and before the ``INFERMON_*`` variables, so the more
+specific ``INFERMON_TRACING__SAMPLER`` wins over ``OTEL_TRACES_SAMPLER``, and a flag over both.
 A value that starts with ``[`` or ``{`` is read as JSON (for lists and maps). Unknown keys are errors
 everywhere: in the file, in the environment (within the command's prefix) and on the command line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -29,6 +33,8 @@ from pydantic import BaseModel, ValidationError
 from proxy.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+#: another environment variable a model reads: (dotted key, conversion of the raw value or None)
+EnvAlias = tuple[str, Callable[[str], Any] | None]
 
 #: Environment variables with the prefix that are not configuration keys.
 RESERVED_ENV = frozenset({"INFERMON_CONFIG", "INFERMON_AGENT_CONFIG"})
@@ -58,6 +64,19 @@ def load(
     if path is not None:
         data = _read_file(Path(path))
         _merge(merged, data, sources, f"file {path}", ())
+
+    aliases: Mapping[str, EnvAlias] = getattr(model, "ENV_ALIASES", {})
+    for name, (dotted, convert) in aliases.items():
+        raw = environ.get(name)
+        if raw is None or not raw.strip():
+            continue
+        keys = tuple(dotted.split("."))
+        value: Any = raw
+        if convert is not None:
+            with contextlib.suppress(ValueError):  # validation then names the variable and raw value
+                value = convert(raw)
+        _set(merged, keys, value)
+        _blame(sources, keys, f"env {name}")
 
     for name in sorted(environ):
         if not name.startswith(env_prefix) or name in RESERVED_ENV:

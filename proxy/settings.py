@@ -9,10 +9,10 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
@@ -141,7 +141,119 @@ class Metrics(_Section):
         return value
 
 
+def _parse_kv_list(value: Any) -> Any:
+    """``"k1=v1,k2=v2"`` (the OTEL_RESOURCE_ATTRIBUTES / OTEL_EXPORTER_OTLP_HEADERS form) -> dict."""
+    if not isinstance(value, str):
+        return value
+    from urllib.parse import unquote
+
+    out: dict[str, str] = {}
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{item.strip()!r} is not key=value (write k1=v1,k2=v2)")
+        out[unquote(key.strip())] = unquote(val.strip())
+    return out
+
+
+def _parse_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip().lower() for part in value.split(",") if part.strip()]
+    return value
+
+
+KeyValues = Annotated[dict[str, str], BeforeValidator(_parse_kv_list)]
+Sampler = Literal[
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+]
+Propagator = Literal["tracecontext", "b3", "b3multi", "baggage", "none"]
+
+
+class Tracing(_Section):
+    """Trace context propagation and span export (docs/tracing.md).
+
+    The standard ``OTEL_*`` variables fill these keys (``OTEL_ENV`` below):
+    they rank with the environment, above the file and below ``INFERMON_TRACING__*`` and flags.
+    """
+
+    enabled: bool = False  # off: no observer, traceparent passes through untouched
+    propagators: Annotated[list[Propagator], BeforeValidator(_parse_csv)] = Field(
+        default_factory=lambda: list[Propagator](["tracecontext"])
+    )
+    sampler: Sampler = "parentbased_traceidratio"
+    sampler_arg: Annotated[float, Field(ge=0, le=1)] = 1.0  # the ratio of the *traceidratio samplers
+    service_name: str = "infermon-proxy"
+    resource_attributes: KeyValues = Field(default_factory=dict)
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    endpoint: str | None = None  # base URL; http/protobuf appends /v1/traces. Default localhost:4318 / :4317
+    traces_endpoint: str | None = None  # full URL, used as it is (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
+    headers: KeyValues = Field(default_factory=dict)  # sent with every export; a secret, masked in /config
+    timeout: PositiveFloat = 10.0  # per export request
+    max_queue_size: Annotated[int, Field(ge=1)] = 2048  # ended spans waiting for export; full: dropped
+    max_export_batch_size: Annotated[int, Field(ge=1)] = 512
+    schedule_delay: PositiveFloat = 5.0  # seconds between exports when the batch is not full
+    keep_errors: bool = False  # also keep the proxy span of every 5xx / failed / slow request
+    slow_threshold: PositiveFloat = 1.0  # seconds; "slow" for keep_errors
+
+    def export_url(self) -> str:
+        """Where spans go: the signal endpoint for HTTP, host:port (or URL) for gRPC."""
+        if self.traces_endpoint:
+            return self.traces_endpoint
+        if self.protocol == "grpc":
+            return self.endpoint or "http://localhost:4317"
+        base = (self.endpoint or "http://localhost:4318").rstrip("/")
+        return base + "/v1/traces"
+
+
+class AccessLog(_Section):
+    """One JSON line per request (docs/logging.md)."""
+
+    enabled: bool = False
+    path: str = "-"  # "-" is stdout, anything else a file opened for appending
+    success_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0  # share of non-error requests logged
+    error_status: Annotated[int, Field(ge=400, le=600)] = 500  # statuses from here up always count as errors
+    redact_headers: list[HeaderName] = Field(default_factory=list)  # never recorded, in logs nor spans
+    max_queue_size: Annotated[int, Field(ge=1)] = 65_536  # lines waiting for the writer; full: dropped
+    flush_interval: PositiveFloat = 0.2  # the writer wakes this often
+
+
+def _sdk_disabled(raw: str) -> bool:
+    return raw.strip().lower() != "true"  # OTEL_SDK_DISABLED=true switches tracing off
+
+
+#: The standard OpenTelemetry variables, read as the SDK reads them (signal-specific ones listed
+#: after the generic ones win). OTEL_SDK_DISABLED=true turns tracing off; it never turns it on.
+OTEL_ENV: dict[str, tuple[str, Any]] = {
+    "OTEL_SDK_DISABLED": ("tracing.enabled", _sdk_disabled),
+    "OTEL_PROPAGATORS": ("tracing.propagators", None),
+    "OTEL_TRACES_SAMPLER": ("tracing.sampler", lambda raw: raw.strip().lower()),
+    "OTEL_TRACES_SAMPLER_ARG": ("tracing.sampler_arg", None),
+    "OTEL_SERVICE_NAME": ("tracing.service_name", None),
+    "OTEL_RESOURCE_ATTRIBUTES": ("tracing.resource_attributes", None),
+    "OTEL_EXPORTER_OTLP_PROTOCOL": ("tracing.protocol", None),
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": ("tracing.protocol", None),
+    "OTEL_EXPORTER_OTLP_ENDPOINT": ("tracing.endpoint", None),
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ("tracing.traces_endpoint", None),
+    "OTEL_EXPORTER_OTLP_HEADERS": ("tracing.headers", None),
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": ("tracing.headers", None),
+    "OTEL_EXPORTER_OTLP_TIMEOUT": ("tracing.timeout", lambda raw: float(raw) / 1000.0),  # milliseconds
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": ("tracing.timeout", lambda raw: float(raw) / 1000.0),
+    "OTEL_BSP_MAX_QUEUE_SIZE": ("tracing.max_queue_size", None),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("tracing.max_export_batch_size", None),
+    "OTEL_BSP_SCHEDULE_DELAY": ("tracing.schedule_delay", lambda raw: float(raw) / 1000.0),  # milliseconds
+}
+
+
 class ProxyConfig(_Section):
+    ENV_ALIASES: ClassVar[dict[str, tuple[str, Any]]] = OTEL_ENV
+
     listen: HostPort = "0.0.0.0:8080"
     upstream: str = "http://127.0.0.1:8000"
     admin: HostPort = "0.0.0.0:9464"
@@ -153,6 +265,8 @@ class ProxyConfig(_Section):
     readiness: Readiness = Field(default_factory=Readiness)
     drain: Drain = Field(default_factory=Drain)
     metrics: Metrics = Field(default_factory=Metrics)
+    tracing: Tracing = Field(default_factory=Tracing)
+    access_log: AccessLog = Field(default_factory=AccessLog)
 
     @field_validator("upstream")
     @classmethod
@@ -186,4 +300,8 @@ class ProxyConfig(_Section):
 
         data = self.model_dump(mode="json")
         data["upstream"] = mask_url(self.upstream)
+        data["tracing"]["headers"] = {key: "***" for key in self.tracing.headers}
+        for key in ("endpoint", "traces_endpoint"):
+            if data["tracing"][key]:
+                data["tracing"][key] = mask_url(data["tracing"][key])
         return data
