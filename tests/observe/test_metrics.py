@@ -95,6 +95,14 @@ def assert_well_formed(text: str) -> None:
             assert values[-1] == h.count, (family.name, h.labels)
 
 
+async def close_upstream_side(app: ProxyApp, handler_done: asyncio.Event) -> None:
+    """Close the proxy's pooled upstream connections and wait for the scripted upstream to see it, so no
+    upstream handler is still waiting when the event loop ends."""
+    assert app.plane is not None
+    app.plane.pool.close()
+    await asyncio.wait_for(handler_done.wait(), TIMEOUT)
+
+
 async def get_text(app: ProxyApp) -> str:
     _, text = await scrape(app.admin_address)
     return text
@@ -325,13 +333,18 @@ async def test_in_flight_rises_during_a_request_and_returns_to_zero(
 ) -> None:
     release = asyncio.Event()
 
+    finished = asyncio.Event()
+
     async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request_head(reader)
-        async with asyncio.timeout(TIMEOUT):
-            await release.wait()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        await reader.read()  # keep the connection open: the proxy may pool it
+        try:
+            await read_request_head(reader)
+            async with asyncio.timeout(TIMEOUT):
+                await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.read()  # keep the connection open: the proxy may pool it
+        finally:
+            finished.set()
 
     up = await raw_upstream(held)
     app = await make_proxy(up.url)
@@ -358,6 +371,7 @@ async def test_in_flight_rises_during_a_request_and_returns_to_zero(
     assert metric(m, "infermon_requests_total", code="200") == 1
     assert metric(m, "infermon_upstream_idle_connections") == 1  # back in the pool
     await client.close()
+    await close_upstream_side(app, finished)
 
 
 async def test_upstream_down_counts_a_connect_error(make_proxy: ProxyFactory) -> None:
@@ -591,3 +605,35 @@ async def test_docs_list_every_exported_family(make_proxy: ProxyFactory, upstrea
     assert exported - documented == set(), "exported but not in docs/metrics.md"
     optional = {n for n in documented if n.startswith(("infermon_trace_", "infermon_access_log_"))}
     assert documented - optional - exported == set(), "documented but not exported"
+
+
+async def test_stale_pooled_connection_is_retried_and_counted(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory
+) -> None:
+    answered = 0
+    finished = asyncio.Event()
+
+    async def one_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        answered += 1
+        try:
+            await read_request_head(reader)  # the next request on this kept-alive connection: closed unanswered
+        finally:
+            if answered == 2:
+                finished.set()
+
+    up = await raw_upstream(one_then_hang_up)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/a")).body == b"ok"
+    assert (await client.request("POST", "/b", body=b"payload")).body == b"ok"  # sent again, fresh connection
+    await client.close()
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_upstream_retries_total") == 1
+    assert metric(m, "infermon_upstream_errors_total") == 0
+    assert metric(m, "infermon_requests_total", code="200") == 2
+    assert metric(m, "infermon_upstream_connections_opened_total") == 2
+    await close_upstream_side(app, finished)
