@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from proxy.config import load, mask_url
 from proxy.errors import ConfigError
@@ -309,3 +310,29 @@ def test_missing_file_named_by_infermon_config(tmp_path: Path) -> None:
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
     assert "s3cret" not in mask_url(url)
+
+
+# -- docs/configuration.md --------------------------------------------------------------------
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += _keys(annotation, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def test_every_key_is_documented() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    missing = []
+    for key in _keys(ProxyConfig):
+        section, _, leaf = key.rpartition(".")
+        # a table row of the section (`leaf` under "## `section`"), or the full dotted key
+        in_section = section and f"`{key}`" in docs
+        if not in_section and f"| `{leaf}` |" not in docs and f"`{key}`" not in docs:
+            missing.append(key)
+    assert missing == []
