@@ -5,6 +5,7 @@ It runs on the proxy's event loop; nothing here is on the request path.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from proxy.readiness import Readiness
+
+log = logging.getLogger("infermon.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -31,6 +34,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         return json_response({"error": exc.reason, "path": request.path}, status=exc.status)
+    except Exception as exc:  # a failing collector or view: JSON like every other admin error
+        log.exception("admin %s %s failed", request.method, request.path)
+        return json_response({"error": f"internal error: {exc!r}", "path": request.path}, status=500)
 
 
 def build_admin_app(

@@ -7,14 +7,16 @@ import gzip
 import shutil
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 from aiohttp import web
+from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from proxy.app import ProxyApp
 from proxy.readiness import Readiness, UpstreamProbe
@@ -354,3 +356,25 @@ async def test_probe_speaks_tls_to_an_https_upstream(serve: Serve, tls_files: tu
         assert (await plain.check())[0] is False
     finally:
         await runner.cleanup()
+
+
+async def test_failing_collector_is_a_json_500_and_logged(
+    make_proxy: ProxyFactory, upstream: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(Collector):
+        def collect(self) -> Iterator[Metric]:
+            raise RuntimeError("sensor gone")
+
+    app = await make_proxy(upstream)
+    broken = Broken()
+    app.registry.register(broken)
+    resp = await fetch(app.admin_address, "/metrics")
+    assert resp.status == 500
+    assert resp.header("content-type") == "application/json"
+    body = _json(resp.body)
+    assert body["path"] == "/metrics"
+    assert "sensor gone" in str(body["error"])
+    assert any("sensor gone" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+
+    app.registry.unregister(broken)  # and the next scrape is fine again
+    assert (await fetch(app.admin_address, "/metrics")).status == 200
