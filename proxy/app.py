@@ -17,12 +17,15 @@ import socket
 from collections.abc import Sequence
 
 from aiohttp import web
+from prometheus_client.registry import Collector
 
 from proxy.admin.server import build_admin_app
 from proxy.dataplane.core import DataPlane
 from proxy.dataplane.hooks import Hooks, Observer
+from proxy.observe.accesslog import AccessLog
 from proxy.observe.labels import Labeler
 from proxy.observe.metrics import RequestMetrics, build_registry
+from proxy.observe.tracing import TracingObserver
 from proxy.readiness import Readiness, UpstreamProbe
 from proxy.settings import ProxyConfig, split_host_port
 
@@ -33,10 +36,24 @@ class ProxyApp:
     def __init__(self, cfg: ProxyConfig, observers: Sequence[Observer] = ()) -> None:
         self.cfg = cfg
         self.metrics = RequestMetrics(cfg)
-        self.hooks = Hooks([Labeler(cfg.labels), self.metrics, *observers])
+        # Tracing and access logs come after the metrics (labels are final by then); switched off,
+        # they are not registered at all, and traceparent then passes through untouched.
+        self.tracing: TracingObserver | None = None
+        self.access_log: AccessLog | None = None
+        extra: list[Observer] = []
+        collectors: list[Collector] = []
+        if cfg.tracing.enabled:
+            self.tracing = TracingObserver(cfg.tracing, cfg.labels, cfg.access_log.redact_headers)
+            extra.append(self.tracing)
+            collectors.append(self.tracing.collector())
+        if cfg.access_log.enabled:
+            self.access_log = AccessLog(cfg.access_log, cfg.labels)
+            extra.append(self.access_log)
+            collectors.append(self.access_log.collector())
+        self.hooks = Hooks([Labeler(cfg.labels), self.metrics, *extra, *observers])
         self.metrics.hooks = self.hooks
         self.readiness = Readiness()
-        self.registry = build_registry(self.metrics)
+        self.registry = build_registry(self.metrics, *collectors)
         self.plane: DataPlane | None = None
         self.probe: UpstreamProbe | None = None
         self._runner: web.AppRunner | None = None
@@ -108,3 +125,7 @@ class ProxyApp:
             await self.probe.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.access_log is not None:
+            await self.access_log.aclose()
+        if self.tracing is not None:
+            await self.tracing.aclose(self.cfg.tracing.timeout)

@@ -1,0 +1,496 @@
+"""Distributed tracing: the proxy joins its caller's trace and exports one SERVER span per request.
+
+Per request (``on_request_head``) the observer reads the caller's context (W3C ``traceparent`` /
+``tracestate``, B3 when configured: :mod:`proxy.observe.traceparent`), draws the proxy's span id,
+decides sampling, sets ``ex.trace_id`` / ``ex.span_id`` / ``ex.sampled`` and replaces the trace
+headers sent upstream with the proxy's own, so the model server's spans become children of the
+proxy's span. No span object exists while the request runs. ``on_complete`` builds the span after the
+fact from the Exchange's timestamps, only when it is kept, and hands it to the SDK's
+``BatchSpanProcessor``, whose worker thread encodes and exports it over OTLP.
+
+Sampling follows OTEL_TRACES_SAMPLER's standard values, decided here with the SDK's arithmetic (the
+lower 64 bits of the trace id below ``round(ratio * 2**64)``), so a downstream SDK with the same ratio
+agrees. ``keep_errors`` also keeps the proxy's span of every 5xx, failed or slow request the head
+sampler dropped; the upstream was told "not sampled" by then, so such a trace holds the proxy's span
+alone (plus whatever the caller recorded).
+
+The export path never waits on the collector: spans wait in the processor's bounded deque; when it is
+full the span is not built at all and counted (``infermon_trace_spans_dropped_total{reason="queue_full"}``);
+failed exports are counted too (``reason="export_failed"``) and logged at most once a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy import __version__
+from proxy.dataplane.exchange import Exchange
+from proxy.dataplane.hooks import Observer
+from proxy.observe.traceparent import (
+    Parent,
+    format_b3_single,
+    format_traceparent,
+    new_span_id,
+    new_trace_id,
+    parse_b3_multi,
+    parse_b3_single,
+    parse_traceparent,
+    parse_tracestate,
+)
+from proxy.settings import Labels, Tracing
+
+log = logging.getLogger("infermon.tracing")
+
+_TRACECONTEXT = (b"traceparent", b"tracestate")
+_B3_MULTI = (b"x-b3-traceid", b"x-b3-spanid", b"x-b3-sampled", b"x-b3-flags", b"x-b3-parentspanid")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+#: environment variables the deploy manifests fill from the Downward API -> resource attributes
+K8S_ENV = {
+    "K8S_POD_NAME": "k8s.pod.name",
+    "K8S_NAMESPACE_NAME": "k8s.namespace.name",
+    "K8S_NODE_NAME": "k8s.node.name",
+    "K8S_POD_UID": "k8s.pod.uid",
+    "K8S_CONTAINER_NAME": "k8s.container.name",
+}
+
+
+class Sampler:
+    """The standard samplers, parent-based ones honouring the caller's sampled flag.
+
+    >>> Sampler("traceidratio", 0.5).should_sample("0" * 16 + "7fffffffffffffff", None)
+    True
+    """
+
+    def __init__(self, name: str, ratio: float) -> None:
+        self.parent_based = name.startswith("parentbased_")
+        root = name.removeprefix("parentbased_")
+        if root == "always_on":
+            self.bound = 1 << 64
+        elif root == "always_off":
+            self.bound = 0
+        else:  # traceidratio: TraceIdRatioBased.get_bound_for_rate
+            self.bound = round(ratio * (1 << 64))
+
+    def should_sample(self, trace_id: str, parent_sampled: bool | None) -> bool:
+        if self.parent_based and parent_sampled is not None:
+            return parent_sampled
+        return int(trace_id[16:], 16) < self.bound
+
+
+def build_resource(cfg: Tracing, environ: dict[str, str] | None = None) -> Resource:
+    """service.name, the configured attributes and the Kubernetes ones from the environment."""
+    import os
+
+    env = os.environ if environ is None else environ
+    attributes: dict[str, str] = {
+        "telemetry.sdk.name": "opentelemetry",
+        "telemetry.sdk.language": "python",
+        "service.version": __version__,
+    }
+    for var, key in K8S_ENV.items():
+        value = env.get(var)
+        if value:
+            attributes[key] = value
+    attributes.update(cfg.resource_attributes)
+    attributes["service.name"] = cfg.service_name
+    return Resource(attributes)
+
+
+def build_exporter(cfg: Tracing) -> SpanExporter:
+    """The OTLP exporter, every setting passed explicitly (the SDK would read OTEL_* itself)."""
+    url = cfg.export_url()
+    headers = dict(cfg.headers)
+    if cfg.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        insecure = not url.startswith("https://")
+        endpoint = url.split("://", 1)[1] if "://" in url else url
+        return GrpcExporter(endpoint=endpoint, insecure=insecure, headers=headers, timeout=cfg.timeout)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    return HttpExporter(endpoint=url, headers=headers, timeout=cfg.timeout)
+
+
+class _OncePerInterval(logging.Filter):
+    """Lets one record per logger and level through every ``interval`` seconds (the SDK's exporters
+    log every failed batch)."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[tuple[str, int], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno)
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.interval:
+            return False
+        self._last[key] = now
+        return True
+
+
+_SDK_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+    "opentelemetry.sdk._shared_internal",
+)
+
+
+class CountingExporter(SpanExporter):
+    """Wraps the OTLP exporter: counts exported and failed spans; never raises into the processor."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+        self.exported = 0
+        self.failed = 0
+        self._last_log = -1e9
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception as exc:  # an exporter must never take the worker thread down
+            result = SpanExportResult.FAILURE
+            self._log(f"span export raised {exc!r}")
+        if result is SpanExportResult.SUCCESS:
+            self.exported += len(spans)
+        else:
+            self.failed += len(spans)
+            self._log(f"span export failed; {self.failed} spans lost to export failures so far")
+        return result
+
+    def _log(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= 60.0:
+            self._last_log = now
+            log.warning("%s", message)
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+class TracingObserver(Observer):
+    """Extract, decide, inject on the request head; build and hand over kept spans on completion."""
+
+    name = "tracing"
+
+    def __init__(
+        self,
+        cfg: Tracing,
+        labels: Labels,
+        redact_headers: Sequence[str] = (),
+        exporter: SpanExporter | None = None,
+        resource: Resource | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.sampler = Sampler(cfg.sampler, cfg.sampler_arg)
+        props = set(cfg.propagators)
+        self.w3c = "tracecontext" in props
+        self.b3 = "b3" in props
+        self.b3multi = "b3multi" in props
+        self.order = [p for p in cfg.propagators if p in ("tracecontext", "b3", "b3multi")]
+        owned: list[bytes] = []
+        if self.w3c:
+            owned += _TRACECONTEXT
+        if self.b3:
+            owned.append(b"b3")
+        if self.b3multi:
+            owned += _B3_MULTI
+        self.owned = frozenset(owned)  # removed from what goes upstream, replaced by the proxy's own
+        self.owned_lengths = frozenset(len(n) for n in owned)
+        self.keep_errors = cfg.keep_errors
+        self.slow = cfg.slow_threshold
+        self.defaults = (labels.model, labels.version, labels.variant)
+        self.record_user_agent = "user-agent" not in set(redact_headers)
+        self.resource = resource if resource is not None else build_resource(cfg)
+        self.scope = InstrumentationScope("infermon.proxy", __version__)
+        self.exporter = CountingExporter(exporter if exporter is not None else build_exporter(cfg))
+        self.processor = BatchSpanProcessor(
+            self.exporter,
+            max_queue_size=cfg.max_queue_size,
+            schedule_delay_millis=cfg.schedule_delay * 1000,
+            max_export_batch_size=min(cfg.max_export_batch_size, cfg.max_queue_size),
+            export_timeout_millis=cfg.timeout * 1000,
+        )
+        # The SDK's BatchProcessor keeps ended spans in a deque(maxlen=max_queue_size); emitting into
+        # a full one evicts the oldest span and logs a warning each time. Checking the length first
+        # lets a full queue cost one len() per kept span instead of building the span and logging.
+        queue = getattr(getattr(self.processor, "_batch_processor", None), "_queue", None)
+        self.queue: Any = queue if queue is not None else ()
+        self.max_queue = cfg.max_queue_size
+        self.dropped_queue_full = 0
+        self.recorded = 0
+        self._log_filter = _OncePerInterval()
+        for name in _SDK_LOGGERS:
+            logging.getLogger(name).addFilter(self._log_filter)
+
+    # -- hot path -----------------------------------------------------------------------------
+
+    def on_request_head(self, ex: Exchange) -> None:
+        headers = ex.request_headers
+        lengths = self.owned_lengths
+        found: list[tuple[bytes, bytes]] | None = None
+        for name, value in headers:
+            if len(name) in lengths:
+                lname = name.lower()
+                if lname in self.owned:
+                    if found is None:
+                        found = []
+                    found.append((lname, value))
+        parent: Parent | None = None
+        tracestate: bytes | None = None
+        if found is not None:
+            owned = self.owned
+            headers = ex.request_headers = [(n, v) for n, v in headers if n.lower() not in owned]
+            parent, tracestate = self._extract(found)
+        span_id = new_span_id()
+        if parent is not None and parent.trace_id:
+            trace_id = parent.trace_id
+            extra = ex.extra
+            if extra is None:
+                ex.extra = {"tracing": (parent.span_id, tracestate)}
+            else:
+                extra["tracing"] = (parent.span_id, tracestate)
+        else:
+            trace_id = new_trace_id()
+        sampled = self.sampler.should_sample(trace_id, None if parent is None else parent.sampled)
+        ex.trace_id = trace_id
+        ex.span_id = span_id
+        ex.sampled = sampled
+        if self.w3c:
+            headers.append((b"traceparent", format_traceparent(trace_id, span_id, sampled)))
+            if tracestate is not None:
+                headers.append((b"tracestate", tracestate))
+        if self.b3:
+            headers.append((b"b3", format_b3_single(trace_id, span_id, sampled)))
+        if self.b3multi:
+            headers.append((b"X-B3-TraceId", trace_id.encode("ascii")))
+            headers.append((b"X-B3-SpanId", span_id.encode("ascii")))
+            headers.append((b"X-B3-Sampled", b"1" if sampled else b"0"))
+
+    def _extract(self, found: list[tuple[bytes, bytes]]) -> tuple[Parent | None, bytes | None]:
+        """The caller's context from the first configured format that holds a valid one."""
+        for prop in self.order:
+            if prop == "tracecontext":
+                tps = [v for n, v in found if n == b"traceparent"]
+                if len(tps) != 1:
+                    continue  # none, or repeated: invalid
+                parent = parse_traceparent(tps[0].strip(b" \t"))
+                if parent is None:
+                    continue
+                states = [v for n, v in found if n == b"tracestate"]
+                return parent, parse_tracestate(states) if states else None
+            if prop == "b3":
+                values = [v for n, v in found if n == b"b3"]
+                if len(values) == 1:
+                    parent = parse_b3_single(values[0])
+                    if parent is not None:
+                        return parent, None
+            if prop == "b3multi":
+                multi = dict(found)
+                parent = parse_b3_multi(
+                    multi.get(b"x-b3-traceid"),
+                    multi.get(b"x-b3-spanid"),
+                    multi.get(b"x-b3-sampled"),
+                    multi.get(b"x-b3-flags"),
+                )
+                if parent is not None:
+                    return parent, None
+        return None, None
+
+    def on_complete(self, ex: Exchange) -> None:
+        if not ex.trace_id:
+            self._late_context(ex)
+        if ex.sampled or (
+            self.keep_errors
+            and (ex.status >= 500 or ex.error is not None or ex.t_done - ex.t_accepted >= self.slow)
+        ):
+            if len(self.queue) >= self.max_queue:
+                self.dropped_queue_full += 1
+                return
+            self.recorded += 1
+            self.processor.on_end(self.build_span(ex))
+
+    def _late_context(self, ex: Exchange) -> None:
+        """A request answered before ``on_request_head`` (a 400, a 503 at max_in_flight): ids now."""
+        found = [(n.lower(), v) for n, v in ex.request_headers if n.lower() in self.owned]
+        parent, tracestate = self._extract(found) if found else (None, None)
+        if parent is not None and parent.trace_id:
+            ex.trace_id = parent.trace_id
+            ex.extra = {**(ex.extra or {}), "tracing": (parent.span_id, tracestate)}
+        else:
+            ex.trace_id = new_trace_id()
+        ex.span_id = new_span_id()
+        ex.sampled = self.sampler.should_sample(ex.trace_id, None if parent is None else parent.sampled)
+
+    # -- off the hot path: only for kept spans -----------------------------------------------
+
+    def build_span(self, ex: Exchange) -> ReadableSpan:
+        """The proxy's SERVER span, built after the fact.
+
+        ReadableSpan is constructed directly rather than through Tracer.start_span: the span must
+        carry exactly the span id already sent upstream (a staged id in a custom IdGenerator would be
+        shared state between the head and the completion of interleaved requests), its times are the
+        Exchange's, known only at the end, and the sampling decision is already made. ReadableSpan is
+        the type the processor and the OTLP encoder consume, so nothing of the SDK pipeline is skipped
+        but the context bookkeeping a retroactive span does not need.
+        """
+        offset = time.time_ns() - time.perf_counter_ns()  # perf_counter seconds -> epoch ns, once
+        start = int(ex.t_accepted * 1e9) + offset
+        end = int((ex.t_done or ex.t_accepted) * 1e9) + offset
+        parent_ctx: SpanContext | None = None
+        trace_state: TraceState | None = None
+        extra = ex.extra
+        carried = extra.get("tracing") if extra else None
+        if carried is not None:
+            parent_span, tracestate = carried
+            parent_ctx = SpanContext(int(ex.trace_id, 16), int(parent_span, 16), is_remote=True)
+            if tracestate is not None:
+                trace_state = TraceState.from_header([tracestate.decode("ascii")])
+        context = SpanContext(
+            int(ex.trace_id, 16),
+            int(ex.span_id, 16),
+            is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+            trace_state=trace_state,
+        )
+        method = ex.method
+        attributes: dict[str, Any] = {}
+        if method in _METHODS:
+            attributes["http.request.method"] = method
+        else:
+            attributes["http.request.method"] = "_OTHER"
+            attributes["http.request.method_original"] = method
+        attributes["url.path"] = ex.path
+        attributes["url.scheme"] = "http"
+        host = ex.header(b"host")
+        if host:
+            name, port = _split_host(host.decode("latin-1"))
+            attributes["server.address"] = name
+            if port:
+                attributes["server.port"] = port
+        if ex.client_host:
+            attributes["client.address"] = ex.client_host
+        attributes["network.protocol.version"] = ex.http_version
+        if self.record_user_agent:
+            ua = ex.header(b"user-agent")
+            if ua:
+                attributes["user_agent.original"] = ua.decode("latin-1")
+        attributes["http.request.body.size"] = ex.bytes_in
+        attributes["http.response.body.size"] = ex.bytes_out
+        if ex.status:
+            attributes["http.response.status_code"] = ex.status
+        attributes["infermon.model.name"] = ex.model or self.defaults[0]
+        attributes["infermon.model.version"] = ex.version or self.defaults[1]
+        attributes["infermon.model.variant"] = ex.variant or self.defaults[2]
+        attributes["infermon.request_id"] = ex.request_id
+        status = Status(StatusCode.UNSET)
+        if ex.error is not None:
+            attributes["error.type"] = ex.error
+            status = Status(StatusCode.ERROR, f"upstream {ex.error}")
+        elif ex.status >= 500:
+            attributes["error.type"] = str(ex.status)
+            status = Status(StatusCode.ERROR)
+        if ex.aborted:
+            attributes["infermon.client_aborted"] = True
+        events: list[Event] = []
+        if ex.t_first_byte:
+            events.append(Event("first_byte", timestamp=int(ex.t_first_byte * 1e9) + offset))
+        return ReadableSpan(
+            name=method if method in _METHODS else "HTTP",
+            context=context,
+            parent=parent_ctx,
+            resource=self.resource,
+            attributes=attributes,
+            events=events,
+            kind=SpanKind.SERVER,
+            status=status,
+            start_time=start,
+            end_time=end,
+            instrumentation_scope=self.scope,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def collector(self) -> TracingCollector:
+        return TracingCollector(self)
+
+    async def aclose(self, timeout: float) -> None:
+        """Export what is queued, waiting at most ``timeout`` seconds (a hung collector is left behind)."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def run() -> None:
+            try:
+                self.processor.shutdown()  # type: ignore[no-untyped-call]
+            except Exception as exc:
+                log.warning("span processor shutdown failed: %r", exc)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                    loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=run, name="infermon-trace-shutdown", daemon=True).start()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await done.wait()
+        for name in _SDK_LOGGERS:
+            logging.getLogger(name).removeFilter(self._log_filter)
+
+
+def _split_host(host: str) -> tuple[str, int | None]:
+    if host.startswith("["):
+        end = host.find("]")
+        name, rest = host[1:end], host[end + 1 :]
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        name, _, port = host.partition(":")
+    return name, int(port) if port.isdigit() else None
+
+
+class TracingCollector(Collector):
+    """infermon_trace_spans_* counters, read at scrape time."""
+
+    def __init__(self, observer: TracingObserver) -> None:
+        self.obs = observer
+
+    def collect(self) -> Iterator[Metric]:
+        obs = self.obs
+        yield CounterMetricFamily(
+            "infermon_trace_spans_recorded",
+            "Proxy spans kept by sampling (or keep_errors) and handed to the export queue.",
+            value=obs.recorded,
+        )
+        yield CounterMetricFamily(
+            "infermon_trace_spans_exported", "Spans the collector accepted.", value=obs.exporter.exported
+        )
+        dropped = CounterMetricFamily(
+            "infermon_trace_spans_dropped",
+            "Spans lost: queue_full (the export queue was full), export_failed (the collector refused "
+            "or did not answer in time).",
+            labels=("reason",),
+        )
+        dropped.add_metric(("queue_full",), obs.dropped_queue_full)
+        dropped.add_metric(("export_failed",), obs.exporter.failed)
+        yield dropped
+        yield GaugeMetricFamily(
+            "infermon_trace_queue_spans", "Spans waiting in the export queue.", value=len(obs.queue)
+        )
