@@ -8,14 +8,15 @@ and never touches the request.
 Hook points, in request order:
 
 - ``on_request_head(ex)``: request head parsed, before it is sent upstream. May add headers
-  (``ex.request_headers`` is the list that will be sent) and set labels.
+  (``ex.request_headers`` is the list that will be sent) and set labels. Requests the proxy answers
+  itself after reading their head (limits, invalid fields) get it too, just before ``on_complete``.
 - ``on_request_body(ex, chunk)``: each request body piece, as received.
 - ``on_upstream_head(ex)``: final response head received, before it is sent to the client;
   ``ex.response_headers`` may be read or changed; labels from response headers are set here.
 - ``on_first_byte(ex)``: the first response body byte (time to first token for streams).
 - ``on_response_body(ex, chunk)``: each response body piece, as received.
-- ``on_complete(ex)``: always, exactly once per exchange that reached ``on_request_head``:
-  success, error response, upstream failure or client abort.
+- ``on_complete(ex)``: always, exactly once per exchange: success, error response (including
+  requests rejected before their head was complete), upstream failure or client abort.
 
 Example::
 

@@ -126,6 +126,7 @@ class _Request:
         "ex",
         "head",
         "head_only",
+        "headed",
         "in_flight",
         "pending",
         "pending_bytes",
@@ -146,6 +147,7 @@ class _Request:
         self.error: tuple[int, str] | None = None
         self.head = b""
         self.head_only = False
+        self.headed = False  # on_request_head has run
         self.chunked_in = False
         self.te_value = b""
         self.upgrade = False
@@ -507,6 +509,7 @@ class ClientConnection(asyncio.Protocol):
         req.in_flight = True
         if plane.draining:
             req.close_after = True
+        req.headed = True
         hooks = self.hooks
         if hooks.request_head:
             hooks.call(hooks.request_head, "on_request_head", ex)
@@ -645,6 +648,12 @@ class ClientConnection(asyncio.Protocol):
             if plane.draining and plane.in_flight == 0:
                 plane.drained.set()
         hooks = self.hooks
+        if not req.headed and ex.t_head:
+            # answered by the proxy itself (a limit, a bad header) or abandoned in the pipeline: the
+            # head was read, so observers see it (labels, trace) like any other request
+            req.headed = True
+            if hooks.request_head:
+                hooks.call(hooks.request_head, "on_request_head", ex)
         if hooks.complete:
             hooks.call(hooks.complete, "on_complete", ex)
         if self.requests and self.requests[0] is req:

@@ -207,11 +207,6 @@ async def test_empty_header_value_keeps_the_label_it_would_replace(make_proxy: P
     assert metric(m, "infermon_requests_total", variant="other") == 0
 
 
-@pytest.mark.xfail(
-    reason="proxy/dataplane/server.py ClientConnection._start answers req.error (413, 417, 400) and the "
-    "max_in_flight 503 before on_request_head runs, so the Labeler never sets the model: counted as 'unknown'",
-    strict=True,
-)
 async def test_requests_the_proxy_rejects_keep_their_model_label(
     make_proxy: ProxyFactory, raw_upstream: Callable[..., Awaitable[RawUpstream]]
 ) -> None:
