@@ -83,6 +83,14 @@ class Upstream(_Section):
     retry_buffer_bytes: Annotated[int, Field(ge=0)] = 65_536  # request bodies kept for the stale retry
 
 
+class LabelAllow(_Section):
+    """Per-label allow-lists; a label with a list admits only those traffic-fed values."""
+
+    model: list[str] | None = None
+    version: list[str] | None = None
+    variant: list[str] | None = None
+
+
 class Labels(_Section):
     """Where the model, version and variant labels come from, and how many values they may take."""
 
@@ -93,7 +101,7 @@ class Labels(_Section):
     model_header: HeaderName | None = None  # a response header naming the model
     version_header: HeaderName | None = None
     variant_header: HeaderName | None = None
-    allow: list[str] | None = None  # if set, only these values pass; others become "other"
+    allow: LabelAllow = Field(default_factory=lambda: LabelAllow())  # per label: only these values pass
     max_values: Annotated[int, Field(ge=1)] = 50  # distinct traffic-fed values per label, then "other"
 
 

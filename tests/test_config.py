@@ -105,11 +105,12 @@ def test_nested_env_keys() -> None:
 def test_json_list_values_from_env() -> None:
     cfg = _load(
         env={
-            "INFERMON_LABELS__ALLOW": '["iris", "churn"]',
+            "INFERMON_LABELS__ALLOW__MODEL": '["iris", "churn"]',
             "INFERMON_METRICS__DURATION_BUCKETS": "[0.1, 1, 10]",
         }
     )
-    assert cfg.labels.allow == ["iris", "churn"]
+    assert cfg.labels.allow.model == ["iris", "churn"]
+    assert cfg.labels.allow.version is None
     assert cfg.metrics.duration_buckets == [0.1, 1.0, 10.0]
 
 
@@ -204,8 +205,8 @@ def test_buckets_must_increase() -> None:
 
 
 def test_malformed_json_is_kept_as_text_and_rejected() -> None:
-    message = _error(env={"INFERMON_LABELS__ALLOW": "[iris"})
-    assert "labels.allow = '[iris'" in message
+    message = _error(env={"INFERMON_LABELS__ALLOW__MODEL": "[iris"})
+    assert "labels.allow.model = '[iris'" in message
     assert "valid list" in message
 
 

@@ -72,9 +72,9 @@ class Labeler(Observer):
 
     def __init__(self, cfg: Labels) -> None:
         self.cfg = cfg
-        self.cap_model = LabelCap(cfg.allow, cfg.max_values)
-        self.cap_version = LabelCap(cfg.allow, cfg.max_values)
-        self.cap_variant = LabelCap(cfg.allow, cfg.max_values)
+        self.cap_model = LabelCap(cfg.allow.model, cfg.max_values)
+        self.cap_version = LabelCap(cfg.allow.version, cfg.max_values)
+        self.cap_variant = LabelCap(cfg.allow.variant, cfg.max_values)
         self.headers = [
             (h.encode("latin-1"), attr, cap)
             for h, attr, cap in (

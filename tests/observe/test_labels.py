@@ -185,6 +185,19 @@ async def test_max_values_turns_the_third_model_into_other(make_proxy: ProxyFact
     assert models == {"a", "b", "other"}
 
 
+async def test_allow_list_is_per_label(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, labels={"allow": {"model": ["iris"]}})
+    client = await Client.connect(app.proxy_address)
+    for path in ("/v2/models/iris/versions/2/infer", "/v2/models/churn/versions/7/infer"):
+        assert (await client.request("POST", path, body=b"{}")).status == 200
+    await client.close()
+
+    m = await scrape_metrics(app.admin_address)
+    name = "infermon_requests_total"
+    assert metric(m, name, model="iris", version="2") == 1
+    assert metric(m, name, model="other", version="7") == 1  # versions have no list: they pass
+
+
 async def test_invalid_header_value_becomes_other(make_proxy: ProxyFactory, upstream: str) -> None:
     app = await make_proxy(upstream, labels={"variant_header": "x-variant"})
     client = await Client.connect(app.proxy_address)
