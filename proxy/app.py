@@ -76,7 +76,9 @@ class ProxyApp:
         await plane.start(listen)
         self.readiness.set("draining", True, "serving")
         _, host, port = cfg.upstream_target()
-        self.probe = UpstreamProbe(self.readiness, host, port, plane.upstream_authority.decode(), cfg.readiness)
+        self.probe = UpstreamProbe(
+            self.readiness, host, port, plane.upstream_authority.decode(), cfg.readiness, tls=plane.pool.ssl
+        )
         self.probe.start()
         app = build_admin_app(self.registry, self.readiness, cfg.public_dict)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
