@@ -204,6 +204,7 @@ class Tracing(_Section):
     traces_endpoint: str | None = None  # full URL, used as it is (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
     headers: KeyValues = Field(default_factory=dict)  # sent with every export; a secret, masked in /config
     timeout: PositiveFloat = 10.0  # per export request
+    exporter: Literal["infermon", "sdk"] = "infermon"  # our cheap OTLP encoder, or the SDK's exporters
     max_queue_size: Annotated[int, Field(ge=1)] = 2048  # ended spans waiting for export; full: dropped
     max_export_batch_size: Annotated[int, Field(ge=1)] = 512
     schedule_delay: PositiveFloat = 5.0  # seconds between exports when the batch is not full

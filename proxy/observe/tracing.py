@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from random import randbytes
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -40,6 +41,7 @@ from prometheus_client.registry import Collector
 from proxy import __version__
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.hooks import Observer
+from proxy.observe import otlp
 from proxy.observe.traceparent import (
     Parent,
     format_b3_single,
@@ -66,6 +68,20 @@ K8S_ENV = {
     "K8S_POD_UID": "k8s.pod.uid",
     "K8S_CONTAINER_NAME": "k8s.container.name",
 }
+
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_UNSET = Status(StatusCode.UNSET)  # immutable: shared by every span
+_ERROR = Status(StatusCode.ERROR)
+_ZERO16 = bytes(16)
+_ZERO8 = bytes(8)
+
+
+def _nonzero_ids() -> bytes:
+    raw = randbytes(24)
+    while not any(raw[:16]) or not any(raw[16:]):
+        raw = randbytes(24)
+    return raw
 
 
 class Sampler:
@@ -111,9 +127,13 @@ def build_resource(cfg: Tracing, environ: dict[str, str] | None = None) -> Resou
 
 
 def build_exporter(cfg: Tracing) -> SpanExporter:
-    """The OTLP exporter, every setting passed explicitly (the SDK would read OTEL_* itself)."""
+    """The OTLP exporter (proxy/observe/otlp.py, or the SDK's), every setting passed explicitly."""
     url = cfg.export_url()
     headers = dict(cfg.headers)
+    if cfg.exporter == "infermon":
+        if cfg.protocol == "grpc":
+            return otlp.GrpcExporter(url, headers, cfg.timeout)
+        return otlp.HttpExporter(url, headers, cfg.timeout)
     if cfg.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
@@ -217,6 +237,8 @@ class TracingObserver(Observer):
             owned += _B3_MULTI
         self.owned = frozenset(owned)  # removed from what goes upstream, replaced by the proxy's own
         self.owned_lengths = frozenset(len(n) for n in owned)
+        self.w3c_only = self.order == ["tracecontext"]
+        self.root_bound = self.sampler.bound
         self.keep_errors = cfg.keep_errors
         self.slow = cfg.slow_threshold
         self.defaults = (labels.model, labels.version, labels.variant)
@@ -256,6 +278,18 @@ class TracingObserver(Observer):
                     if found is None:
                         found = []
                     found.append((lname, value))
+        if found is None and self.w3c_only:
+            # the common case, no context from the caller: 24 random bytes, trace id then span id
+            raw = randbytes(24)
+            if raw[:16] == _ZERO16 or raw[16:] == _ZERO8:
+                raw = _nonzero_ids()
+            sampled = int.from_bytes(raw[8:16], "big") < self.root_bound  # the root sampler, as below
+            h = raw.hex()
+            ex.trace_id = trace_id = h[:32]
+            ex.span_id = span_id = h[32:]
+            ex.sampled = sampled
+            headers.append((b"traceparent", f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}".encode()))
+            return
         parent: Parent | None = None
         tracestate: bytes | None = None
         if found is not None:
@@ -367,11 +401,7 @@ class TracingObserver(Observer):
             if tracestate is not None:
                 trace_state = TraceState.from_header([tracestate.decode("ascii")])
         context = SpanContext(
-            int(ex.trace_id, 16),
-            int(ex.span_id, 16),
-            is_remote=False,
-            trace_flags=TraceFlags(TraceFlags.SAMPLED),
-            trace_state=trace_state,
+            int(ex.trace_id, 16), int(ex.span_id, 16), is_remote=False, trace_flags=_SAMPLED, trace_state=trace_state
         )
         method = ex.method
         attributes: dict[str, Any] = {}
@@ -403,13 +433,13 @@ class TracingObserver(Observer):
         attributes["infermon.model.version"] = ex.version or self.defaults[1]
         attributes["infermon.model.variant"] = ex.variant or self.defaults[2]
         attributes["infermon.request_id"] = ex.request_id
-        status = Status(StatusCode.UNSET)
+        status = _UNSET
         if ex.error is not None:
             attributes["error.type"] = ex.error
             status = Status(StatusCode.ERROR, f"upstream {ex.error}")
         elif ex.status >= 500:
             attributes["error.type"] = str(ex.status)
-            status = Status(StatusCode.ERROR)
+            status = _ERROR
         if ex.aborted:
             attributes["infermon.client_aborted"] = True
         events: list[Event] = []

@@ -47,6 +47,7 @@ async def get(app: ProxyApp, path: str, headers: dict[str, str] | None = None, m
         await client.close()
 
 
+@pytest.mark.parametrize("exporter", ["infermon", "sdk"])
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
 async def test_the_proxy_span_joins_the_callers_trace(
     make_proxy: ProxyFactory,
@@ -54,6 +55,7 @@ async def test_the_proxy_span_joins_the_callers_trace(
     otlp_http: Receiver,
     otlp_grpc: Receiver,
     protocol: str,
+    exporter: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("K8S_POD_NAME", "model-7d9f-abcde")
@@ -63,8 +65,8 @@ async def test_the_proxy_span_joins_the_callers_trace(
     app = await make_proxy(
         upstream,
         labels={"model": "iris", "version": "v3", "variant": "canary"},
-        **tracing(receiver, protocol=protocol, resource_attributes={"deployment.environment": "test"},
-                  headers={"x-collector-token": "t0ken"}),
+        **tracing(receiver, protocol=protocol, exporter=exporter,
+                  resource_attributes={"deployment.environment": "test"}, headers={"x-collector-token": "t0ken"}),
     )  # fmt: skip
     client_tp = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
     resp = await get(
@@ -312,3 +314,43 @@ async def test_a_collector_that_is_down_or_hangs_costs_requests_nothing(
     t = time.perf_counter()
     await app.tracing.aclose(0.5)  # type: ignore[union-attr]
     assert time.perf_counter() - t < 2.0  # shutdown does not wait on the collector either
+
+
+def test_otel_variables_rank_between_file_and_infermon_variables(tmp_path: Any) -> None:
+    from proxy import config
+    from proxy.errors import ConfigError
+    from proxy.settings import ProxyConfig
+
+    path = tmp_path / "proxy.yaml"
+    path.write_text("tracing:\n  sampler: always_on\n  service_name: from-file\n  timeout: 7\n")
+    env = {
+        "OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+        "OTEL_SERVICE_NAME": "from-otel",
+        "INFERMON_TRACING__SERVICE_NAME": "from-infermon",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,team=ml%20platform",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20abc,x-tenant=7",
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2500",
+        "OTEL_PROPAGATORS": "tracecontext,baggage,b3multi",
+        "INFERMON_ACCESS_LOG__REDACT_HEADERS": '["X-Api-Key"]',
+    }
+    cfg = config.load(ProxyConfig, file=path, env=env).tracing
+    assert (cfg.sampler, cfg.sampler_arg) == ("parentbased_traceidratio", 0.25)
+    assert cfg.service_name == "from-infermon"
+    assert cfg.resource_attributes == {"deployment.environment": "prod", "team": "ml platform"}
+    assert (cfg.protocol, cfg.export_url()) == ("grpc", "http://collector:4317")
+    assert cfg.headers == {"authorization": "Bearer abc", "x-tenant": "7"}
+    assert cfg.timeout == 2.5
+    assert cfg.propagators == ["tracecontext", "baggage", "b3multi"]
+    public = config.load(ProxyConfig, file=path, env=env).public_dict()
+    assert public["tracing"]["headers"] == {"authorization": "***", "x-tenant": "***"}
+    assert config.load(ProxyConfig, file=path, env={}).tracing.sampler == "always_on"
+    http = config.load(ProxyConfig, env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}).tracing
+    assert http.export_url() == "http://c:4318/v1/traces"
+    both = {"OTEL_SDK_DISABLED": "true", "INFERMON_TRACING__ENABLED": "true"}
+    assert config.load(ProxyConfig, env=both).tracing.enabled  # the more specific variable wins
+    assert not config.load(ProxyConfig, file=path, env={"OTEL_SDK_DISABLED": "true"}).tracing.enabled
+    with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG"):
+        config.load(ProxyConfig, env={"OTEL_TRACES_SAMPLER_ARG": "lots"})
