@@ -169,3 +169,46 @@ async def test_secrets_appear_nowhere(
     m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_access_log_lines_total") == 1
     assert metric(m, "infermon_access_log_dropped_total") == 0
+
+
+def test_stdout_is_the_default_target(capfd: Any) -> None:
+    obs = AccessLog(AccessLogConfig(enabled=True, flush_interval=60.0), Labels())
+    ex = Exchange(1.0, "10.0.0.1")
+    ex.request_id, ex.method, ex.path, ex.status, ex.t_done = "to-stdout", "GET", "/", 200, 1.25
+    obs.on_complete(ex)
+    obs.close()
+    out = capfd.readouterr().out
+    assert orjson.loads(out.strip())["request_id"] == "to-stdout"
+
+
+async def test_the_real_command_logs_and_traces_from_its_environment(
+    spawn_proxy: Any, upstream: str, otlp_http: Receiver, tmp_path: Path
+) -> None:
+    """``infermon proxy`` configured by INFERMON_* and OTEL_* variables; SIGTERM flushes the log."""
+    import asyncio
+    import signal
+
+    log = tmp_path / "access.jsonl"
+    env = {
+        "INFERMON_ACCESS_LOG__ENABLED": "true",
+        "INFERMON_ACCESS_LOG__PATH": str(log),
+        "INFERMON_ACCESS_LOG__FLUSH_INTERVAL": "60",  # only shutdown writes: proves the final flush
+        "INFERMON_TRACING__ENABLED": "true",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_http.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "20",
+        "OTEL_SERVICE_NAME": "from-env",
+        "OTEL_TRACES_SAMPLER": "always_on",
+    }
+    proc = await spawn_proxy(upstream, env=env)
+    client = await Client.connect(proc.listen)
+    for _ in range(3):
+        assert (await client.request("GET", "/echo/cli")).status == 200
+    await client.close()
+    spans = await otlp_http.wait_spans(3)
+    assert {s.resource["service.name"] for s in spans} == {"from-env"}
+    proc.proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        assert await proc.proc.wait() == 0
+    lines = read_lines(log)
+    assert [line["path"] for line in lines] == ["/echo/cli"] * 3
+    assert {line["trace_id"] for line in lines} == {s.trace_id for s in spans}
