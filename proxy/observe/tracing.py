@@ -72,7 +72,6 @@ K8S_ENV = {
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)  # immutable: shared by every span
-_ERROR = Status(StatusCode.ERROR)
 _ZERO16 = bytes(16)
 _ZERO8 = bytes(8)
 
@@ -177,12 +176,17 @@ class CountingExporter(SpanExporter):
 
     def __init__(self, inner: SpanExporter) -> None:
         self.inner = inner
+        self.reads_fields = isinstance(inner, otlp.HttpExporter | otlp.GrpcExporter)
         self.exported = 0
         self.failed = 0
         self._last_log = -1e9
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
+            if not self.reads_fields:  # an exporter that reads ReadableSpans: build them in full
+                for span in spans:
+                    if isinstance(span, ProxySpan):
+                        span.materialize()
             result = self.inner.export(spans)
         except Exception as exc:  # an exporter must never take the worker thread down
             result = SpanExportResult.FAILURE
@@ -378,85 +382,91 @@ class TracingObserver(Observer):
 
     # -- off the hot path: only for kept spans -----------------------------------------------
 
-    def build_span(self, ex: Exchange) -> ReadableSpan:
-        """The proxy's SERVER span, built after the fact.
+    def build_span(self, ex: Exchange) -> ProxySpan:
+        """The proxy's SERVER span: a snapshot of the Exchange, turned into OTLP in the export thread.
 
-        ReadableSpan is constructed directly rather than through Tracer.start_span: the span must
-        carry exactly the span id already sent upstream (a staged id in a custom IdGenerator would be
-        shared state between the head and the completion of interleaved requests), its times are the
-        Exchange's, known only at the end, and the sampling decision is already made. ReadableSpan is
-        the type the processor and the OTLP encoder consume, so nothing of the SDK pipeline is skipped
-        but the context bookkeeping a retroactive span does not need.
+        The span is an SDK ``ReadableSpan`` constructed directly rather than through
+        Tracer.start_span: it must carry exactly the span id already sent upstream (a staged id in a
+        custom IdGenerator would be shared state between the head and the completion of interleaved
+        requests), its times are the Exchange's, known only at the end, and the sampling decision is
+        already made. The event loop only copies the Exchange's fields (:class:`ProxySpan`); the
+        attributes, events and status are derived in the export thread, where the OTLP encoder reads
+        them straight from the snapshot and anything else (the SDK's exporters) sees a complete
+        ReadableSpan, built on first access.
         """
-        offset = time.time_ns() - time.perf_counter_ns()  # perf_counter seconds -> epoch ns, once
-        start = int(ex.t_accepted * 1e9) + offset
-        end = int((ex.t_done or ex.t_accepted) * 1e9) + offset
-        parent_ctx: SpanContext | None = None
-        trace_state: TraceState | None = None
         extra = ex.extra
-        carried = extra.get("tracing") if extra else None
+        snap = (
+            ex.trace_id, ex.span_id, extra.get("tracing") if extra else None, ex.method, ex.path,
+            ex.request_headers, ex.client_host, ex.http_version, ex.bytes_in, ex.bytes_out, ex.status,
+            ex.model, ex.version, ex.variant, ex.request_id, ex.error, ex.aborted,
+            ex.t_accepted, ex.t_done or ex.t_accepted, ex.t_first_byte,
+            time.time_ns() - time.perf_counter_ns(),  # perf_counter seconds -> epoch ns, once per span
+        )  # fmt: skip
+        return ProxySpan(self, snap, SpanContext(int(ex.trace_id, 16), int(ex.span_id, 16), False, _SAMPLED))
+
+    def span_fields(self, snap: tuple[Any, ...]) -> otlp.SpanFields:
+        """Everything the span says, from a snapshot (runs in the export thread)."""
+        (trace_id, span_id, carried, method, path, headers, client, http_version, bytes_in, bytes_out,
+         status_code, model, version, variant, request_id, error, aborted, t_start, t_end, t_first_byte,
+         offset) = snap  # fmt: skip
+        parent_span: str | None = None
+        tracestate: str | None = None
         if carried is not None:
-            parent_span, tracestate = carried
-            parent_ctx = SpanContext(int(ex.trace_id, 16), int(parent_span, 16), is_remote=True)
-            if tracestate is not None:
-                trace_state = TraceState.from_header([tracestate.decode("ascii")])
-        context = SpanContext(
-            int(ex.trace_id, 16), int(ex.span_id, 16), is_remote=False, trace_flags=_SAMPLED, trace_state=trace_state
-        )
-        method = ex.method
-        attributes: dict[str, Any] = {}
+            parent_span = carried[0]
+            if carried[1] is not None:
+                tracestate = carried[1].decode("ascii")
+        attributes: list[tuple[str, Any]] = []
+        add = attributes.append
         if method in _METHODS:
-            attributes["http.request.method"] = method
+            add(("http.request.method", method))
         else:
-            attributes["http.request.method"] = "_OTHER"
-            attributes["http.request.method_original"] = method
-        attributes["url.path"] = ex.path
-        attributes["url.scheme"] = "http"
-        host = ex.header(b"host")
+            add(("http.request.method", "_OTHER"))
+            add(("http.request.method_original", method))
+        add(("url.path", path))
+        add(("url.scheme", "http"))
+        host = _header(headers, b"host")
         if host:
             name, port = _split_host(host.decode("latin-1"))
-            attributes["server.address"] = name
+            add(("server.address", name))
             if port:
-                attributes["server.port"] = port
-        if ex.client_host:
-            attributes["client.address"] = ex.client_host
-        attributes["network.protocol.version"] = ex.http_version
+                add(("server.port", port))
+        if client:
+            add(("client.address", client))
+        add(("network.protocol.version", http_version))
         if self.record_user_agent:
-            ua = ex.header(b"user-agent")
+            ua = _header(headers, b"user-agent")
             if ua:
-                attributes["user_agent.original"] = ua.decode("latin-1")
-        attributes["http.request.body.size"] = ex.bytes_in
-        attributes["http.response.body.size"] = ex.bytes_out
-        if ex.status:
-            attributes["http.response.status_code"] = ex.status
-        attributes["infermon.model.name"] = ex.model or self.defaults[0]
-        attributes["infermon.model.version"] = ex.version or self.defaults[1]
-        attributes["infermon.model.variant"] = ex.variant or self.defaults[2]
-        attributes["infermon.request_id"] = ex.request_id
-        status = _UNSET
-        if ex.error is not None:
-            attributes["error.type"] = ex.error
-            status = Status(StatusCode.ERROR, f"upstream {ex.error}")
-        elif ex.status >= 500:
-            attributes["error.type"] = str(ex.status)
-            status = _ERROR
-        if ex.aborted:
-            attributes["infermon.client_aborted"] = True
-        events: list[Event] = []
-        if ex.t_first_byte:
-            events.append(Event("first_byte", timestamp=int(ex.t_first_byte * 1e9) + offset))
-        return ReadableSpan(
+                add(("user_agent.original", ua.decode("latin-1")))
+        add(("http.request.body.size", bytes_in))
+        add(("http.response.body.size", bytes_out))
+        if status_code:
+            add(("http.response.status_code", status_code))
+        defaults = self.defaults
+        add(("infermon.model.name", model or defaults[0]))
+        add(("infermon.model.version", version or defaults[1]))
+        add(("infermon.model.variant", variant or defaults[2]))
+        add(("infermon.request_id", request_id))
+        code, message = 0, ""
+        if error is not None:
+            add(("error.type", error))
+            code, message = 2, f"upstream {error}"
+        elif status_code >= 500:
+            add(("error.type", str(status_code)))
+            code = 2
+        if aborted:
+            add(("infermon.client_aborted", True))
+        return otlp.SpanFields(
+            trace_id=trace_id,
+            span_id=span_id,
+            parent_span_id=parent_span,
+            trace_state=tracestate,
             name=method if method in _METHODS else "HTTP",
-            context=context,
-            parent=parent_ctx,
-            resource=self.resource,
+            start=int(t_start * 1e9) + offset,
+            end=int(t_end * 1e9) + offset,
             attributes=attributes,
-            events=events,
-            kind=SpanKind.SERVER,
-            status=status,
-            start_time=start,
-            end_time=end,
-            instrumentation_scope=self.scope,
+            first_byte=int(t_first_byte * 1e9) + offset if t_first_byte else None,
+            status_code=code,
+            status_message=message,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -484,6 +494,75 @@ class TracingObserver(Observer):
                 await done.wait()
         for name in _SDK_LOGGERS:
             logging.getLogger(name).removeFilter(self._log_filter)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if len(key) == len(name) and key.lower() == name:
+            return value
+    return None
+
+
+class ProxySpan(ReadableSpan):
+    """A kept span as a snapshot of its Exchange; the ReadableSpan fields are built when first read.
+
+    The batch processor reads only ``context`` (ids and the sampled flag, given at once); the OTLP
+    encoder calls :meth:`otlp_fields`; other exporters get spans passed through :meth:`materialize`
+    (:class:`CountingExporter` does it), and any other attribute read builds the span too.
+    """
+
+    def __init__(self, observer: TracingObserver, snap: tuple[Any, ...], context: SpanContext) -> None:
+        # ReadableSpan.__init__ runs later, in _materialize; until then only these exist
+        self._observer = observer
+        self._snap = snap
+        self._context = context
+
+    def otlp_fields(self) -> otlp.SpanFields:
+        return self._observer.span_fields(self._snap)
+
+    @property
+    def resource(self) -> Resource:  # the same for every span: no need to build the rest
+        return self._observer.resource
+
+    @property
+    def instrumentation_scope(self) -> InstrumentationScope:
+        return self._observer.scope
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes not set yet: the lazy ones
+        if name.startswith("__") or "_snap" not in self.__dict__ or "_name" in self.__dict__:
+            raise AttributeError(name)
+        self.materialize()
+        return object.__getattribute__(self, name)
+
+    def materialize(self) -> None:
+        """Build the full ReadableSpan (its context then carries the caller's tracestate too)."""
+        if "_name" in self.__dict__:
+            return
+        f = self.otlp_fields()
+        obs = self._observer
+        parent = None
+        if f.parent_span_id is not None:
+            parent = SpanContext(int(f.trace_id, 16), int(f.parent_span_id, 16), is_remote=True)
+        trace_state = TraceState.from_header([f.trace_state]) if f.trace_state else None
+        context = SpanContext(int(f.trace_id, 16), int(f.span_id, 16), False, _SAMPLED, trace_state)
+        events = [Event("first_byte", timestamp=f.first_byte)] if f.first_byte is not None else []
+        status = _UNSET
+        if f.status_code == 2:
+            status = Status(StatusCode.ERROR, f.status_message or None)
+        ReadableSpan.__init__(
+            self,
+            name=f.name,
+            context=context,
+            parent=parent,
+            resource=obs.resource,
+            attributes=dict(f.attributes),
+            events=events,
+            kind=SpanKind.SERVER,
+            status=status,
+            start_time=f.start,
+            end_time=f.end,
+            instrumentation_scope=obs.scope,
+        )
 
 
 def _split_host(host: str) -> tuple[str, int | None]:

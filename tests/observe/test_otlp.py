@@ -40,13 +40,21 @@ def test_encoder_matches_the_sdk() -> None:
         spans = [obs.build_span(_exchange(i)) for i in range(6)]
         spans.append(obs.build_span(_exchange(6, status=502, error="connect")))
         spans.append(obs.build_span(_exchange(7, status=503)))
-        ours = ExportTraceServiceRequest.FromString(SpanEncoder().encode(spans))
+        ours = ExportTraceServiceRequest.FromString(SpanEncoder().encode(spans))  # from the snapshots
+        for span in spans:
+            span.materialize()
+        also_ours = ExportTraceServiceRequest.FromString(SpanEncoder().encode(spans))
+        for span in spans:
+            span.otlp_fields = None  # type: ignore[method-assign, assignment]  # the generic path
+        generic = ExportTraceServiceRequest.FromString(SpanEncoder().encode(spans))
         theirs = ExportTraceServiceRequest.FromString(encode_spans(spans).SerializeToString())
         for rs in theirs.resource_spans:
             for ss in rs.scope_spans:
                 for span in ss.spans:
                     span.ClearField("flags")  # the SDK also writes the W3C flags field; we leave it out
         assert ours == theirs
+        assert also_ours == theirs
+        assert generic == theirs
         assert len(ours.resource_spans[0].scope_spans[0].spans) == 8
     finally:
         obs.processor.shutdown()  # type: ignore[no-untyped-call]
