@@ -176,9 +176,7 @@ def checks(load: list[LoadFigures], high: int) -> list[Check]:
         f.rss_after_mb for f in load if f.target == "infermon"
     ]
     peak = max(rss) if rss else None
-    out.append(
-        Check("peak RSS (MB)", peak, f"<= {TARGET_RSS_MB:g}", None if peak is None else peak <= TARGET_RSS_MB)
-    )
+    out.append(Check("peak RSS (MB)", peak, f"<= {TARGET_RSS_MB:g}", None if peak is None else peak <= TARGET_RSS_MB))
     return out
 
 
@@ -239,10 +237,7 @@ def ratios_table(values: dict[str, float]) -> str:
 
 
 def sse_table(sse: SseFigures) -> str:
-    header = (
-        f"{'target':<9} {'head ms':>8} {'1st event ms':>12} {'last event ms':>13} "
-        f"{'gap ms':>7} {'min gap ms':>10}"
-    )
+    header = f"{'target':<9} {'head ms':>8} {'1st event ms':>12} {'last event ms':>13} {'gap ms':>7} {'min gap ms':>10}"
     lines = [
         f"SSE: {sse.events} events, {sse.delay_ms:g} ms apart, medians over the streams",
         header,

@@ -73,9 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--soak-only", action="store_true", help="run only the soak (with --soak N)")
     parser.add_argument("--soak-interval", type=float, default=2.0, help="seconds between RSS samples (2)")
-    parser.add_argument(
-        "--soak-max-seconds", type=float, default=3600.0, help="stop the soak after this long (3600)"
-    )
+    parser.add_argument("--soak-max-seconds", type=float, default=3600.0, help="stop the soak after this long (3600)")
     parser.add_argument("--infermon", default=None, help="infermon executable (beside this Python)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write figures as JSON")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with configs and logs")
@@ -131,9 +129,7 @@ def check_infermon(args: argparse.Namespace) -> str | None:
     base = infermon_argv(args)
     command = " ".join([*base, "proxy", "--help"])
     try:
-        helped = subprocess.run(
-            [*base, "proxy", "--help"], capture_output=True, text=True, timeout=60, check=False
-        )
+        helped = subprocess.run([*base, "proxy", "--help"], capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"`{command}` failed: {exc}"
     if helped.returncode != 0:
@@ -161,9 +157,7 @@ def start_infermon(
         ) from exc
     if status != 200:
         children.stop(child)
-        raise InfermonUnavailable(
-            f"infermon answered {status} to a probe: {body[:300]!r}\n{tail(child.log, 800)}"
-        )
+        raise InfermonUnavailable(f"infermon answered {status} to a probe: {body[:300]!r}\n{tail(child.log, 800)}")
     return child, port, admin
 
 
@@ -275,9 +269,7 @@ def load_round(
         )
         target.sent += figures.requests
         if figures.non_2xx or figures.socket_errors:
-            say(
-                f"[{target.name}] c={conns}: {figures.non_2xx} non-2xx, {figures.socket_errors} socket errors"
-            )
+            say(f"[{target.name}] c={conns}: {figures.non_2xx} non-2xx, {figures.socket_errors} socket errors")
         out.append(figures)
     return out
 
@@ -301,9 +293,7 @@ def run_sse(args: argparse.Namespace, sse_port: int, infermon_port: int | None) 
     return figures
 
 
-def run_soak(
-    args: argparse.Namespace, url: str, tree: ProcessTree, script: Path, child: Child
-) -> SoakFigures:
+def run_soak(args: argparse.Namespace, url: str, tree: ProcessTree, script: Path, child: Child) -> SoakFigures:
     """Send about `args.soak` requests at high concurrency in wrk slices, sampling RSS throughout."""
     total = non_2xx = socket_errors = 0
     start = time.monotonic()
@@ -366,9 +356,7 @@ def machine() -> dict[str, Any]:
 class Run:
     """One benchmark run: the temp directory, the children, the wrk script and the figures so far."""
 
-    def __init__(
-        self, args: argparse.Namespace, children: Children, directory: Path, out: dict[str, Any]
-    ) -> None:
+    def __init__(self, args: argparse.Namespace, children: Children, directory: Path, out: dict[str, Any]) -> None:
         self.args = args
         self.children = children
         self.directory = directory
@@ -501,9 +489,7 @@ def print_report(out: dict[str, Any], args: argparse.Namespace) -> None:
     )
     pinning = info.get("pinning")
     if pinning:
-        print(
-            f"pinned: wrk and harness on CPU {pinning['wrk']}, upstream and proxy on CPU {pinning['servers']}"
-        )
+        print(f"pinned: wrk and harness on CPU {pinning['wrk']}, upstream and proxy on CPU {pinning['servers']}")
     else:
         print("not pinned: the scheduler places wrk and the servers")
     if out["load"]:
@@ -515,9 +501,7 @@ def print_report(out: dict[str, Any], args: argparse.Namespace) -> None:
     if out.get("checks") is not None:
         print("\ntargets:")
         print(
-            report.checks_table(
-                [report.Check(c["name"], c["value"], c["limit"], c["passed"]) for c in out["checks"]]
-            )
+            report.checks_table([report.Check(c["name"], c["value"], c["limit"], c["passed"]) for c in out["checks"]])
         )
     check = out.get("metrics_check")
     if check and check.get("after") is not None:
