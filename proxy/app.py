@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client.registry import Collector
@@ -22,12 +23,14 @@ from prometheus_client.registry import Collector
 from proxy.admin.server import build_admin_app
 from proxy.dataplane.core import DataPlane
 from proxy.dataplane.hooks import Hooks, Observer
-from proxy.observe.accesslog import AccessLog
 from proxy.observe.labels import Labeler
 from proxy.observe.metrics import RequestMetrics, build_registry
-from proxy.observe.tracing import TracingObserver
 from proxy.readiness import Readiness, UpstreamProbe
 from proxy.settings import ProxyConfig, split_host_port
+
+if TYPE_CHECKING:
+    from proxy.observe.accesslog import AccessLog
+    from proxy.observe.tracing import TracingObserver
 
 log = logging.getLogger("infermon")
 
@@ -42,11 +45,16 @@ class ProxyApp:
         self.access_log: AccessLog | None = None
         extra: list[Observer] = []
         collectors: list[Collector] = []
+        # imported only when switched on: the OpenTelemetry SDK is a few MB a sidecar need not carry
         if cfg.tracing.enabled:
+            from proxy.observe.tracing import TracingObserver
+
             self.tracing = TracingObserver(cfg.tracing, cfg.labels, cfg.access_log.redact_headers)
             extra.append(self.tracing)
             collectors.append(self.tracing.collector())
         if cfg.access_log.enabled:
+            from proxy.observe.accesslog import AccessLog
+
             self.access_log = AccessLog(cfg.access_log, cfg.labels)
             extra.append(self.access_log)
             collectors.append(self.access_log.collector())
