@@ -260,7 +260,7 @@ async def test_latency_histograms_measure_a_slow_upstream(make_proxy: ProxyFacto
     for h in (duration, header, ttfb):
         assert h.count == 1
         assert h.le(0.25) == 0  # the upstream slept 0.3 s before its response head
-        assert 0.3 <= h.sum < 0.3 + TIMEOUT
+        assert 0.29 <= h.sum < 0.3 + TIMEOUT  # loop timers have millisecond granularity
     # head <= first byte <= end, all on the same request
     assert header.sum <= ttfb.sum <= duration.sum
 
