@@ -294,7 +294,7 @@ async def test_sse_time_to_first_byte_and_chunk_gaps(make_proxy: ProxyFactory, u
     assert_well_formed(text)
     duration = one_histogram(text, "infermon_request_duration_seconds")
     ttfb = one_histogram(text, "infermon_time_to_first_byte_seconds")
-    assert duration.sum >= 0.9
+    assert duration.sum >= 0.88  # three 0.3 s sleeps; loop timers have millisecond granularity
     assert ttfb.sum < 0.25  # the first event comes at once: TTFT, not the whole stream
     assert ttfb.le(0.25) == 1
     assert duration.le(0.5) == 0
@@ -304,7 +304,7 @@ async def test_sse_time_to_first_byte_and_chunk_gaps(make_proxy: ProxyFactory, u
     assert gaps.count == 3
     assert gaps.le(0.25) == 0
     assert gaps.le(0.5) == 3
-    assert 0.9 <= gaps.sum < 1.5
+    assert 0.88 <= gaps.sum < 1.5
 
 
 async def test_no_chunk_gaps_for_a_sized_response(make_proxy: ProxyFactory, upstream: str) -> None:
