@@ -115,9 +115,14 @@ async def test_the_proxy_span_joins_the_callers_trace(
     assert r["k8s.node.name"] == "gpu-node-3"
     assert r["deployment.environment"] == "test"
     assert receiver.headers[0].get("x-collector-token") == "t0ken"
-    m = await scrape_metrics(app.admin_address)
-    assert metric(m, "infermon_trace_spans_exported_total") == 1
-    assert metric(m, "infermon_trace_spans_dropped_total") == 0
+
+    async def exported() -> bool:
+        # counted by the export thread once the receiver has answered, a moment after it has the spans
+        m = await scrape_metrics(app.admin_address)
+        return metric(m, "infermon_trace_spans_exported_total") == 1
+
+    await wait_until(exported)
+    assert metric(await scrape_metrics(app.admin_address), "infermon_trace_spans_dropped_total") == 0
 
 
 async def test_no_context_starts_a_new_sampled_trace(
