@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from proxy.dataplane.exchange import Exchange, Headers
 from proxy.dataplane.hooks import Observer
+from proxy.errors import ConfigError
 from proxy.settings import AccessLog as AccessLogConfig
 from proxy.settings import Labels
 
@@ -82,7 +83,13 @@ class AccessLog(Observer):
         elif cfg.path == "-":
             self.stream = sys.stdout.buffer
         else:
-            self.stream = open(cfg.path, "ab")  # noqa: SIM115 - closed by aclose
+            try:
+                self.stream = open(cfg.path, "ab")  # noqa: SIM115 - closed by aclose
+            except OSError as exc:
+                raise ConfigError(
+                    f"config error: access_log.path = {cfg.path!r}: cannot open it for appending "
+                    f"({exc.strerror}); name a writable file, or '-' for stdout"
+                ) from None
             self._own_stream = True
         self._stop = threading.Event()
         self._last_error_log = -1e9

@@ -212,3 +212,13 @@ async def test_the_real_command_logs_and_traces_from_its_environment(
     lines = read_lines(log)
     assert [line["path"] for line in lines] == ["/echo/cli"] * 3
     assert {line["trace_id"] for line in lines} == {s.trace_id for s in spans}
+
+
+def test_unwritable_path_is_a_config_error(tmp_path: Path) -> None:
+    import pytest
+
+    from proxy.errors import ConfigError
+
+    cfg = AccessLogConfig.model_validate({"enabled": True, "path": str(tmp_path / "missing" / "access.log")})
+    with pytest.raises(ConfigError, match=r"access_log\.path = .*cannot open it for appending"):
+        AccessLog(cfg, Labels())
