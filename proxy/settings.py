@@ -211,6 +211,23 @@ class Tracing(_Section):
     keep_errors: bool = False  # also keep the proxy span of every 5xx / failed / slow request
     slow_threshold: PositiveFloat = 1.0  # seconds; "slow" for keep_errors
 
+    @field_validator("endpoint", "traces_endpoint")
+    @classmethod
+    def _endpoint_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "must be an http:// or https:// URL with a host (OTLP spec), for example "
+                "http://otel-collector:4318, or http://otel-collector:4317 for grpc"
+            )
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value
+
     def export_url(self) -> str:
         """Where spans go: the signal endpoint for HTTP, host:port (or URL) for gRPC."""
         if self.traces_endpoint:

@@ -337,3 +337,10 @@ def test_every_key_is_documented() -> None:
         if not in_section and f"| `{leaf}` |" not in docs and f"`{key}`" not in docs:
             missing.append(key)
     assert missing == []
+
+
+@pytest.mark.parametrize("endpoint", ["notaurl", "collector:4317", "ftp://x:4318", "http://:99", "http://c:99999"])
+def test_otlp_endpoint_must_be_an_http_url(endpoint: str) -> None:
+    message = _error(env={"INFERMON_TRACING__ENABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+    assert "tracing.endpoint" in message
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in message
