@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test bench bench-tracing bench-agent clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+bench-tracing: $(STAMP)
+	$(BIN)/python -m bench.tracing
+
+bench-agent: $(STAMP)
+	$(BIN)/python -m bench.agent_cpu
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
