@@ -4,11 +4,13 @@
 
     InfermonError
     ├── ConfigError            bad configuration: the message names the key, the value and the fix
-    └── UpstreamError          the model server could not give an answer (mapped to 502 / 504)
-        ├── UpstreamConnectError   refused, unreachable, DNS failure           -> 502, kind=connect
-        ├── UpstreamTimeout        connect, response head or body idle timeout -> 504, kind=timeout
-        ├── UpstreamReset          connection closed or reset mid-exchange     -> 502, kind=reset
-        └── UpstreamProtocolError  the upstream's bytes are not HTTP/1.1       -> 502, kind=protocol
+    └── ExchangeError          a request could not be proxied; the proxy answers ``status``
+        ├── PoolExhausted          no upstream connection free within pool_timeout -> 503, kind=pool_exhausted
+        └── UpstreamError          the model server could not give an answer (mapped to 502 / 504)
+            ├── UpstreamConnectError   refused, unreachable, DNS failure           -> 502, kind=connect
+            ├── UpstreamTimeout        connect, response head or body idle timeout -> 504, kind=timeout
+            ├── UpstreamReset          connection closed or reset mid-exchange     -> 502, kind=reset
+            └── UpstreamProtocolError  the upstream's bytes are not HTTP/1.1       -> 502, kind=protocol
 
 Client-side problems (malformed request, limits, slow clients) are not exceptions: the data plane
 answers them directly with a JSON error response (see ``proxy.dataplane.responses``).
@@ -25,7 +27,21 @@ class ConfigError(InfermonError):
     """The configuration is invalid. ``str(exc)`` is ready to show to the user."""
 
 
-class UpstreamError(InfermonError):
+class ExchangeError(InfermonError):
+    """A request could not be proxied. ``kind`` goes to ``Exchange.error``, ``status`` to the client."""
+
+    kind = "internal"
+    status = 502
+
+
+class PoolExhausted(ExchangeError):
+    """No upstream connection became free within ``pool_timeout``."""
+
+    kind = "pool_exhausted"
+    status = 503
+
+
+class UpstreamError(ExchangeError):
     """The upstream (model server) exchange failed before a complete answer."""
 
     kind = "protocol"

@@ -42,15 +42,14 @@ def date_header() -> bytes:
     return _date_cache[1]
 
 
-def connection_tokens(headers: Headers) -> set[bytes]:
-    """Lower-case tokens of every Connection header."""
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    """Lower-case tokens of the values of every Connection field line."""
     tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            for token in value.split(b","):
-                token = token.strip().lower()
-                if token:
-                    tokens.add(token)
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
     return tokens
 
 

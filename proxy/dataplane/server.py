@@ -32,12 +32,11 @@ from proxy.dataplane.upstream import (
     UNTIL_CLOSE,
     WRITE_HIGH,
     WRITE_LOW,
-    PoolExhausted,
     Ticket,
     UpstreamConnection,
     UpstreamPool,
 )
-from proxy.errors import InfermonError, UpstreamError, UpstreamProtocolError
+from proxy.errors import ExchangeError, UpstreamError, UpstreamProtocolError
 
 if TYPE_CHECKING:
     from proxy.dataplane.core import DataPlane
@@ -436,7 +435,7 @@ class ClientConnection(asyncio.Protocol):
             # else: hop-by-hop, dropped
         tokens: set[bytes] = set()
         if connection is not None:
-            tokens = http.connection_tokens([(_CONNECTION, v) for v in connection])
+            tokens = http.connection_tokens(connection)
             named = tokens - _NOT_FIELDS
             if named:  # Connection names more fields as hop-by-hop: they stop here too
                 forward = [(n, v) for n, v in forward if n.lower() not in named]
@@ -524,7 +523,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             req.ticket = pool.connect_or_wait(lambda c, e: self._pool_answered(req, c, e))
 
-    def _pool_answered(self, req: _Request, conn: UpstreamConnection | None, error: InfermonError | None) -> None:
+    def _pool_answered(self, req: _Request, conn: UpstreamConnection | None, error: ExchangeError | None) -> None:
         req.ticket = None
         if self.closed or req.response_done or not self.requests or self.requests[0] is not req:
             if conn is not None:
@@ -567,7 +566,7 @@ class ClientConnection(asyncio.Protocol):
             if req.pending_bytes > PENDING_LIMIT:
                 self._pause(PAUSE_BUFFER)
 
-    def _upstream_error(self, req: _Request, error: InfermonError, stale: bool = False) -> None:
+    def _upstream_error(self, req: _Request, error: ExchangeError, stale: bool = False) -> None:
         ex = req.ex
         if (
             stale
@@ -583,15 +582,14 @@ class ClientConnection(asyncio.Protocol):
             assert req.pool is not None
             req.ticket = req.pool.connect_or_wait(lambda c, e: self._pool_answered(req, c, e))
             return
-        ex.error = error.kind if isinstance(error, UpstreamError | PoolExhausted) else "internal"
+        ex.error = error.kind
         req.upstream = None
         if req.response_started:
             # the status line is gone already: cutting the connection is the only honest signal
             self._finish(req)
             self._abort_transport()
             return
-        status = getattr(error, "status", 502)
-        self._respond_error(req, status, str(error))
+        self._respond_error(req, error.status, str(error))
 
     # -- responses ----------------------------------------------------------------------------
 
@@ -620,7 +618,6 @@ class ClientConnection(asyncio.Protocol):
                     head_only=req.head_only,
                 )
             )
-            ex.t_upstream_head = ex.t_upstream_head or 0.0
         self._finish(req)
 
     def _respond_error_now(self, ex: Exchange, status: int, message: str) -> None:
@@ -883,7 +880,7 @@ class _Owner:
                 has_date = True
             parts += (name, b": ", value, b"\r\n")
         if connection is not None:
-            named = http.connection_tokens([(_CONNECTION, v) for v in connection]) - _NOT_FIELDS
+            named = http.connection_tokens(connection) - _NOT_FIELDS
             if named:
                 parts = [parts[0]]
                 http.serialize_headers(

@@ -24,7 +24,8 @@ import httptools
 from proxy.dataplane.exchange import Headers
 from proxy.dataplane.timer import Deadline
 from proxy.errors import (
-    InfermonError,
+    ExchangeError,
+    PoolExhausted,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -45,12 +46,6 @@ LENGTH = 1
 CHUNKED = 2
 UNTIL_CLOSE = 3
 
-
-class PoolExhausted(InfermonError):
-    """No upstream connection became free within ``pool_timeout`` (answered 503)."""
-
-    status = 503
-    kind = "pool_exhausted"
 
 
 class UpstreamOwner(Protocol):
@@ -313,7 +308,7 @@ class Ticket:
 
     __slots__ = ("callback", "cancelled", "timer")
 
-    def __init__(self, callback: Callable[[UpstreamConnection | None, InfermonError | None], None]) -> None:
+    def __init__(self, callback: Callable[[UpstreamConnection | None, ExchangeError | None], None]) -> None:
         self.callback = callback
         self.cancelled = False
         self.timer: asyncio.TimerHandle | None = None
@@ -355,7 +350,7 @@ class UpstreamPool:
                 return conn
         return None
 
-    def connect_or_wait(self, callback: Callable[[UpstreamConnection | None, InfermonError | None], None]) -> Ticket:
+    def connect_or_wait(self, callback: Callable[[UpstreamConnection | None, ExchangeError | None], None]) -> Ticket:
         ticket = Ticket(callback)
         if self.open < self.cfg.max_connections:
             self.open += 1
@@ -454,7 +449,7 @@ class UpstreamPool:
         ticket.cancelled = True
         ticket.callback(conn, None)
 
-    def _deliver(self, ticket: Ticket, conn: UpstreamConnection | None, error: InfermonError) -> None:
+    def _deliver(self, ticket: Ticket, conn: UpstreamConnection | None, error: ExchangeError) -> None:
         if not ticket.cancelled:
             ticket.cancelled = True
             ticket.callback(conn, error)
