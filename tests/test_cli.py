@@ -96,10 +96,10 @@ def test_console_script_is_installed() -> None:
 
 
 @contextlib.asynccontextmanager
-async def proxy_process(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+async def infermon_process(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``infermon ARGS...`` as a child with piped output; killed on the way out if still running."""
     proc = await asyncio.create_subprocess_exec(
         *INFERMON,
-        "proxy",
         *args,
         cwd=REPO,
         env=clean_env(),
@@ -127,8 +127,8 @@ async def _listening(addr: tuple[str, int], proc: asyncio.subprocess.Process) ->
 
 async def test_proxy_serves_and_exits_0_on_sigterm(upstream: str) -> None:
     listen, admin = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
-    async with proxy_process(
-        "--listen", f"{listen[0]}:{listen[1]}", "--admin", f"{admin[0]}:{admin[1]}", "--upstream", upstream
+    async with infermon_process(
+        "proxy", "--listen", f"{listen[0]}:{listen[1]}", "--admin", f"{admin[0]}:{admin[1]}", "--upstream", upstream
     ) as proc:
 
         async def up() -> bool:
@@ -159,8 +159,8 @@ async def test_proxy_port_in_use_exits_1(upstream: str) -> None:
     busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = busy.sockets[0].getsockname()[1]
     try:
-        async with proxy_process(
-            "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{free_port()}", "--upstream", upstream
+        async with infermon_process(
+            "proxy", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{free_port()}", "--upstream", upstream
         ) as proc:
             rc = await asyncio.wait_for(proc.wait(), TIMEOUT)
             assert proc.stderr is not None
@@ -178,7 +178,7 @@ async def test_sigterm_lets_the_request_in_flight_finish(upstream: str, tmp_path
     config.write_text(
         f"listen: 127.0.0.1:{listen[1]}\nadmin: 127.0.0.1:{admin[1]}\nupstream: {upstream}\ndrain:\n  timeout: 5\n"
     )
-    async with proxy_process("--config", str(config)) as proc:
+    async with infermon_process("proxy", "--config", str(config)) as proc:
 
         async def up() -> bool:
             return await _listening(admin, proc) and await _listening(listen, proc)

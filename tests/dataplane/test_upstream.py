@@ -104,6 +104,8 @@ async def test_stale_pooled_connection_retried_once(make_proxy: ProxyFactory, ra
     m = await metrics_of(app)
     assert metric(m, "infermon_upstream_retries_total") == 1
     assert metric(m, "infermon_upstream_errors_total") == 0
+    assert metric(m, "infermon_requests_total", code="200") == 2
+    assert metric(m, "infermon_upstream_connections_opened_total") == 2
 
 
 async def test_stale_connection_not_retried_when_body_would_be_lost(

@@ -15,30 +15,15 @@ from proxy.demo.model_server import build_model_app
 from proxy.demo.traffic import TrafficStats, generate
 from tests.conftest import ProxyFactory
 from tests.helpers import TIMEOUT, Client, bound_socket, metric, scrape_metrics, wait_until
-from tests.test_cli import INFERMON, REPO, clean_env
+from tests.test_cli import infermon_process
 
 METRICS_URL = re.compile(r"metrics\s+http://([\d.]+):(\d+)/metrics")
 SENT = re.compile(r"sent (\d+) requests; statuses (\{.*\}); failures (\d+)")
 
 
 async def test_demo_runs_for_its_duration_and_exits_0() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *INFERMON,
-        "demo",
-        "--duration",
-        "3",
-        "--rate",
-        "30",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        cwd=REPO,
-        env=clean_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    args = ("demo", "--duration", "3", "--rate", "30", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+    async with infermon_process(*args) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         lines: list[str] = []
         found = None
@@ -62,10 +47,6 @@ async def test_demo_runs_for_its_duration_and_exits_0() -> None:
         rc = await asyncio.wait_for(proc.wait(), TIMEOUT)
         rest = (await proc.stdout.read()).decode()
         stderr = (await proc.stderr.read()).decode()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     assert rc == 0, stderr
     assert "Traceback" not in stderr
     summary = SENT.search(rest)
@@ -76,10 +57,8 @@ async def test_demo_runs_for_its_duration_and_exits_0() -> None:
 
 
 async def test_demo_rejects_a_bad_rate() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *INFERMON, "demo", "--rate", "0", cwd=REPO, env=clean_env(), stderr=asyncio.subprocess.PIPE
-    )
-    _, stderr = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    async with infermon_process("demo", "--rate", "0") as proc:
+        _, stderr = await asyncio.wait_for(proc.communicate(), TIMEOUT)
     assert proc.returncode == 2
     assert b"--rate must be a positive number" in stderr
 
@@ -134,19 +113,7 @@ async def test_traffic_generator_counts_what_it_sent(make_proxy: ProxyFactory, m
 
 
 async def test_demo_stops_cleanly_on_ctrl_c() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *INFERMON,
-        "demo",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        cwd=REPO,
-        env=clean_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with infermon_process("demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0") as proc:
         assert proc.stdout is not None and proc.stderr is not None
         async with asyncio.timeout(TIMEOUT):
             while "Ctrl-C to stop" not in (line := (await proc.stdout.readline()).decode()):
@@ -155,10 +122,6 @@ async def test_demo_stops_cleanly_on_ctrl_c() -> None:
         rc = await asyncio.wait_for(proc.wait(), TIMEOUT)
         rest = (await proc.stdout.read()).decode()
         stderr = (await proc.stderr.read()).decode()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     assert rc == 0, stderr
     assert "Traceback" not in stderr
     assert SENT.search(rest) is not None, rest
