@@ -21,6 +21,10 @@ async def readyz(proxy: ProxyProcess) -> int:
     return resp.status
 
 
+async def _ready(proxy: ProxyProcess) -> bool:
+    return await readyz(proxy) == 200
+
+
 async def _not_ready(proxy: ProxyProcess) -> bool:
     return await readyz(proxy) == 503
 
@@ -30,7 +34,7 @@ async def test_drain_finishes_in_flight_requests_then_exits_0(
     spawn_proxy: SpawnProxy, upstream: str, sig: signal.Signals
 ) -> None:
     proxy = await spawn_proxy(upstream, env={"INFERMON_DRAIN__DELAY": "0.5", "INFERMON_DRAIN__TIMEOUT": "10"})
-    assert await readyz(proxy) in (200, 503)
+    await wait_until(lambda: _ready(proxy))  # the upstream probe has seen the model server
     busy = await Client.connect(proxy.listen)
     await busy.send(build_request("GET", "/slow?delay=1.5"))
     idle = await Client.connect(proxy.listen)
