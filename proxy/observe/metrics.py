@@ -91,20 +91,12 @@ class FastHistogram:
 
     def exposition(self) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
         """Like :meth:`cumulative`, with each bucket's latest exemplar where there is one."""
-        if self.exemplars is None:
-            return list(self.cumulative())
-        out: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
-        total = 0
-        exemplars = self.exemplars
-        for i, n in enumerate(self.counts):
-            total += n
-            le = _go_float(self.bounds[i]) if i < len(self.bounds) else "+Inf"
-            ex = exemplars[i] if exemplars is not None else None
-            if ex is None:
-                out.append((le, total))
-            else:
-                out.append((le, total, Exemplar({"trace_id": ex[0]}, ex[1], ex[2])))
-        return out
+        rows: list[tuple[str, float] | tuple[str, float, Exemplar]] = list(self.cumulative())
+        if self.exemplars is not None:
+            for i, ex in enumerate(self.exemplars):
+                if ex is not None:
+                    rows[i] = (*rows[i][:2], Exemplar({"trace_id": ex[0]}, ex[1], ex[2]))
+        return rows
 
 
 class _Histograms:
