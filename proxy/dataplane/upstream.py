@@ -414,13 +414,10 @@ class UpstreamPool:
 
     def _waiter_timed_out(self, ticket: Ticket) -> None:
         ticket.timer = None
-        if ticket.cancelled:
-            return
-        ticket.cancelled = True
         with contextlib.suppress(ValueError):
             self.waiters.remove(ticket)
-        ticket.callback(
-            None,
+        self._fail_ticket(
+            ticket,
             PoolExhausted(
                 f"all {self.cfg.max_connections} upstream connections stayed busy for "
                 f"{self.cfg.pool_timeout:g} s (upstream_pool.max_connections)"
@@ -435,12 +432,12 @@ class UpstreamPool:
                 )
         except TimeoutError:
             self.open -= 1
-            self._deliver(ticket, None, UpstreamTimeout(f"connecting to upstream {self._where()} timed out"))
+            self._fail_ticket(ticket, UpstreamTimeout(f"connecting to upstream {self._where()} timed out"))
             return
         except OSError as exc:
             self.open -= 1
             reason = exc.strerror or str(exc)
-            self._deliver(ticket, None, UpstreamConnectError(f"upstream {self._where()} unreachable: {reason}"))
+            self._fail_ticket(ticket, UpstreamConnectError(f"upstream {self._where()} unreachable: {reason}"))
             return
         self.opened_total += 1
         if ticket.cancelled or self._closed:
@@ -449,10 +446,10 @@ class UpstreamPool:
         ticket.cancelled = True
         ticket.callback(conn, None)
 
-    def _deliver(self, ticket: Ticket, conn: UpstreamConnection | None, error: ExchangeError) -> None:
+    def _fail_ticket(self, ticket: Ticket, error: ExchangeError) -> None:
         if not ticket.cancelled:
             ticket.cancelled = True
-            ticket.callback(conn, error)
+            ticket.callback(None, error)
 
     def _where(self) -> str:
         return f"{self.host}:{self.port}"
