@@ -302,8 +302,10 @@ async def test_a_collector_that_is_down_or_hangs_costs_requests_nothing(
     assert traced[len(traced) // 2] < base[len(base) // 2] + 0.005
 
     async def dropped() -> bool:
+        # a hanging collector fills the queue (queue_full); a refused one may fail each export fast
+        # enough that the queue never fills (export_failed): either way, spans are counted as lost
         m = await scrape_metrics(app.admin_address)
-        return metric(m, "infermon_trace_spans_dropped_total", reason="queue_full") > 0
+        return metric(m, "infermon_trace_spans_dropped_total") > 0
 
     await wait_until(dropped)
     if mode != "down":
