@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client.registry import Collector
 
 from proxy.admin.server import build_admin_app
 from proxy.dataplane.core import DataPlane
@@ -44,57 +43,64 @@ class ProxyApp:
         self.tracing: TracingObserver | None = None
         self.access_log: AccessLog | None = None
         extra: list[Observer] = []
-        collectors: list[Collector] = []
         # imported only when switched on: the OpenTelemetry SDK is a few MB a sidecar need not carry
         if cfg.tracing.enabled:
             from proxy.observe.tracing import TracingObserver
 
             self.tracing = TracingObserver(cfg.tracing, cfg.labels, cfg.access_log.redact_headers)
             extra.append(self.tracing)
-            collectors.append(self.tracing.collector())
         if cfg.access_log.enabled:
             from proxy.observe.accesslog import AccessLog
 
             self.access_log = AccessLog(cfg.access_log, cfg.labels)
             extra.append(self.access_log)
-            collectors.append(self.access_log.collector())
-        self.hooks = Hooks([Labeler(cfg.labels), self.metrics, *extra, *observers])
+        #: every observer, in hook order; each gets start / collector / aclose, passed-in ones too
+        self.observers: list[Observer] = [Labeler(cfg.labels), self.metrics, *extra, *observers]
+        self.hooks = Hooks(self.observers)
         self.metrics.hooks = self.hooks
         self.readiness = Readiness()
-        self.registry = build_registry(self.metrics, *collectors)
+        self.registry = build_registry()
+        for obs in self.observers:
+            collector = obs.collector()
+            if collector is not None:
+                self.registry.register(collector)
         self.plane: DataPlane | None = None
-        self.probe: UpstreamProbe | None = None
+        self.probes: list[UpstreamProbe] = []
+        self._started: list[Observer] = []
         self._runner: web.AppRunner | None = None
         self._admin_site: web.BaseSite | None = None
         self._stop = asyncio.Event()
 
+    @property
+    def probe(self) -> UpstreamProbe | None:
+        """The probe of the default upstream."""
+        return self.probes[0] if self.probes else None
+
     async def start(self, listen: socket.socket | None = None, admin: socket.socket | None = None) -> None:
         cfg = self.cfg
+        for obs in self.observers:
+            try:
+                await obs.start()
+            except Exception:  # a broken observer is logged, not fatal: the proxy still serves
+                log.exception("observer %s failed to start", obs.name)
+            self._started.append(obs)
         plane = self.plane = DataPlane(cfg, self.hooks)
         self.metrics.in_flight = lambda: plane.in_flight
-        pool = plane.pool
-        self.metrics.gauges = [
-            ("infermon_client_connections", "Open client connections.", lambda: len(plane.connections)),
-            ("infermon_upstream_connections", "Open upstream connections (busy and idle).", lambda: pool.open),
-            ("infermon_upstream_idle_connections", "Idle pooled upstream connections.", lambda: len(pool.idle)),
-        ]
-        self.metrics.counters = [
-            ("infermon_upstream_connections_opened", "Upstream connections established.", lambda: pool.opened_total),
-        ]
+        self.registry.register(plane.collector())
         await plane.start(listen)
         self.readiness.set("draining", True, "serving")
-        _, host, port = cfg.upstream_target()
-        self.probe = UpstreamProbe(
-            self.readiness, host, port, plane.upstream_authority.decode(), cfg.readiness, tls=plane.pool.ssl
-        )
-        self.probe.start()
-        app = build_admin_app(self.registry, self.readiness, cfg.public_dict)
+        for pool in plane.upstreams.values():
+            probe = UpstreamProbe(self.readiness, pool, cfg.readiness)
+            probe.start()
+            self.probes.append(probe)
+        app = build_admin_app(self.registry, self.readiness, cfg.public_dict, token=cfg.admin.resolved_token())
+        self.admin_app = app
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         if admin is not None:
             self._admin_site = web.SockSite(self._runner, admin)
         else:
-            ahost, aport = split_host_port(cfg.admin)
+            ahost, aport = split_host_port(cfg.admin.listen)
             self._admin_site = web.TCPSite(self._runner, ahost, aport, reuse_address=True)
         await self._admin_site.start()
 
@@ -131,11 +137,15 @@ class ProxyApp:
             cut = await self.plane.drain(drain.timeout)
             if cut == 0:
                 log.info("drained: all in-flight requests finished")
-        if self.probe is not None:
-            await self.probe.stop()
+        for probe in self.probes:
+            await probe.stop()
+        self.probes = []
         if self._runner is not None:
             await self._runner.cleanup()
-        if self.access_log is not None:
-            await self.access_log.aclose()
-        if self.tracing is not None:
-            await self.tracing.aclose(self.cfg.tracing.timeout)
+            self._runner = None
+        started, self._started = self._started, []
+        for obs in reversed(started):  # the last registered goes first: it may feed on the earlier ones
+            try:
+                await obs.aclose()
+            except Exception:
+                log.exception("observer %s failed to close", obs.name)

@@ -49,14 +49,18 @@ def load(
     ignore_env_prefixes: tuple[str, ...] = (),
     flags: Mapping[str, Any] | None = None,
     config_env: str = "INFERMON_CONFIG",
+    flag_names: Mapping[str, str] | None = None,
 ) -> M:
     """Merge the layers and validate them against ``model``.
 
     ``flags`` maps dotted keys (``"limits.max_in_flight"``) to values; ``None`` values are skipped so an
-    argparse namespace can be passed as it is. ``file`` falls back to the variable named by
-    ``config_env`` (``$INFERMON_CONFIG`` for the proxy, ``$INFERMON_AGENT_CONFIG`` for the agent).
+    argparse namespace can be passed as it is; ``flag_names`` maps a dotted key to its flag's name
+    where that is not the last part of the key (``admin.listen`` is set by ``--admin``). ``file``
+    falls back to the variable named by ``config_env`` (``$INFERMON_CONFIG`` for the proxy,
+    ``$INFERMON_AGENT_CONFIG`` for the agent).
     """
     environ = os.environ if env is None else env
+    flag_names = flag_names or {}
     sources: dict[tuple[str, ...], str] = {}
     merged: dict[str, Any] = {}
 
@@ -66,6 +70,7 @@ def load(
         _merge(merged, data, sources, f"file {path}", ())
 
     aliases: Mapping[str, EnvAlias] = getattr(model, "ENV_ALIASES", {})
+    shorthands: Mapping[str, str] = getattr(model, "SHORTHANDS", {})
     for name, (dotted, convert) in aliases.items():
         raw = environ.get(name)
         if raw is None or not raw.strip():
@@ -75,7 +80,7 @@ def load(
         if convert is not None:
             with contextlib.suppress(ValueError):  # validation then names the variable and raw value
                 value = convert(raw)
-        _set(merged, keys, value)
+        _set(merged, keys, value, shorthands)
         _blame(sources, keys, f"env {name}")
 
     for name in sorted(environ):
@@ -84,15 +89,15 @@ def load(
         if any(name.startswith(p) for p in ignore_env_prefixes):
             continue
         keys = tuple(part.lower() for part in name[len(env_prefix) :].split("__"))
-        _set(merged, keys, _env_value(environ[name]))
+        _set(merged, keys, _env_value(environ[name]), shorthands)
         _blame(sources, keys, f"env {name}")
 
     for dotted, value in (flags or {}).items():
         if value is None:
             continue
         keys = tuple(dotted.split("."))
-        _set(merged, keys, value)
-        _blame(sources, keys, "flag --" + keys[-1].replace("_", "-"))
+        _set(merged, keys, value, shorthands)
+        _blame(sources, keys, "flag --" + flag_names.get(dotted, keys[-1].replace("_", "-")))
 
     try:
         return model.model_validate(merged)
@@ -128,12 +133,16 @@ def _env_value(raw: str) -> Any:
     return raw
 
 
-def _set(target: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+def _set(
+    target: dict[str, Any], keys: tuple[str, ...], value: Any, shorthands: Mapping[str, str] | None = None
+) -> None:
     node = target
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1]):
         child = node.get(key)
         if not isinstance(child, dict):
-            child = {}
+            # a section written as one string (``admin: HOST:PORT``) keeps that value under its key
+            short = shorthands.get(key) if shorthands and depth == 0 else None
+            child = {short: child} if short is not None and isinstance(child, str) else {}
             node[key] = child
         node = child
     node[keys[-1]] = value

@@ -6,6 +6,7 @@
     ├── ConfigError            bad configuration: the message names the key, the value and the fix
     └── ExchangeError          a request could not be proxied; the proxy answers ``status``
         ├── PoolExhausted          no upstream connection free within pool_timeout -> 503, kind=pool_exhausted
+        ├── ProxyInternalError     a bug of the proxy's own while handling the exchange -> 500, kind=internal
         └── UpstreamError          the model server could not give an answer (mapped to 502 / 504)
             ├── UpstreamConnectError   refused, unreachable, DNS failure           -> 502, kind=connect
             ├── UpstreamTimeout        connect, response head or body idle timeout -> 504, kind=timeout
@@ -13,7 +14,7 @@
             └── UpstreamProtocolError  the upstream's bytes are not HTTP/1.1       -> 502, kind=protocol
 
 Client-side problems (malformed request, limits, slow clients) are not exceptions: the data plane
-answers them directly with a JSON error response (see ``proxy.dataplane.responses``).
+answers them directly with a JSON error response (``proxy.dataplane.heads.Rejection``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ class PoolExhausted(ExchangeError):
 
     kind = "pool_exhausted"
     status = 503
+
+
+class ProxyInternalError(ExchangeError):
+    """The proxy's own code failed while handling an exchange (logged with its traceback)."""
+
+    kind = "internal"
+    status = 500
 
 
 class UpstreamError(ExchangeError):

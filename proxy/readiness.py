@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
+from typing import TYPE_CHECKING
 
+from proxy.config import mask_url
 from proxy.settings import Readiness as ReadinessConfig
+
+if TYPE_CHECKING:
+    from proxy.dataplane.upstream import UpstreamPool
 
 log = logging.getLogger("infermon.readiness")
 
@@ -41,26 +45,26 @@ class Readiness:
 
 
 class UpstreamProbe:
-    """Checks the model server every ``interval``: a GET of ``path`` expecting 2xx, or a TCP connect."""
+    """Checks one upstream pool every ``interval``: a GET of ``path`` expecting 2xx, or a TCP connect.
 
-    def __init__(
-        self,
-        readiness: Readiness,
-        host: str,
-        port: int,
-        authority: str,
-        cfg: ReadinessConfig,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
+    The gate is ``upstream`` for the default upstream (``stable``) and ``upstream:NAME`` for the
+    others. An upstream that cannot be reached is logged once at WARNING with the reason (refused,
+    DNS failure, timeout ...), and again when it answers: not once per probe.
+    """
+
+    def __init__(self, readiness: Readiness, pool: UpstreamPool, cfg: ReadinessConfig) -> None:
         self.readiness = readiness
-        self.host = host
-        self.port = port
-        self.authority = authority
+        self.pool = pool
+        self.host = pool.host
+        self.port = pool.port
+        self.authority = pool.authority.decode("ascii")
         self.cfg = cfg
         #: for an https:// upstream: the probe then connects with TLS (as the data plane does)
-        self.tls = tls
+        self.tls = pool.ssl
+        self.gate = "upstream" if pool.name == "stable" else f"upstream:{pool.name}"
+        self.healthy: bool | None = None  # None: not probed yet
         self._task: asyncio.Task[None] | None = None
-        readiness.set("upstream", False, "not probed yet")
+        readiness.set(self.gate, False, "not probed yet")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -99,6 +103,15 @@ class UpstreamProbe:
         shown = line.decode("latin-1", "replace").strip()[:80] or "connection closed"
         return False, f"GET {self.cfg.path} -> {shown}"
 
+    def _record(self, ok: bool, reason: str) -> None:
+        where = f"upstream {self.pool.name} ({mask_url(self.pool.url)})"
+        if not ok and self.healthy is not False:
+            log.warning("%s is not ready: %s", where, reason)
+        elif ok and self.healthy is False:
+            log.warning("%s is ready again: %s", where, reason)
+        self.healthy = ok
+        self.readiness.set(self.gate, ok, reason)
+
     async def _run(self) -> None:
         last_error = ""
         while True:
@@ -109,5 +122,5 @@ class UpstreamProbe:
                 if reason != last_error:
                     log.exception("readiness probe of %s:%d failed", self.host, self.port)
                 last_error = reason
-            self.readiness.set("upstream", ok, reason)
+            self._record(ok, reason)
             await asyncio.sleep(self.cfg.interval)

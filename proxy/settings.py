@@ -12,7 +12,16 @@ import re
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
@@ -64,6 +73,7 @@ class Limits(_Section):
     max_connections: Annotated[int, Field(ge=1)] = 10_000  # 503, then close
     max_in_flight: Annotated[int, Field(ge=1)] = 4_096  # 503
     max_header_bytes: Annotated[int, Field(ge=1024)] = 65_536  # 431: request line + all header lines
+    max_headers: Annotated[int, Field(ge=1)] = 100  # 431: header fields in one request head
     max_request_body_bytes: Annotated[int, Field(ge=0)] | None = None  # 413; null = no limit
     header_timeout: PositiveFloat = 10.0  # 408 when the whole request head has not arrived in time
     body_timeout: PositiveFloat = 60.0  # 408 when the request body stalls for this long
@@ -81,6 +91,8 @@ class Upstream(_Section):
     response_timeout: PositiveFloat = 600.0  # request sent -> response head: 504 (LLM calls are slow)
     read_timeout: PositiveFloat = 600.0  # silence between response body bytes
     retry_buffer_bytes: Annotated[int, Field(ge=0)] = 65_536  # request bodies kept for the stale retry
+    # RFC 9110 9.2.2: only idempotent methods (or requests with Idempotency-Key) are retried unless set
+    retry_non_idempotent: bool = False
 
 
 class LabelAllow(_Section):
@@ -277,12 +289,76 @@ OTEL_ENV: dict[str, tuple[str, Any]] = {
 }
 
 
+def _admin_shorthand(value: Any) -> Any:
+    """``admin: HOST:PORT`` (the form before the section existed) is ``admin.listen``."""
+    return {"listen": value} if isinstance(value, str) else value
+
+
+class Admin(_Section):
+    """The admin server: /metrics, /healthz, /readyz, /config and the state-changing endpoints."""
+
+    listen: HostPort = "0.0.0.0:9464"
+    #: bearer token the state-changing endpoints require when set; never shown in /config or logs
+    token: SecretStr | None = None
+    #: a file holding the token (a mounted Kubernetes Secret); read at start-up, trailing newline dropped
+    token_file: str | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _token_usable(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _check_token(value.get_secret_value())
+        return value
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_file_readable(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_token(_read_token_file(value))
+        return value
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> Admin:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set admin.token or admin.token_file, not both")
+        return self
+
+    def resolved_token(self) -> str | None:
+        """The token in force: ``token``, or the content of ``token_file``; None when unset."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is not None:
+            return _read_token_file(self.token_file)
+        return None
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read the token file {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"the token file {path!r} is not UTF-8 text") from None
+
+
+def _check_token(token: str) -> None:
+    if not token:
+        raise ValueError("the admin token is empty")
+    if len(token) < 16:
+        raise ValueError("the admin token must be at least 16 characters (for example: openssl rand -hex 32)")
+    if not all(0x21 <= ord(c) <= 0x7E for c in token):
+        raise ValueError("the admin token must be visible ASCII without spaces (it travels in a header)")
+
+
 class ProxyConfig(_Section):
     ENV_ALIASES: ClassVar[dict[str, tuple[str, Any]]] = OTEL_ENV
+    #: a section that may also be written as one string, and the key that string sets
+    SHORTHANDS: ClassVar[dict[str, str]] = {"admin": "listen"}
 
     listen: HostPort = "0.0.0.0:8080"
     upstream: str = "http://127.0.0.1:8000"
-    admin: HostPort = "0.0.0.0:9464"
+    admin: Annotated[Admin, BeforeValidator(_admin_shorthand)] = Field(default_factory=Admin)
     request_id_header: HeaderName = "x-request-id"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     limits: Limits = Field(default_factory=Limits)
@@ -326,6 +402,7 @@ class ProxyConfig(_Section):
 
         data = self.model_dump(mode="json")
         data["upstream"] = mask_url(self.upstream)
+        data["admin"]["token"] = "***" if self.admin.token is not None else None
         data["tracing"]["headers"] = {key: "***" for key in self.tracing.headers}
         for key in ("endpoint", "traces_endpoint"):
             if data["tracing"][key]:

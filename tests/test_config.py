@@ -37,7 +37,7 @@ def test_defaults_when_no_layer_sets_anything() -> None:
     cfg = _load()
     assert cfg.listen == "0.0.0.0:8080"
     assert cfg.upstream == "http://127.0.0.1:8000"
-    assert cfg.admin == "0.0.0.0:9464"
+    assert cfg.admin.listen == "0.0.0.0:9464"
     assert cfg.limits.max_in_flight == 4096
     assert cfg.labels.variant == "stable"
 
@@ -66,7 +66,7 @@ def test_flags_override_env_and_file(tmp_path: Path) -> None:
         flags={"listen": "127.0.0.1:3333", "admin": None, "limits.max_in_flight": 33},
     )
     assert cfg.listen == "127.0.0.1:3333"
-    assert cfg.admin == "127.0.0.1:9002"  # a None flag is "not given": env still wins over the file
+    assert cfg.admin.listen == "127.0.0.1:9002"  # a None flag is "not given": env still wins over the file
     assert cfg.limits.max_in_flight == 33
 
 

@@ -1,10 +1,20 @@
 """The admin HTTP server (aiohttp): /metrics, /healthz, /readyz, /config.
 
-It runs on the proxy's event loop; nothing here is on the request path.
+It runs on the proxy's event loop; nothing here is on the request path. Endpoints that change state
+(``/split``, ``/feedback``, reload, added by the capabilities that need them) are registered with
+:func:`add_state_route`: when ``admin.token`` is configured they require
+``Authorization: Bearer <token>`` and answer 401 with a JSON error otherwise. /metrics, /healthz,
+/readyz and /config never ask for it.
+
+Example::
+
+    app = build_admin_app(registry, readiness, cfg.public_dict, token=cfg.admin.resolved_token())
+    add_state_route(app, "PUT", "/split", put_split)
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,12 +49,45 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return json_response({"error": f"internal error: {exc!r}", "path": request.path}, status=500)
 
 
+ADMIN_TOKEN = web.AppKey("admin_token", str)  # "" when no token is configured
+
+
+def require_token(handler: Handler) -> Handler:
+    """Wrap a state-changing handler: with a token configured, only a matching bearer token passes."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        token = request.app[ADMIN_TOKEN]
+        if token:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest: the time taken says nothing about how much of the token matched
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                response = json_response(
+                    {
+                        "error": "this endpoint changes state: send Authorization: Bearer <admin.token>",
+                        "path": request.path,
+                    },
+                    status=401,
+                )
+                response.headers["WWW-Authenticate"] = 'Bearer realm="infermon-admin"'
+                return response
+        return await handler(request)
+
+    return guarded
+
+
+def add_state_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
+    """Register an endpoint that changes state: it takes the admin token when one is configured."""
+    app.router.add_route(method, path, require_token(handler))
+
+
 def build_admin_app(
     registry: CollectorRegistry,
     readiness: Readiness,
     config: Callable[[], dict[str, Any]],
+    token: str | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[json_errors])
+    app[ADMIN_TOKEN] = token or ""
 
     async def metrics(request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))

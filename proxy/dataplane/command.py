@@ -25,6 +25,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", help="where clients connect (default 0.0.0.0:8080)")
     p.add_argument("--upstream", metavar="URL", help="the model server (default http://127.0.0.1:8000)")
     p.add_argument("--admin", metavar="HOST:PORT", help="admin server for /metrics (default 0.0.0.0:9464)")
+    p.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help="bearer token for the state-changing admin endpoints (prefer INFERMON_ADMIN__TOKEN or "
+        "admin.token_file: a flag shows in the process list)",
+    )
     p.add_argument("--config", metavar="FILE", help="YAML configuration file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
@@ -35,7 +41,14 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
         ProxyConfig,
         file=args.config,
         ignore_env_prefixes=("INFERMON_AGENT_",),
-        flags={"listen": args.listen, "upstream": args.upstream, "admin": args.admin, "log_level": args.log_level},
+        flags={
+            "listen": args.listen,
+            "upstream": args.upstream,
+            "admin.listen": args.admin,
+            "admin.token": args.admin_token,
+            "log_level": args.log_level,
+        },
+        flag_names={"admin.listen": "admin", "admin.token": "admin-token"},
     )
 
 
@@ -59,13 +72,14 @@ async def serve(cfg: ProxyConfig) -> int:
         await app.start()
     except OSError as exc:
         log.error("cannot listen: %s (check listen / admin addresses)", exc)
+        await app.shutdown()  # observers were started: their threads end cleanly
         return 1
     app.install_signal_handlers()
     log.info(
         "infermon proxy on %s -> %s; metrics on http://%s/metrics (%s)",
         cfg.listen,
         config.mask_url(cfg.upstream),
-        cfg.admin,
+        cfg.admin.listen,
         loop.loop_name(),
     )
     await app.wait_for_signal()

@@ -1,9 +1,12 @@
-"""The data plane as one object: listening socket, client connections, upstream pool, hooks.
+"""The data plane as one object: listening socket, client connections, named upstream pools, hooks.
 
 Example::
 
     plane = DataPlane(cfg, Hooks([MetricsObserver(...)]))
+    canary = plane.add_upstream("canary", "http://127.0.0.1:8001")
+    plane.router = lambda ex: canary if ex.header(b"x-variant") == b"canary" else plane.pool
     await plane.start()
+    plane.send("canary", "GET", b"/v2/health/ready", [], b"", print, timeout=2.0)   # an own request
     ...
     await plane.drain(timeout=30)   # stop accepting, let in-flight requests finish
 """
@@ -13,15 +16,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from proxy.dataplane.exchange import Exchange
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy.dataplane.exchange import Exchange, Headers
+from proxy.dataplane.heads import HeadRules
 from proxy.dataplane.hooks import Hooks
-from proxy.dataplane.server import ClientConnection, _special_fields
+from proxy.dataplane.own import DEFAULT_MAX_BODY, OwnRequest, OwnResult, build_request
+from proxy.dataplane.server import ClientConnection
 from proxy.dataplane.upstream import UpstreamPool
-from proxy.settings import ProxyConfig, split_host_port
+from proxy.settings import ProxyConfig, Upstream, split_host_port
 
 log = logging.getLogger("infermon.dataplane")
+
+#: the name of the upstream given by ``upstream:`` (``--upstream URL``)
+DEFAULT_UPSTREAM = "stable"
 
 
 class DataPlane:
@@ -29,20 +40,60 @@ class DataPlane:
         self.cfg = cfg
         self.hooks = hooks
         self.loop = loop or asyncio.get_running_loop()
-        scheme, host, port = cfg.upstream_target()
-        default_port = 443 if scheme == "https" else 80
-        self.upstream_authority = (host if port == default_port else f"{host}:{port}").encode("idna")
-        self.pool = UpstreamPool(self.loop, scheme, host, port, cfg.upstream_pool)
-        #: per-request upstream choice (canary / A-B splits): ``route(ex) -> pool``, set once at
-        #: start-up; None sends everything to ``pool``. It runs after on_request_head, so it can
-        #: read the labels and headers observers set.
-        self.route: Callable[[Exchange], UpstreamPool] | None = None
+        self.rules = HeadRules(cfg.request_id_header.encode("ascii"), cfg.limits.max_request_body_bytes)
+        #: every upstream pool by name; client traffic goes to ``pool`` unless ``router`` says otherwise
+        self.upstreams: dict[str, UpstreamPool] = {}
+        self.pool = self.add_upstream(DEFAULT_UPSTREAM, cfg.upstream)
+        #: per-request upstream choice (canary / A-B splits): ``router(ex) -> pool``, set once at
+        #: start-up; None sends everything to ``pool``. It runs after on_request_head and before the
+        #: request head is serialized, so it can read the labels observers set and add headers.
+        self.router: Callable[[Exchange], UpstreamPool] | None = None
         self.connections: set[ClientConnection] = set()
         self.in_flight = 0
+        self.dropped_pipelined = 0  # requests read after one that closed the connection, never started
         self.draining = False
         self.drained = asyncio.Event()
         self.server: asyncio.Server | None = None
-        self.special_fields = _special_fields(cfg.request_id_header.encode("ascii"))
+
+    def add_upstream(self, name: str, url: str, cfg: Upstream | None = None) -> UpstreamPool:
+        """Register a named upstream pool (its own connections, limits and gauges)."""
+        if name in self.upstreams:
+            raise ValueError(f"upstream {name!r} is registered already")
+        pool = UpstreamPool(self.loop, name, url, cfg or self.cfg.upstream_pool)
+        self.upstreams[name] = pool
+        return pool
+
+    def route(self, ex: Exchange) -> UpstreamPool:
+        router = self.router
+        return self.pool if router is None else router(ex)
+
+    def send(
+        self,
+        upstream: str,
+        method: str,
+        target: bytes,
+        headers: Headers,
+        body: bytes,
+        callback: Callable[[OwnResult], None],
+        *,
+        timeout: float,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
+    ) -> OwnRequest:
+        """Send one request of the proxy's own through the pool named ``upstream``.
+
+        Fire-and-forget: ``callback(result)`` runs once, on the loop, when the response is complete
+        or the request failed (``result.error``), unless the returned request is cancelled first.
+        No observer sees it and it is not counted as client traffic. The response body is kept up to
+        ``max_body_bytes``.
+        """
+        pool = self.upstreams.get(upstream)
+        if pool is None:
+            raise KeyError(f"no upstream named {upstream!r} (known: {', '.join(sorted(self.upstreams))})")
+        request = build_request(
+            pool, method, target, headers, body, callback, timeout=timeout, max_body_bytes=max_body_bytes
+        )
+        request.begin()
+        return request
 
     @property
     def address(self) -> tuple[str, int]:
@@ -90,4 +141,42 @@ class DataPlane:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        self.pool.close()
+        for pool in self.upstreams.values():
+            pool.close()
+
+    def collector(self) -> Collector:
+        return DataPlaneCollector(self)
+
+
+class DataPlaneCollector(Collector):
+    """Connection gauges of the data plane, per upstream pool, read at scrape time."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    def collect(self) -> Iterator[Metric]:
+        plane = self.plane
+        yield GaugeMetricFamily("infermon_client_connections", "Open client connections.", value=len(plane.connections))
+        pools = list(plane.upstreams.values())
+        opened = GaugeMetricFamily(
+            "infermon_upstream_connections", "Open upstream connections (busy and idle).", labels=("upstream",)
+        )
+        idle = GaugeMetricFamily(
+            "infermon_upstream_idle_connections", "Idle pooled upstream connections.", labels=("upstream",)
+        )
+        total = CounterMetricFamily(
+            "infermon_upstream_connections_opened", "Upstream connections established.", labels=("upstream",)
+        )
+        for pool in pools:
+            opened.add_metric((pool.name,), pool.open)
+            idle.add_metric((pool.name,), len(pool.idle))
+            total.add_metric((pool.name,), pool.opened_total)
+        yield opened
+        yield idle
+        yield total
+        yield CounterMetricFamily(
+            "infermon_pipelined_requests_dropped",
+            "Pipelined requests never started because an earlier one closed the connection (RFC 9112 9.6) "
+            "or the connection ended first.",
+            value=plane.dropped_pipelined,
+        )

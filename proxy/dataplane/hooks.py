@@ -33,9 +33,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.dataplane.exchange import Exchange
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 log = logging.getLogger("infermon.hooks")
 
@@ -53,9 +56,24 @@ class Observer:
     """Base class: override the hooks you need. Hooks must be O(1): no I/O, no awaits.
 
     An instance may set a hook attribute to ``None`` to opt out of it (decided at start-up).
+
+    Lifecycle, called by ``ProxyApp`` for every observer, built-in or passed in: :meth:`start` once
+    before traffic (start threads or tasks here), :meth:`collector` once for its metrics, and
+    :meth:`aclose` once at shutdown, after the data plane drained (flush what is queued, within the
+    observer's own time limit). A failing ``start`` or ``aclose`` is logged, never fatal.
     """
 
     name = "observer"
+
+    async def start(self) -> None:
+        """Called once, before the data plane accepts traffic."""
+
+    async def aclose(self) -> None:
+        """Called once at shutdown, after the data plane drained."""
+
+    def collector(self) -> Collector | None:
+        """The observer's metrics, registered with the proxy's registry; None when it has none."""
+        return None
 
     def on_request_head(self, ex: Exchange) -> None:
         """Request head parsed."""

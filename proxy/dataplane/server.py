@@ -1,45 +1,50 @@
 """The client side of the data plane: one :class:`ClientConnection` protocol per client connection.
 
-Each request goes through ``_Request`` states::
+Each request goes through the ``_Request`` states (``state``, ordered)::
 
-    parsing head -> queued (pipelined behind another) -> waiting for an upstream connection
-      -> streaming (request body up, response down) -> finished
+    QUEUED (pipelined behind another) -> CONNECTING (started, waiting for an upstream connection)
+      -> SENT (request going up) -> RESPONDING (response head sent) -> DONE
 
 Requests on one connection are answered strictly in order: a pipelined request waits in the queue,
-with reading paused, until the one before it is finished. Bodies are never buffered beyond one read
-(plus ``retry_buffer_bytes`` kept for a stale-connection retry): reading from one side is paused while
-the other side's write buffer is full.
+with reading paused, until the one before it is finished. A request still QUEUED when the connection
+ends was never started: it is dropped (counted), never reported as an exchange. Bodies are never
+buffered beyond one read (plus ``retry_buffer_bytes`` kept for a stale-connection retry): reading
+from one side is paused while the other side's write buffer is full, and that flow-control state
+follows the connection: an upstream connection attached while the client's writes are paused starts
+paused, and one handed back to the pool always reads again.
+
+The head rules (validation, hop-by-hop removal, forwarding fields, framing) are pure functions in
+:mod:`proxy.dataplane.heads`; this module is the connection state machine around them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import re
 import time
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import httptools
 
 from proxy.dataplane import http
 from proxy.dataplane.exchange import Exchange, Headers
-from proxy.dataplane.timer import Deadline
-from proxy.dataplane.upstream import (
+from proxy.dataplane.heads import (
     CHUNKED,
-    NO_BODY,
     UNTIL_CLOSE,
-    WRITE_HIGH,
-    WRITE_LOW,
-    Ticket,
-    UpstreamConnection,
-    UpstreamPool,
+    HeadRules,
+    Rejection,
+    RequestHead,
+    interim_head,
+    prepare_request,
+    prepare_response,
 )
-from proxy.errors import ExchangeError, UpstreamError, UpstreamProtocolError
-
-if TYPE_CHECKING:
-    from proxy.dataplane.core import DataPlane
+from proxy.dataplane.heads import serialize_request as _serialize
+from proxy.dataplane.hooks import Hooks
+from proxy.dataplane.timer import Deadline
+from proxy.dataplane.upstream import WRITE_HIGH, WRITE_LOW, Ticket, UpstreamConnection, UpstreamPool
+from proxy.errors import ExchangeError, UpstreamProtocolError
+from proxy.settings import ProxyConfig
 
 log = logging.getLogger("infermon.dataplane")
 
@@ -59,103 +64,61 @@ T_BODY = 2
 T_IDLE = 3
 T_LINGER = 4
 
-_HOST = b"host"
-_CONTENT_LENGTH = b"content-length"
-_TRANSFER_ENCODING = b"transfer-encoding"
-_XFF = b"x-forwarded-for"
-_XFP = b"x-forwarded-proto"
-_XFH = b"x-forwarded-host"
-_EXPECT = b"expect"
-_UPGRADE = b"upgrade"
-_CONNECTION = b"connection"
-_DATE = b"date"
+# where a request is in its life (``_Request.state``); ordered, each one implies the ones before
+QUEUED = 0  # head parsed; waits behind an earlier request on this connection
+CONNECTING = 1  # started: on_request_head ran, waiting for an upstream connection
+SENT = 2  # attached to an upstream connection; the request is going up
+RESPONDING = 3  # the response head went to the client (an error answered by the proxy included)
+DONE = 4  # finished and recorded
 
+class _Plane(Protocol):
+    """What a client connection needs of the data plane (``proxy.dataplane.core.DataPlane``)."""
 
-# request header fields the data plane looks at; everything else is forwarded untouched
-(_K_HOST, _K_CONTENT_LENGTH, _K_TE, _K_CONNECTION, _K_XFF, _K_RID, _K_UPGRADE, _K_XFP, _K_XFH, _K_EXPECT, _K_HOP) = (
-    range(11)
-)
-_NOT_FIELDS = frozenset({b"close", b"keep-alive", b"upgrade"})
-# uri-host [ ":" port ] (RFC 9110 7.2): a reg-name, IPv4 or bracketed IPv6 literal
-_HOST_VALUE = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?$")
+    cfg: ProxyConfig
+    hooks: Hooks
+    loop: asyncio.AbstractEventLoop
+    rules: HeadRules
+    connections: set[ClientConnection]
+    in_flight: int
+    draining: bool
+    drained: asyncio.Event
+    dropped_pipelined: int
 
-
-def _special_fields(request_id_header: bytes) -> dict[bytes, int]:
-    table = {name: _K_HOP for name in http.HOP_BY_HOP}
-    table.update(
-        {
-            _HOST: _K_HOST,
-            _CONTENT_LENGTH: _K_CONTENT_LENGTH,
-            _TRANSFER_ENCODING: _K_TE,
-            _CONNECTION: _K_CONNECTION,
-            _XFF: _K_XFF,
-            _UPGRADE: _K_UPGRADE,
-            _XFP: _K_XFP,
-            _XFH: _K_XFH,
-            _EXPECT: _K_EXPECT,
-            request_id_header: _K_RID,
-        }
-    )
-    return table
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
-_UUID_SET = (0x4 << 76) | (0x2 << 62)
-
-
-def new_request_id() -> str:
-    """A random (version 4) UUID string; a quarter of the cost of ``str(uuid.uuid4())``."""
-    h = f"{random.getrandbits(128) & _UUID_CLEAR | _UUID_SET:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    def route(self, ex: Exchange) -> UpstreamPool: ...
 
 
 class _Request:
     __slots__ = (
-        "chunked_in",
         "chunked_out",
         "close_after",
         "error",
         "ex",
         "head",
-        "head_only",
         "headed",
         "in_flight",
         "pending",
         "pending_bytes",
         "pool",
         "request_done",
-        "response_done",
-        "response_started",
         "retry_body",
         "retry_bytes",
-        "te_value",
+        "state",
         "ticket",
-        "upgrade",
         "upstream",
+        "wire",
     )
 
     def __init__(self, ex: Exchange) -> None:
         self.ex = ex
-        self.error: tuple[int, str] | None = None
-        self.head = b""
-        self.head_only = False
+        self.state = QUEUED
+        self.error: Rejection | None = None  # answered by the proxy itself when it starts
+        self.head: RequestHead | None = None
+        self.wire = b""  # the request head as sent upstream
         self.headed = False  # on_request_head has run
-        self.chunked_in = False
-        self.te_value = b""
-        self.upgrade = False
-        self.chunked_out = False
-        self.close_after = False
-        self.request_done = False
-        self.response_started = False
-        self.response_done = False
-        self.in_flight = False
+        self.chunked_out = False  # the response body goes to the client chunked
+        self.close_after = False  # the client connection ends after this exchange
+        self.request_done = False  # the whole request body was received
+        self.in_flight = False  # counted in plane.in_flight
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.retry_body: list[bytes] | None = []
@@ -164,15 +127,26 @@ class _Request:
         self.upstream: UpstreamConnection | None = None
         self.pool: UpstreamPool | None = None
 
+    @property
+    def head_only(self) -> bool:
+        return self.head is not None and self.head.head_only
+
+    @property
+    def chunked_in(self) -> bool:
+        return self.head is not None and self.head.chunked
+
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: _Plane) -> None:
         self.plane = plane
         cfg = plane.cfg
         self.limits = cfg.limits
+        self.max_headers = cfg.limits.max_headers
+        self.retry_any = cfg.upstream_pool.retry_non_idempotent
+        self.retry_buffer = cfg.upstream_pool.retry_buffer_bytes
         self.hooks = plane.hooks
-        self.rid_header = cfg.request_id_header.encode("ascii")
-        self._special = plane.special_fields
+        self.rules = plane.rules
+        self.rid_header = plane.rules.request_id_header
         self.transport: asyncio.Transport | None = None
         self.client_host = ""
         self.parser = httptools.HttpRequestParser(self)
@@ -183,12 +157,14 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = Deadline(plane.loop, self._deadline_passed)
         self.deadline_kind = T_HEAD
         self._paused = 0
+        self._writing_paused = False  # the client's write buffer is over its high-water mark
+        self._last = False  # a request that ends the connection was read: later ones are dropped
         self._url = b""
         self._headers: Headers = []
         self._head_size = 0
         self._raw_head = 0  # bytes received while a head is incomplete
         self._in_head = False
-        self._reject: _Reject | None = None
+        self._reject: Rejection | None = None
         self._feeding = False  # inside parser.feed_data: upstream writes are flushed after it
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -202,7 +178,7 @@ class ClientConnection(asyncio.Protocol):
         plane.connections.add(self)
         if len(plane.connections) > self.limits.max_connections:
             ex = Exchange(time.perf_counter(), self.client_host)
-            ex.request_id = new_request_id()
+            ex.request_id = http.new_request_id()
             self._respond_error_now(ex, 503, "too many client connections (limits.max_connections)")
             return
         self.deadline_kind = T_HEAD
@@ -230,16 +206,18 @@ class ClientConnection(asyncio.Protocol):
                 cause = exc.__context__
                 if isinstance(exc, httptools.HttpParserCallbackError) and cause is not None:
                     log.error("internal error while handling a request", exc_info=cause)
-                    reject = _Reject(500, "internal proxy error")
+                    reject = Rejection(500, "internal proxy error")
+                    if self.parsing is not None:
+                        self.parsing.ex.error = "internal"
                 else:
-                    reject = _Reject(400, f"malformed request: {exc}")
+                    reject = Rejection(400, f"malformed request: {exc}")
             self._flush_up()
             self._parse_failed(reject)
             return
         finally:
             self._flush_up()
         if self._in_head and self._raw_head > self.limits.max_header_bytes:
-            self._parse_failed(_Reject(431, "request head too large (limits.max_header_bytes)"))
+            self._parse_failed(Rejection(431, "request head too large (limits.max_header_bytes)"))
 
     def _flush_up(self) -> None:
         self._feeding = False
@@ -262,16 +240,21 @@ class ClientConnection(asyncio.Protocol):
         requests = self.requests
         self.requests = deque()
         for req in requests:
-            self._abandon(req)
+            if req.state == QUEUED:
+                self.plane.dropped_pipelined += 1  # never started: dropped, not aborted
+            else:
+                self._abandon(req)
         self.parsing = None  # a half-received head is not a request
 
     def pause_writing(self) -> None:
+        self._writing_paused = True
         if self.requests and self.requests[0].upstream is not None:
             self.requests[0].upstream.pause_reading()
         elif self.tunnel is not None:
             self.tunnel.pause_reading()
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         if self.requests and self.requests[0].upstream is not None:
             self.requests[0].upstream.resume_reading()
         elif self.tunnel is not None:
@@ -302,7 +285,10 @@ class ClientConnection(asyncio.Protocol):
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.limits.max_header_bytes:
             raise self._fail_parse(431, "request header fields too large (limits.max_header_bytes)")
-        self._headers.append((name, value))
+        headers = self._headers
+        if len(headers) >= self.max_headers:
+            raise self._fail_parse(431, f"more than {self.max_headers} header fields (limits.max_headers)")
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         req = self.parsing
@@ -311,12 +297,27 @@ class ClientConnection(asyncio.Protocol):
         self._raw_head = 0
         ex = req.ex
         ex.t_head = time.perf_counter()
+        if self._last:
+            # RFC 9112 9.6: after a request that closes the connection nothing more is processed
+            self.parsing = None
+            self.plane.dropped_pipelined += 1
+            self._pause(PAUSE_STOP)
+            return
         parser = self.parser
-        ex.method = parser.get_method().decode("ascii", "replace")
-        ex.http_version = parser.get_http_version()
-        if not parser.should_keep_alive():
+        ex.method = method = parser.get_method().decode("ascii", "replace")
+        ex.http_version = version = parser.get_http_version()
+        head = req.head = prepare_request(
+            self.rules, method, self._url, version, parser.should_keep_alive(), self._headers, self.client_host
+        )
+        ex.target = head.target
+        ex.path = head.path
+        ex.request_id = head.request_id
+        ex.request_headers = head.headers
+        if head.close:
             req.close_after = True
-        self._prepare(req)
+            self._last = True
+        if head.reject is not None:
+            req.error = head.reject
         if req.error is None and not req.request_done:
             self.deadline_kind = T_BODY
             self.deadline.set_in(self.limits.body_timeout)
@@ -361,141 +362,20 @@ class ClientConnection(asyncio.Protocol):
             self.deadline.clear()
         if req.chunked_in:
             self._send_up(req, b"0\r\n\r\n")
-        if req.upstream is not None and not req.response_done:
+        if req.upstream is not None and req.state < DONE:
             req.upstream.request_sent()
+        if self._last:
+            self._pause(PAUSE_STOP)  # nothing after this request is read
 
-    # -- request preparation ------------------------------------------------------------------
-
-    def _fail_parse(self, status: int, message: str) -> _Reject:
-        self._reject = _Reject(status, message)
-        return self._reject
-
-    def _prepare(self, req: _Request) -> None:
-        """Validate the head and build the header list sent upstream (``ex.request_headers``)."""
-        ex = req.ex
-        target = self._url
-        authority: bytes | None = None
-        if target[:1] != b"/" and target != b"*":
-            if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
-                rest = target.split(b"//", 1)[1]
-                slash = rest.find(b"/")
-                authority = rest[:slash] if slash >= 0 else rest
-                target = rest[slash:] if slash >= 0 else b"/"
-            elif ex.method != "OPTIONS":
-                req.error = (400, "request target must be a path (origin-form) or an absolute URL")
-        if ex.method == "CONNECT":
-            req.error = (405, "CONNECT is not supported: infermon is a reverse proxy")
-        ex.target = target
-        q = target.find(b"?")
-        ex.path = (target if q < 0 else target[:q]).decode("latin-1")
-
-        forward: Headers = []
-        host: bytes | None = None
-        hosts = 0
-        xff: list[bytes] = []
-        has_xfp = has_xfh = False
-        request_id: bytes | None = None
-        content_length: bytes | None = None
-        te: bytes | None = None
-        upgrade: bytes | None = None
-        connection: list[bytes] | None = None
-        special = self._special
-        for name, value in self._headers:
-            kind = special.get(name.lower())
-            if kind is None:
-                forward.append((name, value))
-            elif kind == _K_HOST:
-                hosts += 1
-                host = value
-                forward.append((name, value))
-            elif kind == _K_CONTENT_LENGTH:
-                content_length = value
-                forward.append((name, value))
-            elif kind == _K_TE:
-                te = value if te is None else te + b", " + value
-            elif kind == _K_CONNECTION:
-                connection = [value] if connection is None else [*connection, value]
-            elif kind == _K_XFF:
-                xff.append(value)
-            elif kind == _K_RID:
-                if request_id is None and http.is_valid_request_id(value):
-                    request_id = value
-            elif kind == _K_UPGRADE:
-                upgrade = value
-            elif kind == _K_XFP:
-                has_xfp = True
-                forward.append((name, value))
-            elif kind == _K_XFH:
-                has_xfh = True
-                forward.append((name, value))
-            elif kind == _K_EXPECT:
-                if value.lower() != b"100-continue":
-                    req.error = req.error or (417, "only 'Expect: 100-continue' is supported")
-                forward.append((name, value))
-            # else: hop-by-hop, dropped
-        tokens: set[bytes] = set()
-        if connection is not None:
-            tokens = http.connection_tokens(connection)
-            named = tokens - _NOT_FIELDS
-            if named:  # Connection names more fields as hop-by-hop: they stop here too
-                forward = [(n, v) for n, v in forward if n.lower() not in named]
-
-        ex.request_id = request_id.decode("ascii") if request_id is not None else new_request_id()
-        if req.error is not None:
-            return
-        if ex.http_version == "1.1" and hosts != 1:
-            req.error = (400, "an HTTP/1.1 request needs exactly one Host header")
-            return
-        if host is not None and not _HOST_VALUE.match(host):
-            req.error = (400, "invalid Host header")
-            return
-        if authority is not None and host is not None:
-            # absolute-form: the target's authority wins over Host (RFC 9112 3.2.2)
-            forward = [(n, authority if n.lower() == _HOST else v) for n, v in forward]
-            host = authority
-        if te is not None and ex.http_version == "1.0":
-            req.error = (400, "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
-            return
-        if te is not None:
-            codings = [c.strip().lower() for c in te.split(b",")]
-            if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
-                req.error = (400, "Transfer-Encoding must end with chunked (and name it once)")
-                return
-            if content_length is not None:
-                req.error = (400, "Content-Length and Transfer-Encoding together are not allowed")
-                return
-            req.chunked_in = True
-            req.te_value = te
-        elif content_length is not None:
-            limit = self.limits.max_request_body_bytes
-            if limit is not None and int(content_length) > limit:
-                req.error = (413, f"request body larger than {limit} bytes (limits.max_request_body_bytes)")
-                return
-
-        if upgrade is not None and _UPGRADE in tokens:
-            req.upgrade = True
-            forward.append((b"Connection", b"Upgrade"))
-            forward.append((b"Upgrade", upgrade))
-        if req.chunked_in:
-            forward.append((b"Transfer-Encoding", req.te_value))
-        if host is None:
-            host = self.plane.upstream_authority
-            forward.append((b"Host", host))
-        client = self.client_host.encode("ascii")
-        forward.append((b"X-Forwarded-For", b", ".join([*xff, client]) if xff else client))
-        if not has_xfp:
-            forward.append((b"X-Forwarded-Proto", b"http"))
-        if not has_xfh:
-            forward.append((b"X-Forwarded-Host", host))
-        forward.append((self.rid_header, ex.request_id.encode("ascii")))
-        forward.append((b"Via", b"1.0 infermon" if ex.http_version == "1.0" else b"1.1 infermon"))
-        ex.request_headers = forward
-        req.head_only = ex.method == "HEAD"
+    def _fail_parse(self, status: int, message: str) -> Exception:
+        self._reject = Rejection(status, message)
+        return ValueError(message)
 
     # -- running a request --------------------------------------------------------------------
 
     def _start(self, req: _Request) -> None:
         ex = req.ex
+        req.state = CONNECTING
         if req.error is not None:
             status, message = req.error
             self._respond_error(req, status, message)
@@ -512,11 +392,13 @@ class ClientConnection(asyncio.Protocol):
         hooks = self.hooks
         if hooks.request_head:
             hooks.call(hooks.request_head, "on_request_head", ex)
-        parts = [ex.method.encode("ascii"), b" ", ex.target, b" HTTP/1.1\r\n"]
-        http.serialize_headers(parts, ex.request_headers)
-        parts.append(b"\r\n")
-        req.head = b"".join(parts)
-        pool = req.pool = plane.pool if plane.route is None else plane.route(ex)
+        # routing comes before serialization: the chosen upstream supplies a missing Host, and the
+        # router (like any observer before it) may still add to ex.request_headers
+        pool = req.pool = plane.route(ex)
+        head = req.head
+        assert head is not None
+        head.headers = ex.request_headers
+        req.wire = _serialize(head, pool.authority)
         conn = pool.take_idle()
         if conn is not None:
             self._attach(req, conn)
@@ -525,7 +407,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _pool_answered(self, req: _Request, conn: UpstreamConnection | None, error: ExchangeError | None) -> None:
         req.ticket = None
-        if self.closed or req.response_done or not self.requests or self.requests[0] is not req:
+        if self.closed or req.state == DONE or not self.requests or self.requests[0] is not req:
             if conn is not None:
                 conn.pool.release(conn, reusable=True)
             return
@@ -537,8 +419,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _attach(self, req: _Request, conn: UpstreamConnection) -> None:
         req.upstream = conn
+        if req.state < SENT:
+            req.state = SENT
         req.ex.t_upstream_connected = time.perf_counter()
-        conn.start(_Owner(self, req, conn), req.head, req.head_only)
+        conn.start(_Owner(self, req, conn), req.wire, req.head_only)
+        if self._writing_paused:
+            conn.pause_reading()  # the client cannot take more yet: the response waits upstream
         if req.pending:
             conn.writelines(req.pending)
             req.pending = []
@@ -553,30 +439,39 @@ class ClientConnection(asyncio.Protocol):
         """Forward request body bytes, or hold them until an upstream connection is attached."""
         if req.retry_body is not None:
             req.retry_bytes += len(data)
-            if req.retry_bytes <= self.plane.cfg.upstream_pool.retry_buffer_bytes:
+            if req.retry_bytes <= self.retry_buffer:
                 req.retry_body.append(data)
             else:
                 req.retry_body = None
+        if req.state == DONE:
+            return
         conn = req.upstream
-        if conn is not None and not req.response_done:
+        if conn is not None:
             conn.write(data)
-        elif not req.response_done:
+        else:
             req.pending.append(data)
             req.pending_bytes += len(data)
             if req.pending_bytes > PENDING_LIMIT:
                 self._pause(PAUSE_BUFFER)
 
+    def _may_retry(self, req: _Request) -> bool:
+        """RFC 9110 9.2.2: only idempotent requests (or opted-in ones) are sent again automatically."""
+        head = req.head
+        return (
+            not req.ex.retried
+            and req.retry_body is not None
+            and req.state < RESPONDING
+            and not self.closed
+            and head is not None
+            and (head.idempotent or self.retry_any)
+        )
+
     def _upstream_error(self, req: _Request, error: ExchangeError, stale: bool = False) -> None:
         ex = req.ex
-        if (
-            stale
-            and not req.ex.retried
-            and req.retry_body is not None
-            and not req.response_started
-            and not self.closed
-        ):
+        if stale and self._may_retry(req):
             ex.retried = True
             req.upstream = None
+            assert req.retry_body is not None
             req.pending = list(req.retry_body)
             req.pending_bytes = 0
             assert req.pool is not None
@@ -584,7 +479,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.error = error.kind
         req.upstream = None
-        if req.response_started:
+        if req.state >= RESPONDING:
             # the status line is gone already: cutting the connection is the only honest signal
             self._finish(req)
             self._abort_transport()
@@ -606,8 +501,8 @@ class ClientConnection(asyncio.Protocol):
         if not req.request_done or status in (400, 408, 413, 414, 431):
             req.close_after = True
         transport = self.transport
-        if transport is not None and not self.closed and not req.response_started:
-            req.response_started = True
+        if transport is not None and not self.closed and req.state < RESPONDING:
+            req.state = RESPONDING
             transport.write(
                 http.error_response(
                     status,
@@ -623,16 +518,17 @@ class ClientConnection(asyncio.Protocol):
     def _respond_error_now(self, ex: Exchange, status: int, message: str) -> None:
         """An error for a request that never got its own ``_Request`` (connection-level)."""
         req = _Request(ex)
+        req.error = Rejection(status, message)
         req.close_after = True
         self.requests.append(req)
         if len(self.requests) == 1:
-            self._respond_error(req, status, message)
+            self._start(req)
 
     def _finish(self, req: _Request) -> None:
         """The exchange is over: record it, then move on to the next request or close."""
-        if req.response_done:
+        if req.state == DONE:
             return
-        req.response_done = True
+        req.state = DONE
         ex = req.ex
         ex.t_done = time.perf_counter()
         if req.ticket is not None:
@@ -646,8 +542,8 @@ class ClientConnection(asyncio.Protocol):
                 plane.drained.set()
         hooks = self.hooks
         if not req.headed and ex.t_head:
-            # answered by the proxy itself (a limit, a bad header) or abandoned in the pipeline: the
-            # head was read, so observers see it (labels, trace) like any other request
+            # answered by the proxy itself (a limit, a bad header): the head was read, so observers
+            # see it (labels, trace) like any other request
             req.headed = True
             if hooks.request_head:
                 hooks.call(hooks.request_head, "on_request_head", ex)
@@ -672,13 +568,13 @@ class ClientConnection(asyncio.Protocol):
             self._resume(PAUSE_PIPELINE)
 
     def _abandon(self, req: _Request) -> None:
-        """The client went away with ``req`` unanswered."""
+        """The client went away with ``req`` started and unanswered."""
         ex = req.ex
-        if req.response_done:
+        if req.state == DONE:
             return
         if not ex.upgraded:
             ex.aborted = True
-        if not req.response_started:
+        if req.state < RESPONDING:
             ex.status = 499
         if req.upstream is not None:
             req.upstream.abort()
@@ -730,7 +626,7 @@ class ClientConnection(asyncio.Protocol):
         for req in self.requests:
             req.close_after = True
 
-    def _parse_failed(self, reject: _Reject) -> None:
+    def _parse_failed(self, reject: Rejection) -> None:
         """Answer a request we could not parse (in turn, after those before it) and close."""
         self.parser = httptools.HttpRequestParser(self)  # the old one is in an error state
         self._pause(PAUSE_STOP)
@@ -739,20 +635,22 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         if req is not None and req in self.requests:  # the head was fine, the body was not
             if req is not self.requests[0]:
-                req.error = (reject.status, reject.message)
+                req.error = reject
                 req.close_after = True
-            elif not req.response_started:
+            elif req.state < RESPONDING:
                 self._respond_error(req, reject.status, reject.message)
             else:
                 self._finish(req)
                 self._abort_transport()
             return
+        if self._last:
+            return  # bytes after a request that closes the connection: not a request of ours
         if req is None:
             req = _Request(Exchange(time.perf_counter(), self.client_host))
-        req.error = (reject.status, reject.message)
+        req.error = reject
         req.close_after = True
         if not req.ex.request_id:
-            req.ex.request_id = new_request_id()
+            req.ex.request_id = http.new_request_id()
         self.requests.append(req)
         if len(self.requests) == 1:
             self._start(req)
@@ -770,14 +668,14 @@ class ClientConnection(asyncio.Protocol):
                 return
             ex = self.parsing.ex
             self.parsing = None
-            ex.request_id = new_request_id()
+            ex.request_id = http.new_request_id()
             self._pause(PAUSE_STOP)
             self._respond_error_now(ex, 408, "request head not received in time (limits.header_timeout)")
             return
         req = self.parsing
         if kind == T_BODY and req is not None and self.requests and self.requests[0] is req:
             self.parsing = None
-            if not req.response_started:
+            if req.state < RESPONDING:
                 self._respond_error(req, 408, "request body stalled (limits.body_timeout)")
                 return
             self._finish(req)
@@ -788,7 +686,7 @@ class ClientConnection(asyncio.Protocol):
     def _upgrade_requested(self, rest: bytes) -> None:
         """The parser stopped after an Upgrade request head; the request already started."""
         req = self.requests[-1] if self.requests else None
-        if req is None or not req.upgrade:
+        if req is None or req.head is None or not req.head.upgrade:
             if req is not None:
                 self._abort_transport()
             return  # already answered (and closing), e.g. CONNECT
@@ -802,7 +700,7 @@ class ClientConnection(asyncio.Protocol):
     def tunnel_open(self, req: _Request, conn: UpstreamConnection, head: bytes, rest: bytes) -> None:
         assert self.transport is not None
         req.ex.upgraded = True
-        req.response_started = True
+        req.state = RESPONDING
         self.tunnel = conn
         self.deadline.cancel()
         self.transport.write(head)
@@ -844,10 +742,7 @@ class _Owner:
         client = self.client
         if client.closed or client.transport is None or self.req.ex.http_version != "1.1":
             return
-        parts = [http.status_line(status, reason)]
-        http.serialize_headers(parts, [(n, v) for n, v in headers if n.lower() not in http.HOP_BY_HOP])
-        parts.append(b"\r\n")
-        client.transport.write(b"".join(parts))
+        client.transport.write(interim_head(client.rules, status, reason, headers))
 
     def upstream_head(self, status: int, reason: bytes, headers: Headers, framing: int) -> None:
         client = self.client
@@ -859,57 +754,27 @@ class _Owner:
         hooks = client.hooks
         if hooks.upstream_head:
             hooks.call(hooks.upstream_head, "on_upstream_head", ex)
-        headers = ex.response_headers
-        rid = client.rid_header
-        hop = http.HOP_BY_HOP
-        parts = [http.status_line(status, reason)]
-        has_rid = has_date = False
-        te = b""
-        connection: list[bytes] | None = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname in hop:
-                if lname == _TRANSFER_ENCODING:
-                    te = value
-                elif lname == _CONNECTION:
-                    connection = [value] if connection is None else [*connection, value]
-                continue
-            if lname == rid:
-                has_rid = True
-            elif lname == _DATE:
-                has_date = True
-            parts += (name, b": ", value, b"\r\n")
-        if connection is not None:
-            named = http.connection_tokens(connection) - _NOT_FIELDS
-            if named:
-                parts = [parts[0]]
-                http.serialize_headers(
-                    parts, [(n, v) for n, v in headers if n.lower() not in hop and n.lower() not in named]
-                )
-        if not has_rid:
-            parts.append(rid + b": " + ex.request_id.encode("ascii") + b"\r\n")
-        if not has_date:
-            parts.append(http.date_header())  # RFC 9110 6.6.1: a forwarded response needs a Date
-        http11 = ex.http_version == "1.1"
-        if framing in (CHUNKED, UNTIL_CLOSE):
-            ex.stream = True
-            if http11:
-                req.chunked_out = True
-                parts.append(b"Transfer-Encoding: " + (te or b"chunked") + b"\r\n")
-            else:
-                req.close_after = True
-        elif framing == NO_BODY and te and req.head_only and http11:
-            parts.append(b"Transfer-Encoding: " + te + b"\r\n")
         if not req.request_done:
             req.close_after = True  # the upstream answered before the body ended
-        if req.close_after or client.plane.draining:
+        if client.plane.draining:
             req.close_after = True
-            parts.append(b"Connection: close\r\n")
-        elif not http11:
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        req.response_started = True
-        self.out.append(b"".join(parts))
+        http11 = ex.http_version == "1.1"
+        prepared = prepare_response(
+            client.rules,
+            status,
+            reason,
+            ex.response_headers,
+            framing,
+            request_id=ex.request_id,
+            http11=http11,
+            head_only=req.head_only,
+            close=req.close_after,
+        )
+        ex.stream = framing in (CHUNKED, UNTIL_CLOSE)  # no declared length
+        req.chunked_out = prepared.chunked
+        req.close_after = prepared.close
+        req.state = RESPONDING
+        self.out.append(prepared.wire)
 
     def upstream_body(self, chunk: bytes) -> None:
         req = self.req
@@ -936,12 +801,14 @@ class _Owner:
             if trailers:
                 http.serialize_headers(self.out, trailers)
             self.out.append(b"\r\n")
-        self.upstream_flush()
+        # detach before the last write: if it fills the client's buffer, pause_writing must not
+        # pause a connection that is going back to the pool
         req.upstream = None
+        self.upstream_flush()
         self.conn.pool.release(self.conn, reusable=reusable and req.request_done)
         client._finish(req)
 
-    def upstream_failed(self, error: UpstreamError, stale: bool) -> None:
+    def upstream_failed(self, error: ExchangeError, stale: bool) -> None:
         self.upstream_flush()
         if self.req.upstream is not self.conn:
             return
@@ -949,7 +816,7 @@ class _Owner:
 
     def upstream_upgraded(self, reason: bytes, headers: Headers, rest: bytes) -> None:
         req = self.req
-        if not req.upgrade:  # 101 to a request that asked for no protocol switch
+        if req.head is None or not req.head.upgrade:  # 101 to a request that asked for no protocol switch
             self.conn.abort()
             self.client._upstream_error(req, UpstreamProtocolError("upstream switched protocols unasked"))
             return

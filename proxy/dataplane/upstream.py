@@ -18,14 +18,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol, cast
+from urllib.parse import urlsplit
 
 import httptools
 
 from proxy.dataplane.exchange import Headers
+from proxy.dataplane.heads import NO_BODY, UNTIL_CLOSE, response_framing
 from proxy.dataplane.timer import Deadline
 from proxy.errors import (
     ExchangeError,
     PoolExhausted,
+    ProxyInternalError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -40,14 +43,6 @@ MAX_RESPONSE_HEAD = 1 << 20
 WRITE_HIGH = 256 * 1024
 WRITE_LOW = 64 * 1024
 
-# response body framing
-NO_BODY = 0
-LENGTH = 1
-CHUNKED = 2
-UNTIL_CLOSE = 3
-
-
-
 class UpstreamOwner(Protocol):
     """What an upstream connection reports to the request that uses it."""
 
@@ -55,7 +50,7 @@ class UpstreamOwner(Protocol):
     def upstream_head(self, status: int, reason: bytes, headers: Headers, framing: int) -> None: ...
     def upstream_body(self, chunk: bytes) -> None: ...
     def upstream_complete(self, trailers: Headers, reusable: bool) -> None: ...
-    def upstream_failed(self, error: UpstreamError, stale: bool) -> None: ...
+    def upstream_failed(self, error: ExchangeError, stale: bool) -> None: ...
     def upstream_upgraded(self, reason: bytes, headers: Headers, rest: bytes) -> None: ...
     def upstream_tunnel_data(self, data: bytes) -> None: ...
     def upstream_flush(self) -> None: ...
@@ -177,6 +172,14 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self._fail(UpstreamProtocolError("unexpected protocol upgrade from upstream"))
             return
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, UpstreamError):  # raised on purpose by a callback (head too large)
+                self._fail(cause)
+            else:  # a bug of ours while handling the response: not the model server's fault
+                log.error("internal error while handling an upstream response", exc_info=cause or exc)
+                self._fail(ProxyInternalError("internal proxy error while handling the upstream response"))
+            return
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid HTTP response from upstream: {exc}"))
             return
@@ -198,8 +201,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             self.owner = None
             owner.upstream_tunnel_closed()
+        elif self._head_done and self._framing == UNTIL_CLOSE and exc is None:
+            self._finish(reusable=False)  # a close-delimited body ends with a clean close (FIN) only
         elif self._head_done and self._framing == UNTIL_CLOSE:
-            self._finish(reusable=False)
+            self._fail(UpstreamReset("upstream reset the connection in the middle of a close-delimited response"))
         elif not self._got_bytes:
             what = "reset" if exc is not None else "closed"
             self._fail(UpstreamReset(f"upstream {what} the connection before responding"), stale=self.reused)
@@ -245,7 +250,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._head_size = 0
             return
         self._head_done = True
-        framing = self._body_framing(status)
+        framing = response_framing(status, self._headers, self._head_only)
         self._framing = framing
         owner.upstream_head(status, self._reason, self._headers, framing)
         if framing == NO_BODY and self._head_only:
@@ -254,23 +259,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._keep_alive = self._parser.should_keep_alive()
             self._parser = None
             self._complete = True
-
-    def _body_framing(self, status: int) -> int:
-        if self._head_only or status in (204, 304):
-            return NO_BODY
-        chunked = False
-        has_length = False
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"transfer-encoding":
-                chunked = value.rstrip().lower().endswith(b"chunked")
-            elif lname == b"content-length":
-                has_length = True
-        if chunked:
-            return CHUNKED
-        if has_length:
-            return LENGTH
-        return UNTIL_CLOSE
 
     def on_body(self, body: bytes) -> None:
         if self.owner is not None and self._head_done and not self._complete:
@@ -288,11 +276,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = None
         self.deadline.clear()
         self.reused = True
-        self.resume_reading()
         if owner is not None:
             owner.upstream_complete(self._trailers, reusable and not self.closed)
 
-    def _fail(self, error: UpstreamError, stale: bool = False) -> None:
+    def _fail(self, error: ExchangeError, stale: bool = False) -> None:
         owner = self.owner
         self.abort()
         if owner is not None:
@@ -321,18 +308,27 @@ class Ticket:
 
 
 class UpstreamPool:
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        scheme: str,
-        host: str,
-        port: int,
-        cfg: Upstream,
-    ) -> None:
+    """The connections to one named upstream (``stable``, ``canary``, a shadow target ...).
+
+    ``authority`` is the Host sent for requests that came without one (HTTP/1.0) and for the
+    proxy's own requests.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str, url: str, cfg: Upstream) -> None:
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        host = parts.hostname or ""
+        port = parts.port or (443 if scheme == "https" else 80)
         self.loop = loop
+        self.name = name
+        self.url = url
+        self.scheme = scheme
         self.host = host
         self.port = port
         self.cfg = cfg
+        default_port = 443 if scheme == "https" else 80
+        shown = f"[{host}]" if ":" in host else host
+        self.authority = (shown if port == default_port else f"{shown}:{port}").encode("idna")
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if scheme == "https" else None
         self.idle: deque[UpstreamConnection] = deque()
         self.open = 0  # connections open or being opened
@@ -361,9 +357,16 @@ class UpstreamPool:
         return ticket
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Take back a connection whose exchange is over: park it idle, hand it on, or close it.
+
+        A released connection always reads again, whatever flow control its last owner applied: an
+        idle connection must see its peer's close, and its next owner decides afresh.
+        """
+        conn.owner = None
         if not reusable or conn.closed or self._closed:
             conn.abort()  # connection_lost -> forget() does the accounting
             return
+        conn.resume_reading()
         while self.waiters:
             ticket = self.waiters.popleft()
             if not ticket.cancelled:

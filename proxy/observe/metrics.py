@@ -44,7 +44,7 @@ from proxy.settings import ProxyConfig
 REQUEST_LABELS = ("model", "version", "variant", "method", "code")
 HIST_LABELS = ("model", "version", "variant", "method", "code_class")
 MODEL_LABELS = ("model", "version", "variant")
-UPSTREAM_KINDS = frozenset({"connect", "timeout", "reset", "protocol"})
+UPSTREAM_KINDS = frozenset({"connect", "timeout", "reset", "protocol", "internal"})
 
 __all__ = ["RequestMetrics", "build_registry"]
 _ = (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR)  # the global ones stay unused: own registry
@@ -139,6 +139,9 @@ class RequestMetrics(Observer, Collector):
         self.gauges: list[tuple[str, str, Callable[[], float]]] = []
         self.counters: list[tuple[str, str, Callable[[], float]]] = []
         self.hooks: Hooks | None = None
+
+    def collector(self) -> Collector:
+        return self
 
     # -- hot path -----------------------------------------------------------------------------
 

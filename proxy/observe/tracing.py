@@ -474,8 +474,10 @@ class TracingObserver(Observer):
     def collector(self) -> TracingCollector:
         return TracingCollector(self)
 
-    async def aclose(self, timeout: float) -> None:
+    async def aclose(self, timeout: float | None = None) -> None:
         """Export what is queued, waiting at most ``timeout`` seconds (a hung collector is left behind)."""
+        if timeout is None:
+            timeout = self.cfg.timeout
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
 

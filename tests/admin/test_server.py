@@ -19,9 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from proxy.app import ProxyApp
+from proxy.dataplane.upstream import UpstreamPool
 from proxy.readiness import Readiness, UpstreamProbe
 from proxy.settings import ProxyConfig
 from proxy.settings import Readiness as ReadinessSettings
+from proxy.settings import Upstream as UpstreamSettings
 from tests.conftest import ProxyFactory
 from tests.helpers import TIMEOUT, Client, RawUpstream, bound_socket, fetch, read_request_head, scrape, wait_until
 
@@ -326,6 +328,13 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def _pool(url: str, tls: ssl.SSLContext | None = None) -> UpstreamPool:
+    pool = UpstreamPool(asyncio.get_running_loop(), "stable", url, UpstreamSettings())
+    if tls is not None:
+        pool.ssl = tls
+    return pool
+
+
 async def test_probe_speaks_tls_to_an_https_upstream(serve: Serve, tls_files: tuple[Path, Path]) -> None:
     cert, key = tls_files
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -344,15 +353,15 @@ async def test_probe_speaks_tls_to_an_https_upstream(serve: Serve, tls_files: tu
     try:
         cfg = ReadinessSettings(path="/ready", timeout=2.0)
         client_tls = ssl.create_default_context(cafile=str(cert))
-        probe = UpstreamProbe(Readiness(), "127.0.0.1", port, f"127.0.0.1:{port}", cfg, tls=client_tls)
+        probe = UpstreamProbe(Readiness(), _pool(f"https://127.0.0.1:{port}", client_tls), cfg)
         assert await probe.check() == (True, "GET /ready -> 200")
 
-        untrusted = UpstreamProbe(Readiness(), "127.0.0.1", port, "x", cfg, tls=ssl.create_default_context())
+        untrusted = UpstreamProbe(Readiness(), _pool(f"https://127.0.0.1:{port}"), cfg)  # system CAs only
         ok, reason = await untrusted.check()
         assert not ok
         assert "certificate verify failed" in reason
 
-        plain = UpstreamProbe(Readiness(), "127.0.0.1", port, "x", cfg)  # plain HTTP to a TLS port
+        plain = UpstreamProbe(Readiness(), _pool(f"http://127.0.0.1:{port}"), cfg)  # plain HTTP to a TLS port
         assert (await plain.check())[0] is False
     finally:
         await runner.cleanup()

@@ -28,16 +28,15 @@ async def test_route_sends_each_request_to_the_chosen_pool(make_proxy: ProxyFact
     app = await make_proxy(stable.url)
     plane = app.plane
     assert plane is not None
-    canary_pool = UpstreamPool(plane.loop, "http", "127.0.0.1", canary.port, app.cfg.upstream_pool)
+    canary_pool = plane.add_upstream("canary", canary.url)
 
     def route(ex: Exchange) -> UpstreamPool:
         return canary_pool if ex.header(b"x-variant") == b"canary" else plane.pool
 
-    plane.route = route
+    plane.router = route
     client = await Client.connect(app.proxy_address)
     assert (await client.request("GET", "/", headers={"X-Variant": "canary"})).body == b"canary"
     assert (await client.request("GET", "/")).body == b"stable"
     assert (await client.request("GET", "/", headers={"X-Variant": "canary"})).body == b"canary"
     assert canary_pool.opened_total == 1  # connections return to the pool they came from
     assert plane.pool.opened_total == 1
-    canary_pool.close()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.dataplane.server import new_request_id
+from proxy.dataplane.http import new_request_id
 from tests.conftest import ProxyFactory
 from tests.helpers import (
     TIMEOUT,

@@ -7,6 +7,8 @@ import contextlib
 import socket
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from tests.conftest import ProxyFactory
 from tests.helpers import (
     TIMEOUT,
@@ -83,22 +85,41 @@ async def test_connect_timeout_504(make_proxy: ProxyFactory) -> None:
         blocker.close()
 
 
-async def test_stale_pooled_connection_retried_once(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
-    served = []
+def stale_second_request() -> tuple[list[int], Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]]:
+    """An upstream that answers once per connection, then drops the next request unanswered."""
+    served: list[int] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request_head(reader)
+        _, headers, _ = await read_request_head(reader)
+        await reader.readexactly(int(headers.get("content-length", "0")))
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
         served.append(1)
         # the next request on this connection finds it closed: the upstream timed it out
         await read_request_head(reader)
         writer.transport.abort()
 
+    return served, handler
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "pool"),
+    [
+        ("GET", {}, {}),
+        ("PUT", {}, {}),
+        ("DELETE", {}, {}),
+        ("POST", {"Idempotency-Key": "8e03978e-40d5-43e8-bc93-6894a57f9324"}, {}),
+        ("POST", {}, {"retry_non_idempotent": True}),
+    ],
+)
+async def test_stale_pooled_connection_retried_once_when_a_repeat_is_safe(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory, method: str, headers: dict[str, str], pool: dict[str, bool]
+) -> None:
+    served, handler = stale_second_request()
     up = await raw_upstream(handler)
-    app = await make_proxy(up.url)
+    app = await make_proxy(up.url, upstream_pool=pool)
     client = await Client.connect(app.proxy_address)
-    assert (await client.request("POST", "/", body=b"abc")).body == b"first"
-    resp = await client.request("POST", "/", body=b"again")
+    assert (await client.request(method, "/", headers=headers, body=b"abc")).body == b"first"
+    resp = await client.request(method, "/", headers=headers, body=b"again")
     assert (resp.status, resp.body) == (200, b"first")
     assert len(served) == 2
     m = await metrics_of(app)
@@ -106,6 +127,25 @@ async def test_stale_pooled_connection_retried_once(make_proxy: ProxyFactory, ra
     assert metric(m, "infermon_upstream_errors_total") == 0
     assert metric(m, "infermon_requests_total", code="200") == 2
     assert metric(m, "infermon_upstream_connections_opened_total") == 2
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_non_idempotent_request_is_never_retried_automatically(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory, method: str
+) -> None:
+    # RFC 9110 9.2.2: the model server may have run (or crashed on) the request already
+    served, handler = stale_second_request()
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request(method, "/", body=b"abc")).status == 200
+    resp = await client.request(method, "/", body=b"again")
+    assert resp.status == 502
+    assert len(served) == 1
+    m = await metrics_of(app)
+    assert metric(m, "infermon_upstream_retries_total") == 0
+    assert metric(m, "infermon_upstream_errors_total", kind="reset") == 1
+    assert metric(m, "infermon_upstream_connections_opened_total") == 1
 
 
 async def test_stale_connection_not_retried_when_body_would_be_lost(
