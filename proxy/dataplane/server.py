@@ -644,7 +644,10 @@ class ClientConnection(asyncio.Protocol):
                 self._abort_transport()
             return
         if self._last:
-            return  # bytes after a request that closes the connection: not a request of ours
+            # llhttp refuses data after a request that closes the connection: a pipelined request
+            # that is never processed (RFC 9112 9.6), not an error to answer
+            self.plane.dropped_pipelined += 1
+            return
         if req is None:
             req = _Request(Exchange(time.perf_counter(), self.client_host))
         req.error = reject

@@ -580,3 +580,186 @@ async def test_date_added_when_the_upstream_sends_none(make_proxy: ProxyFactory,
     assert parsedate_to_datetime(date).tzinfo is not None
     resp = await client.request("GET", "/")
     assert resp.header_all("date") == ["Sun, 06 Nov 1994 08:49:37 GMT"]  # kept, not duplicated
+
+
+# -- second-pass regressions -----------------------------------------------------------------------
+
+
+async def test_connection_content_length_does_not_strip_the_body_length(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory
+) -> None:
+    # with Content-Length stripped, the body would reach the model server as a second request
+    seen: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            line, headers, _ = await read_request_head(reader)
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            seen.append((line, headers, body))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: m\r\n\r\n"
+    resp = await client.request(
+        "POST", "/infer", headers={"Connection": "content-length", "Content-Length": str(len(smuggled))}, body=smuggled
+    )
+    assert resp.status == 200
+    resp = await client.request("GET", "/after", headers={"Connection": "host, x-forwarded-proto, x-request-id"})
+    assert resp.status == 200
+    assert [s[0].split()[1] for s in seen] == ["/infer", "/after"]  # nothing smuggled in between
+    assert seen[0][2] == smuggled and seen[0][1]["content-length"] == str(len(smuggled))
+    assert seen[1][1]["host"] == "test" and seen[1][1]["x-forwarded-proto"] == "http"
+    assert "x-request-id" in seen[1][1]
+
+
+async def test_response_connection_option_cannot_strip_content_length(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nConnection: content-length, x-hop\r\nX-Hop: 1\r\nContent-Length: 2\r\n\r\nok"
+            )
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    for _ in range(2):  # the connection stays usable: the framing held
+        resp = await client.request("GET", "/")
+        assert (resp.status, resp.body, resp.header("content-length"), resp.header("x-hop")) == (200, b"ok", "2", None)
+
+
+async def test_close_delimited_gzip_response_is_labelled_gzip_chunked(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory
+) -> None:
+    import gzip
+
+    payload = gzip.compress(b'{"predictions": [1, 2, 3]}')
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + payload)
+        await writer.drain()
+        writer.close()
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/")
+    assert resp.header("transfer-encoding") == "gzip, chunked"
+    assert resp.chunked and resp.body == payload
+    assert gzip.decompress(resp.body) == b'{"predictions": [1, 2, 3]}'
+
+
+async def test_close_delimited_body_cut_by_a_reset_is_a_failure(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory
+) -> None:
+    import socket
+    import struct
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial body")
+        await writer.drain()
+        await asyncio.sleep(0.1)  # let the proxy forward the head and the first bytes
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    await client.send(build_request("GET", "/"))
+    status, _, headers = await _read_head_of(client)
+    assert status == 200 and (b"transfer-encoding", b"chunked") in [(k.lower(), v) for k, v in headers]
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        await read_chunked(client.reader)  # cut: never a clean terminating chunk
+    from tests.helpers import metric, parse_metrics, scrape
+
+    _, text = await scrape(app.admin_address)
+    m = parse_metrics(text)
+    assert metric(m, "infermon_upstream_errors_total", kind="reset") == 1
+
+
+async def _read_head_of(client: Client) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    from tests.helpers import _read_head
+
+    async with asyncio.timeout(TIMEOUT):
+        return await _read_head(client.reader)
+
+
+async def test_pipelined_request_after_connection_close_is_dropped_not_aborted(
+    make_proxy: ProxyFactory, upstream: str
+) -> None:
+    from tests.helpers import metric, parse_metrics, scrape
+
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    await client.send(
+        build_request("GET", "/echo/1", headers={"Connection": "close"}) + build_request("GET", "/echo/2")
+    )
+    resp = await client.response()
+    assert resp.status == 200 and resp.json()["path"] == "/echo/1"  # type: ignore[index]
+    assert resp.header("connection") == "close"
+    assert await client.closed()
+    _, text = await scrape(app.admin_address)
+    m = parse_metrics(text)
+    assert metric(m, "infermon_requests_total") == 1
+    assert metric(m, "infermon_requests_total", code="499") == 0
+    assert metric(m, "infermon_client_aborts_total") == 0
+    assert metric(m, "infermon_pipelined_requests_dropped_total") == 1
+
+
+async def test_http10_request_without_keep_alive_ends_the_connection(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    await client.send(b"GET /echo/a HTTP/1.0\r\n\r\nGET /echo/b HTTP/1.0\r\n\r\n")
+    resp = await client.response()
+    assert resp.status == 200 and resp.json()["path"] == "/echo/a"  # type: ignore[index]
+    assert await client.closed()
+
+
+@pytest.mark.parametrize(("count", "status"), [(99, 200), (100, 431), (400, 431)])
+async def test_max_headers(make_proxy: ProxyFactory, upstream: str, count: int, status: int) -> None:
+    # with Host, `count` + 1 fields: the default limit is 100
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.proxy_address)
+    await client.send(build_request("GET", "/echo", headers=[(f"x-h{i}", "v") for i in range(count)]))
+    resp = await client.response()
+    assert resp.status == status
+    if status == 431:
+        assert "limits.max_headers" in resp.json()["error"]  # type: ignore[index]
+        assert await client.closed()
+
+
+async def test_max_headers_is_configurable(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, limits={"max_headers": 5})
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/echo", headers=[(f"x-h{i}", "v") for i in range(4)])).status == 200
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/echo", headers=[(f"x-h{i}", "v") for i in range(5)])).status == 431
+
+
+async def test_a_bug_in_our_response_handling_is_an_internal_error_not_the_upstreams(
+    make_proxy: ProxyFactory, upstream: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.dataplane import server
+    from tests.helpers import metric, parse_metrics, scrape
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("bug in the proxy")
+
+    app = await make_proxy(upstream)
+    monkeypatch.setattr(server, "prepare_response", broken)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/echo")
+    assert resp.status == 500
+    _, text = await scrape(app.admin_address)
+    m = parse_metrics(text)
+    assert metric(m, "infermon_upstream_errors_total", kind="internal") == 1
+    assert metric(m, "infermon_upstream_errors_total", kind="protocol") == 0
+    logged = [r for r in caplog.records if r.exc_info and "bug in the proxy" in str(r.exc_info[1])]
+    assert logged, "the traceback is logged"

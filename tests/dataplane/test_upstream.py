@@ -283,3 +283,101 @@ async def test_oversized_upstream_head_502(make_proxy: ProxyFactory, raw_upstrea
     client = await Client.connect(app.proxy_address)
     resp = await client.request("GET", "/")
     assert resp.status == 502
+
+
+# -- flow-control state follows the connection ------------------------------------------------------
+
+
+def _shrink_buffers(app: object) -> None:
+    """Tiny kernel send buffers on every client connection of the proxy: its own write buffer fills."""
+    for conn in app.plane.connections:  # type: ignore[attr-defined]
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+
+async def _slow_client(app: object) -> Client:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, app.proxy_address)  # type: ignore[attr-defined]
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+    client = Client(reader, writer)
+
+    async def accepted() -> bool:
+        return len(app.plane.connections) == 1  # type: ignore[attr-defined]
+
+    await wait_until(accepted)
+    return client
+
+
+async def test_slow_client_never_leaves_a_paused_connection_in_the_pool(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory
+) -> None:
+    # the whole response arrives in a read or two; writing its last bytes passes the slow client's
+    # high-water mark while the upstream connection is still attached
+    body = b"x" * (400 * 1024)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url, upstream_pool={"max_connections": 1, "response_timeout": 3})
+    slow = await _slow_client(app)
+    _shrink_buffers(app)
+    await slow.send(build_request("GET", "/big"))
+    plane = app.plane
+    assert plane is not None
+
+    async def exchange_done() -> bool:
+        return len(plane.pool.idle) == 1
+
+    await wait_until(exchange_done)  # finished upstream while the client has not read a byte
+    idle = plane.pool.idle[0]
+    assert idle.transport is not None and idle.transport.is_reading()
+    fast = await Client.connect(app.proxy_address)
+    async with asyncio.timeout(2):
+        resp = await fast.request("GET", "/big")
+    assert (resp.status, len(resp.body)) == (200, len(body))
+    resp = await slow.response()
+    assert (resp.status, resp.body) == (200, body)
+
+
+async def test_upstream_attached_to_a_paused_client_starts_paused(
+    make_proxy: ProxyFactory, raw_upstream: RawFactory
+) -> None:
+    # response 1 fills the slow client's buffer and closes its upstream connection; response 2 comes
+    # on a fresh connection, which must not stream into the client's full buffer unchecked
+    first = b"a" * (400 * 1024)
+    second = b"b" * (16 << 20)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line, _, _ = await read_request_head(reader)
+        if "/first" in line:
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(first) + first)
+            await writer.drain()
+            return
+        writers.append(writer)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(second))
+        for i in range(0, len(second), 1 << 20):
+            writer.write(second[i : i + (1 << 20)])
+            await writer.drain()
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    slow = await _slow_client(app)
+    _shrink_buffers(app)
+    await slow.send(build_request("GET", "/first") + build_request("GET", "/second"))
+    conn = next(iter(app.plane.connections))  # type: ignore[union-attr]
+    transport = conn.transport
+    assert transport is not None
+
+    async def second_blocked_or_buffered() -> bool:
+        blocked = bool(writers) and writers[0].transport.get_write_buffer_size() > 0
+        return blocked or transport.get_write_buffer_size() > (4 << 20)
+
+    await wait_until(second_blocked_or_buffered)
+    assert transport.get_write_buffer_size() < (1 << 20)  # bounded: a read or two, not the body
+    assert (await slow.response()).body == first
+    assert (await slow.response()).body == second
