@@ -64,6 +64,11 @@ class ProxyApp:
             collector = obs.collector()
             if collector is not None:
                 self.registry.register(collector)
+        #: the admin server's routes; capabilities add theirs before start() (add_state_route for
+        #: those that change state: they then take the admin token)
+        self.admin_app = build_admin_app(
+            self.registry, self.readiness, cfg.public_dict, token=cfg.admin.resolved_token()
+        )
         self.plane: DataPlane | None = None
         self.probes: list[UpstreamProbe] = []
         self._started: list[Observer] = []
@@ -93,9 +98,7 @@ class ProxyApp:
             probe = UpstreamProbe(self.readiness, pool, cfg.readiness)
             probe.start()
             self.probes.append(probe)
-        app = build_admin_app(self.registry, self.readiness, cfg.public_dict, token=cfg.admin.resolved_token())
-        self.admin_app = app
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.admin_app, access_log=None, handle_signals=False)
         await self._runner.setup()
         if admin is not None:
             self._admin_site = web.SockSite(self._runner, admin)

@@ -102,7 +102,7 @@ def load(
     try:
         return model.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, sources)) from None
+        raise ConfigError(_describe(exc, sources, getattr(model, "SECRET_KEYS", frozenset()))) from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -174,7 +174,9 @@ def _merge(
         sources[keys] = origin
 
 
-def _describe(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> str:
+def _describe(
+    exc: ValidationError, sources: Mapping[tuple[str, ...], str], secrets: frozenset[str] = frozenset()
+) -> str:
     lines = []
     for err in exc.errors(include_url=False):
         loc = tuple(str(part) for part in err["loc"])
@@ -185,7 +187,12 @@ def _describe(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> s
             lines.append(f"config error: unknown key {key!s}{where}: remove it or check its spelling")
             continue
         value = err.get("input")
-        shown = "" if err["type"] == "missing" else f" = {_short(value)}"
+        if err["type"] == "missing":
+            shown = ""
+        elif any(key == secret or key.startswith(secret + ".") for secret in secrets):
+            shown = " = ***"  # a secret never reaches an error message or a log
+        else:
+            shown = f" = {_short(value)}"
         lines.append(f"config error: {key}{shown}{where}: {err['msg']}")
     return "\n".join(lines)
 

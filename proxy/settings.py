@@ -355,6 +355,8 @@ class ProxyConfig(_Section):
     ENV_ALIASES: ClassVar[dict[str, tuple[str, Any]]] = OTEL_ENV
     #: a section that may also be written as one string, and the key that string sets
     SHORTHANDS: ClassVar[dict[str, str]] = {"admin": "listen"}
+    #: keys whose values config errors never show
+    SECRET_KEYS: ClassVar[frozenset[str]] = frozenset({"admin.token", "tracing.headers"})
 
     listen: HostPort = "0.0.0.0:8080"
     upstream: str = "http://127.0.0.1:8000"

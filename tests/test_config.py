@@ -344,3 +344,58 @@ def test_otlp_endpoint_must_be_an_http_url(endpoint: str) -> None:
     message = _error(env={"INFERMON_TRACING__ENABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
     assert "tracing.endpoint" in message
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in message
+
+
+# -- the admin section ---------------------------------------------------------------------------
+
+TOKEN = "0123456789abcdef0123"
+
+
+def test_admin_string_is_the_listen_address_and_a_section_works_too(tmp_path: Path) -> None:
+    assert _load(_file(tmp_path, "admin: 127.0.0.1:9100\n")).admin.listen == "127.0.0.1:9100"
+    cfg = _load(_file(tmp_path, f"admin:\n  listen: 127.0.0.1:9101\n  token: {TOKEN}\n"))
+    assert cfg.admin.listen == "127.0.0.1:9101" and cfg.admin.resolved_token() == TOKEN
+
+
+def test_admin_token_from_env_keeps_the_listen_address_given_as_a_string(tmp_path: Path) -> None:
+    cfg = _load(_file(tmp_path, "admin: 127.0.0.1:9100\n"), env={"INFERMON_ADMIN__TOKEN": TOKEN})
+    assert cfg.admin.listen == "127.0.0.1:9100" and cfg.admin.resolved_token() == TOKEN
+    cfg = _load(env={"INFERMON_ADMIN": "127.0.0.1:9102", "INFERMON_ADMIN__TOKEN": TOKEN})
+    assert cfg.admin.listen == "127.0.0.1:9102" and cfg.admin.resolved_token() == TOKEN
+
+
+def test_admin_flags() -> None:
+    cfg = load(
+        ProxyConfig,
+        env={},
+        flags={"admin.listen": "127.0.0.1:9103", "admin.token": TOKEN},
+        flag_names={"admin.listen": "admin", "admin.token": "admin-token"},
+    )
+    assert cfg.admin.listen == "127.0.0.1:9103" and cfg.admin.resolved_token() == TOKEN
+    with pytest.raises(ConfigError) as info:
+        load(ProxyConfig, env={}, flags={"admin.token": "short-secret"}, flag_names={"admin.token": "admin-token"})
+    assert "admin.token = ***" in str(info.value) and "flag --admin-token" in str(info.value)
+    assert "short-secret" not in str(info.value)  # a secret never reaches an error message
+
+
+def test_admin_token_file(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n", encoding="utf-8")
+    cfg = _load(env={"INFERMON_ADMIN__TOKEN_FILE": str(secret)})
+    assert cfg.admin.resolved_token() == TOKEN
+    message = _error(env={"INFERMON_ADMIN__TOKEN_FILE": str(tmp_path / "missing")})
+    assert "admin.token_file" in message and "cannot read the token file" in message
+    assert "INFERMON_ADMIN__TOKEN_FILE" in message
+    empty = tmp_path / "empty"
+    empty.write_text("\n", encoding="utf-8")
+    assert "empty" in _error(env={"INFERMON_ADMIN__TOKEN_FILE": str(empty)})
+    both = _error(env={"INFERMON_ADMIN__TOKEN_FILE": str(secret), "INFERMON_ADMIN__TOKEN": TOKEN})
+    assert "not both" in both
+
+
+def test_admin_token_is_masked_in_public_config() -> None:
+    cfg = _load(env={"INFERMON_ADMIN__TOKEN": TOKEN})
+    public = cfg.public_dict()
+    assert public["admin"]["token"] == "***"
+    assert TOKEN not in repr(public) and TOKEN not in repr(cfg)
+    assert _load().public_dict()["admin"]["token"] is None

@@ -387,3 +387,71 @@ async def test_failing_collector_is_a_json_500_and_logged(
 
     app.registry.unregister(broken)  # and the next scrape is fine again
     assert (await fetch(app.admin_address, "/metrics")).status == 200
+
+
+# -- the admin token on state-changing endpoints -----------------------------------------------------
+
+ADMIN_TOKEN = "s3cr3t-t0ken-0123456789"
+
+
+async def _admin_request(
+    addr: tuple[str, int], method: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, object], str | None]:
+    client = await Client.connect(addr)
+    resp = await client.request(method, path, headers=headers, body=b"{}" if method != "GET" else b"")
+    await client.close()
+    return resp.status, _json(resp.body), resp.header("www-authenticate")
+
+
+async def test_state_changing_endpoints_take_the_bearer_token(make_proxy: ProxyFactory, upstream: str) -> None:
+    from proxy.admin.server import add_state_route
+
+    changes: list[str] = []
+
+    async def change(request: web.Request) -> web.Response:
+        changes.append(request.method)
+        return web.json_response({"changed": True})
+
+    cfg = ProxyConfig.model_validate({"upstream": upstream, "admin": {"token": ADMIN_TOKEN}})
+    app = ProxyApp(cfg)
+    add_state_route(app.admin_app, "PUT", "/change", change)  # before start, as capabilities do
+    await app.start(listen=bound_socket(), admin=bound_socket())
+    try:
+        addr = app.admin_address
+        status, body, challenge = await _admin_request(addr, "PUT", "/change")
+        assert status == 401 and "Bearer" in str(body["error"]) and challenge == 'Bearer realm="infermon-admin"'
+        status, _, _ = await _admin_request(addr, "PUT", "/change", {"Authorization": "Bearer wrong-token-0123456"})
+        assert status == 401
+        status, _, _ = await _admin_request(addr, "PUT", "/change", {"Authorization": f"Basic {ADMIN_TOKEN}"})
+        assert status == 401
+        assert changes == []
+        status, body, _ = await _admin_request(addr, "PUT", "/change", {"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert status == 200 and body == {"changed": True} and changes == ["PUT"]
+        # read-only endpoints never ask for it, and /config masks it
+        for path in ("/healthz", "/config"):
+            status, body, _ = await _admin_request(addr, "GET", path)
+            assert status == 200, path
+        assert body["admin"] == {"listen": "0.0.0.0:9464", "token": "***", "token_file": None}
+        assert (await fetch(addr, "/metrics")).status == 200
+        assert ADMIN_TOKEN not in (await fetch(addr, "/config")).body.decode()
+    finally:
+        await app.shutdown()
+
+
+async def test_without_a_token_state_routes_are_open(upstream: str) -> None:
+    from proxy.admin.server import add_state_route, build_admin_app
+
+    async def change(request: web.Request) -> web.Response:
+        return web.json_response({"changed": True})
+
+    admin_app = build_admin_app(ProxyApp(ProxyConfig(upstream=upstream)).registry, Readiness(), dict)
+    add_state_route(admin_app, "POST", "/change", change)
+    runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+    await runner.setup()
+    sock = bound_socket()
+    await web.SockSite(runner, sock).start()
+    try:
+        status, body, _ = await _admin_request(sock.getsockname(), "POST", "/change")
+        assert (status, body) == (200, {"changed": True})
+    finally:
+        await runner.cleanup()
