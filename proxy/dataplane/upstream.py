@@ -183,10 +183,14 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid HTTP response from upstream: {exc}"))
             return
-        if self._complete:
-            self._finish(reusable=self._keep_alive and not self._garbage)
-        elif self.owner is not None:
-            self.owner.upstream_flush()
+        try:
+            if self._complete:
+                self._finish(reusable=self._keep_alive and not self._garbage)
+            elif self.owner is not None:
+                self.owner.upstream_flush()
+        except Exception as exc:  # a bug of ours after the parser: logged, never blamed on the upstream
+            log.error("internal error while handling an upstream response", exc_info=exc)
+            self._fail(ProxyInternalError("internal proxy error while handling the upstream response"))
 
     def eof_received(self) -> bool | None:
         return False
