@@ -27,6 +27,7 @@ NO_BODY = 0
 LENGTH = 1
 CHUNKED = 2
 UNTIL_CLOSE = 3
+STREAMED = frozenset({CHUNKED, UNTIL_CLOSE})  # no declared length: the body is streamed
 
 _HOST = b"host"
 _CONTENT_LENGTH = b"content-length"
@@ -46,6 +47,8 @@ _CHUNKED = b"chunked"
 
 #: Connection options that are not field names (RFC 9112 9.3, 9.6; RFC 9110 7.8).
 NOT_FIELDS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_PLAIN_CONNECTION = NOT_FIELDS
+_NOTHING: frozenset[bytes] = frozenset()
 
 # uri-host [ ":" port ] (RFC 9110 7.2): a reg-name, IPv4 or bracketed IPv6 literal
 _HOST_VALUE = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?$")
@@ -102,6 +105,8 @@ def connection_options(values: list[bytes], rules: HeadRules) -> frozenset[bytes
     (RFC 9110 7.6.1 lets a proxy keep fields meant for every recipient). Framing and routing fields,
     the request id, ``Forwarded``, ``Via``, ``Date`` and every ``X-Forwarded-*`` field are protected.
     """
+    if len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION:
+        return _NOTHING  # the common case: keep-alive or close, no field named
     named: set[bytes] = set()
     protected = rules.protected
     for token in http.connection_tokens(values):
@@ -327,18 +332,27 @@ def response_framing(status: int, headers: Headers, head_only: bool) -> int:
     Transfer-Encoding lines are read together (``gzip`` on one line, ``chunked`` on the next is
     chunked); a Transfer-Encoding whose final coding is not chunked is read until close.
     """
-    if head_only or status in (204, 304) or status < 200:
-        return NO_BODY
     te: list[bytes] = []
     has_length = False
     for name, value in headers:
         lname = name.lower()
         if lname == _TRANSFER_ENCODING:
-            te += transfer_codings(value)
+            te.append(value)
         elif lname == _CONTENT_LENGTH:
             has_length = True
-    if te:
-        return CHUNKED if te[-1] == _CHUNKED else UNTIL_CLOSE
+    return framing_of(status, te, has_length, head_only)
+
+
+def framing_of(status: int, transfer_encodings: list[bytes], has_length: bool, head_only: bool) -> int:
+    """:func:`response_framing` from what a parser noted while reading the fields (the hot path)."""
+    if head_only or status in (204, 304) or status < 200:
+        return NO_BODY
+    if transfer_encodings:
+        last = transfer_encodings[-1]
+        if last[-7:].lower() == _CHUNKED and last.rsplit(b",", 1)[-1].strip().lower() == _CHUNKED:
+            return CHUNKED
+        codings = [c for value in transfer_encodings for c in transfer_codings(value)]
+        return CHUNKED if codings and codings[-1] == _CHUNKED else UNTIL_CLOSE
     if has_length:
         return LENGTH
     return UNTIL_CLOSE
@@ -371,38 +385,38 @@ def prepare_response(
     HTTP/1.0 client, which must not see Transfer-Encoding at all.
     """
     parts = [http.status_line(status, reason)]
-    te: list[bytes] = []
+    te: list[bytes] | None = None
     connection: list[bytes] | None = None
     hop = http.HOP_BY_HOP
-    kept: Headers = []
-    for name, value in fields:
+    rid = rules.request_id_header
+    has_rid = has_date = False
+    for name, value in fields:  # one pass: the common response names no field in Connection
         lname = name.lower()
         if lname in hop:
             if lname == _TRANSFER_ENCODING:
-                te += transfer_codings(value)
+                te = [value] if te is None else [*te, value]
             elif lname == _CONNECTION:
                 connection = [value] if connection is None else [*connection, value]
             continue
-        kept.append((name, value))
-    if connection is not None:
-        named = connection_options(connection, rules)
-        if named:
-            kept = [(n, v) for n, v in kept if n.lower() not in named]
-    rid = rules.request_id_header
-    has_rid = has_date = False
-    for name, value in kept:
-        lname = name.lower()
         if lname == rid:
             has_rid = True
         elif lname == _DATE:
             has_date = True
         parts += (name, b": ", value, b"\r\n")
+    if connection is not None:
+        named = connection_options(connection, rules)
+        if named:  # rare: build the fields again without the named ones
+            parts = [parts[0]]
+            for name, value in fields:
+                lname = name.lower()
+                if lname not in hop and lname not in named:
+                    parts += (name, b": ", value, b"\r\n")
     if not has_rid:
         parts.append(rid + b": " + request_id.encode("ascii") + b"\r\n")
     if not has_date:
         parts.append(http.date_header())  # RFC 9110 6.6.1: a forwarded response needs a Date
     chunked = False
-    if framing in (CHUNKED, UNTIL_CLOSE):
+    if framing in STREAMED:
         if http11:
             chunked = True
             parts.append(b"Transfer-Encoding: " + _with_chunked(te) + b"\r\n")
@@ -418,9 +432,14 @@ def prepare_response(
     return ResponseHead(b"".join(parts), chunked, close)
 
 
-def _with_chunked(codings: list[bytes]) -> bytes:
+def _with_chunked(values: list[bytes] | None) -> bytes:
+    if not values:
+        return _CHUNKED
+    if len(values) == 1 and values[0] == _CHUNKED:
+        return _CHUNKED  # the common case
+    codings = [c for value in values for c in transfer_codings(value)]
     if not codings or codings[-1] != _CHUNKED:
-        codings = [*codings, _CHUNKED]
+        codings.append(_CHUNKED)
     return b", ".join(codings)
 
 

@@ -60,10 +60,7 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
 
 def serialize_headers(parts: list[bytes], headers: Headers) -> None:
     for name, value in headers:
-        parts.append(name)
-        parts.append(b": ")
-        parts.append(value)
-        parts.append(b"\r\n")
+        parts += (name, b": ", value, b"\r\n")  # one in-place extend: cheaper than four appends
 
 
 def error_response(

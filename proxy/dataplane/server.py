@@ -30,8 +30,7 @@ import httptools
 from proxy.dataplane import http
 from proxy.dataplane.exchange import Exchange, Headers
 from proxy.dataplane.heads import (
-    CHUNKED,
-    UNTIL_CLOSE,
+    STREAMED,
     HeadRules,
     Rejection,
     RequestHead,
@@ -89,11 +88,13 @@ class _Plane(Protocol):
 
 class _Request:
     __slots__ = (
+        "chunked_in",
         "chunked_out",
         "close_after",
         "error",
         "ex",
         "head",
+        "head_only",
         "headed",
         "in_flight",
         "pending",
@@ -115,6 +116,8 @@ class _Request:
         self.head: RequestHead | None = None
         self.wire = b""  # the request head as sent upstream
         self.headed = False  # on_request_head has run
+        self.head_only = False  # HEAD: the response has no body whatever its fields say
+        self.chunked_in = False  # the request body comes chunked and goes up chunked
         self.chunked_out = False  # the response body goes to the client chunked
         self.close_after = False  # the client connection ends after this exchange
         self.request_done = False  # the whole request body was received
@@ -127,13 +130,6 @@ class _Request:
         self.upstream: UpstreamConnection | None = None
         self.pool: UpstreamPool | None = None
 
-    @property
-    def head_only(self) -> bool:
-        return self.head is not None and self.head.head_only
-
-    @property
-    def chunked_in(self) -> bool:
-        return self.head is not None and self.head.chunked
 
 
 class ClientConnection(asyncio.Protocol):
@@ -313,6 +309,8 @@ class ClientConnection(asyncio.Protocol):
         ex.path = head.path
         ex.request_id = head.request_id
         ex.request_headers = head.headers
+        req.head_only = head.head_only
+        req.chunked_in = head.chunked
         if head.close:
             req.close_after = True
             self._last = True
@@ -773,7 +771,7 @@ class _Owner:
             head_only=req.head_only,
             close=req.close_after,
         )
-        ex.stream = framing in (CHUNKED, UNTIL_CLOSE)  # no declared length
+        ex.stream = framing in STREAMED  # no declared length
         req.chunked_out = prepared.chunked
         req.close_after = prepared.close
         req.state = RESPONDING

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy.dataplane.exchange import Headers
-from proxy.dataplane.heads import NO_BODY, UNTIL_CLOSE, response_framing
+from proxy.dataplane.heads import NO_BODY, UNTIL_CLOSE, framing_of
 from proxy.dataplane.timer import Deadline
 from proxy.errors import (
     ExchangeError,
@@ -80,6 +80,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: Headers = []
         self._trailers: Headers = []
         self._head_size = 0
+        self._te: list[bytes] = []  # Transfer-Encoding values of the response head
+        self._has_length = False
         self._complete = False
         self._garbage = False  # bytes after the end of the response
         self._keep_alive = False
@@ -103,6 +105,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers = []
         self._trailers = []
         self._head_size = 0
+        self._te = []
+        self._has_length = False
         if self._parser is None:
             self._parser = httptools.HttpResponseParser(self)
         self.deadline.set_in(self.cfg.read_timeout)
@@ -237,6 +241,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self._head_size > MAX_RESPONSE_HEAD:
             raise UpstreamProtocolError("upstream response head is larger than 1 MiB")
         self._headers.append((name, value))
+        n = len(name)
+        if n == 14 or n == 17:  # content-length, transfer-encoding: noted for the framing
+            lname = name.lower()
+            if lname == b"content-length":
+                self._has_length = True
+            elif lname == b"transfer-encoding":
+                self._te.append(value)
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
@@ -252,9 +263,11 @@ class UpstreamConnection(asyncio.Protocol):
             owner.upstream_interim(status, self._reason, self._headers)
             self._headers = []
             self._head_size = 0
+            self._te = []
+            self._has_length = False
             return
         self._head_done = True
-        framing = response_framing(status, self._headers, self._head_only)
+        framing = framing_of(status, self._te, self._has_length, self._head_only)
         self._framing = framing
         owner.upstream_head(status, self._reason, self._headers, framing)
         if framing == NO_BODY and self._head_only:
