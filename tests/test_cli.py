@@ -63,6 +63,24 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_unknown_section_in_the_config_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "infermon.yaml"
+    path.write_text("readines:\n  path: /ready\n")
+    result = run_cli("proxy", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"config error: unknown key readines (from file {path}): remove it or check its spelling; "
+        "did you mean readiness?"
+    ]
+
+
+def test_unknown_section_in_the_environment_names_the_variable() -> None:
+    result = run_cli("proxy", env=clean_env(INFERMON_READINES__PATH="x"))
+    assert result.returncode == 2
+    assert "unknown key readines (from env INFERMON_READINES__PATH)" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_help_lists_the_commands() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
