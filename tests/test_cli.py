@@ -173,21 +173,26 @@ async def test_proxy_serves_and_exits_0_on_sigterm(upstream: str) -> None:
     assert "Traceback" not in stderr
 
 
-async def test_proxy_port_in_use_exits_1(upstream: str) -> None:
+@pytest.mark.parametrize("busy_one", ["listen", "admin"])
+async def test_proxy_port_in_use_is_one_line_and_exit_1(upstream: str, busy_one: str) -> None:
     busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = busy.sockets[0].getsockname()[1]
+    addresses = {"listen": f"127.0.0.1:{free_port()}", "admin": f"127.0.0.1:{free_port()}"}
+    addresses[busy_one] = f"127.0.0.1:{port}"
     try:
         async with infermon_process(
-            "proxy", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{free_port()}", "--upstream", upstream
+            "proxy", "--listen", addresses["listen"], "--admin", addresses["admin"], "--upstream", upstream
         ) as proc:
             rc = await asyncio.wait_for(proc.wait(), TIMEOUT)
             assert proc.stderr is not None
             stderr = (await proc.stderr.read()).decode()
     finally:
         busy.close()
-    assert rc == 1
-    assert "cannot listen" in stderr
-    assert "Traceback" not in stderr
+    assert rc == 1, stderr
+    # the last line, and the only one that is not an INFO log of the start-up before it
+    lines = [line for line in stderr.splitlines() if " INFO " not in line]
+    assert lines == [f"cannot listen on 127.0.0.1:{port}: Address already in use (change {busy_one} or --{busy_one})"]
+    assert stderr.splitlines()[-1] == lines[0]
 
 
 async def test_sigterm_lets_the_request_in_flight_finish(upstream: str, tmp_path: Path) -> None:

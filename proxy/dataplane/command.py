@@ -9,6 +9,7 @@ from typing import Any
 
 from proxy import config, loop
 from proxy.app import ProxyApp
+from proxy.errors import ListenError
 from proxy.settings import ProxyConfig
 
 log = logging.getLogger("infermon")
@@ -58,8 +59,9 @@ async def serve(cfg: ProxyConfig) -> int:
     try:
         await app.start()
     except OSError as exc:
-        log.error("cannot listen: %s (check listen / admin addresses)", exc)
-        return 1
+        admin = app.plane is not None and app.plane.server is not None  # the data plane is up: admin failed
+        key, address = ("admin", cfg.admin) if admin else ("listen", cfg.listen)
+        raise ListenError(address, exc, f"change {key} or --{key}") from None
     app.install_signal_handlers()
     log.info(
         "infermon proxy on %s -> %s; metrics on http://%s/metrics (%s)",

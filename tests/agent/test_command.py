@@ -151,14 +151,20 @@ async def test_bad_config_exits_2(args: list[str], env: dict[str, str], message:
     assert message in stderr.decode()
 
 
-async def test_port_in_use_exits_2(start_agent: StartAgent) -> None:
-    first = await start_agent("--interval", "5")
-    port = first.url.rsplit(":", 1)[1]
-    proc = await asyncio.create_subprocess_exec(
-        *INFERMON, "agent", "--listen", f"127.0.0.1:{port}",
-        env=agent_env(), cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, stderr = await asyncio.wait_for(proc.communicate(), timeout=20)
-    assert proc.returncode == 2
-    assert "cannot listen" in stderr.decode()
-    assert await first.stop() == 0
+async def test_port_in_use_is_one_line_and_exit_1() -> None:
+    """A busy port is not a config error: one ``cannot listen on`` line and exit 1, like ``infermon proxy``."""
+    busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = busy.sockets[0].getsockname()[1]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *INFERMON, "agent", "--listen", f"127.0.0.1:{port}",
+            env=agent_env(), cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=20)
+    finally:
+        busy.close()
+    assert proc.returncode == 1, stderr.decode()
+    assert stdout == b""
+    assert stderr.decode().splitlines() == [
+        f"cannot listen on 127.0.0.1:{port}: Address already in use (change listen or --listen)"
+    ]
