@@ -13,6 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from proxy import __version__
 from proxy.errors import ConfigError, ListenError
 
 COMMAND_MODULES = (
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infermon",
         description="Monitoring sidecar for ML inference APIs.",
     )
+    parser.add_argument("--version", action="version", version=f"infermon {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

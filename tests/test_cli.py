@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import proxy
 from tests.helpers import TIMEOUT, Client, free_port, metric, parse_metrics, scrape, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,6 +80,12 @@ def test_unknown_section_in_the_environment_names_the_variable() -> None:
     assert result.returncode == 2
     assert "unknown key readines (from env INFERMON_READINES__PATH)" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"infermon {proxy.__version__}\n"
 
 
 def test_help_lists_the_commands() -> None:
