@@ -29,7 +29,7 @@ from proxy.errors import ListenError
 from proxy.loop import run as run_loop
 from proxy.settings import split_host_port
 
-log = logging.getLogger("proxy.agent")
+log = logging.getLogger("infermon.agent")
 
 
 def register(subparsers: Any) -> None:

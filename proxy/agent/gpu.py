@@ -29,7 +29,7 @@ from proxy.agent.events import XidWatcher
 from proxy.agent.podmap import PodMapper
 from proxy.agent.podresources import Allocation, PodResources
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("infermon.agent.gpu")
 
 
 class _Session:
