@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -43,11 +44,8 @@ PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
 
 
-@needs_promtool
-@pytest.mark.parametrize("driver", ["gpus", "no driver"])
-async def test_promtool_accepts_the_exposition(driver: str) -> None:
-    """Every family the agent serves (GPUs with MIG, processes and an XID; or no driver; host; process) lints clean."""
-    assert PROMTOOL is not None
+def _exposition(driver: str) -> str:
+    """The agent's /metrics text, built as ``infermon agent`` builds it, over a fake NVML."""
     gpu = FakeGpu(
         uuid=GPU0,
         processes=[FakeProcess(100, 1 << 30)],
@@ -70,6 +68,15 @@ async def test_promtool_accepts_the_exposition(driver: str) -> None:
                 collector.close()
     assert ("infermon_gpu_xid_errors_total{" in text) == (driver == "gpus")
     assert "infermon_host_cpus " in text
+    return text
+
+
+@needs_promtool
+@pytest.mark.parametrize("driver", ["gpus", "no driver"])
+async def test_promtool_accepts_the_exposition(driver: str) -> None:
+    """Every family the agent serves (GPUs with MIG, processes and an XID; or no driver; host; process) lints clean."""
+    assert PROMTOOL is not None
+    text = _exposition(driver)
     proc = await asyncio.create_subprocess_exec(
         PROMTOOL, "check", "metrics",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -77,6 +84,14 @@ async def test_promtool_accepts_the_exposition(driver: str) -> None:
     out, _ = await asyncio.wait_for(proc.communicate(text.encode()), timeout=20)
     assert proc.returncode == 0, out.decode()
     assert out.decode().strip() == ""  # no lint findings either
+
+
+def test_docs_list_every_exported_family() -> None:
+    docs = (REPO / "docs" / "agent.md").read_text(encoding="utf-8")
+    families = set(re.findall(r"^# TYPE (\S+)", _exposition("gpus") + _exposition("no driver"), flags=re.M))
+    assert "`infermon_agent_process_*`" in docs
+    missing = {f for f in families if f"`{f}`" not in docs and not f.startswith("infermon_agent_process_")}
+    assert missing == set()
 
 
 @pytest.fixture
