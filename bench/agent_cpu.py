@@ -103,7 +103,7 @@ def main() -> int:
             gpu_s = cpu_per_call(gpu.collect_once, args.rounds)
             host_s = cpu_per_call(host.collect_once, args.rounds)
             scrape_s = cpu_per_call(lambda: generate_latest(registry), args.rounds)
-            if not any(s.value for f in gpu.collect() if f.name == "infermon_gpu_count" for s in f.samples):
+            if not any(s.value for f in gpu.collect() if f.name == "infermon_gpu_devices" for s in f.samples):
                 print("no GPU was collected: NVML did not initialise", file=sys.stderr)
                 return 2
             series = sum(len(family.samples) for family in registry.collect())

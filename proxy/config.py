@@ -20,6 +20,7 @@ everywhere: in the file, in the environment (within the command's prefix) and on
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -102,7 +103,7 @@ def load(
     try:
         return model.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, sources, getattr(model, "SECRET_KEYS", frozenset()))) from None
+        raise ConfigError(_describe(exc, sources, model)) from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -169,14 +170,15 @@ def _merge(
             child = target.setdefault(str(key), {})
             if isinstance(child, dict):
                 _merge(child, value, sources, origin, keys)
+                if not value:  # an empty section has no keys below it to carry the origin
+                    sources.setdefault(keys, origin)
                 continue
         target[str(key)] = value
         sources[keys] = origin
 
 
-def _describe(
-    exc: ValidationError, sources: Mapping[tuple[str, ...], str], secrets: frozenset[str] = frozenset()
-) -> str:
+def _describe(exc: ValidationError, sources: Mapping[tuple[str, ...], str], model: type[BaseModel]) -> str:
+    secrets: frozenset[str] = getattr(model, "SECRET_KEYS", frozenset())
     lines = []
     for err in exc.errors(include_url=False):
         loc = tuple(str(part) for part in err["loc"])
@@ -184,7 +186,9 @@ def _describe(
         origin = _origin(loc, sources)
         where = f" (from {origin})" if origin else ""
         if err["type"] == "extra_forbidden":
-            lines.append(f"config error: unknown key {key!s}{where}: remove it or check its spelling")
+            hint = difflib.get_close_matches(loc[-1], _keys_at(model, loc[:-1]), n=1) if loc else []
+            guess = f"; did you mean {hint[0]}?" if hint else ""
+            lines.append(f"config error: unknown key {key!s}{where}: remove it or check its spelling{guess}")
             continue
         value = err.get("input")
         if err["type"] == "missing":
@@ -198,11 +202,29 @@ def _describe(
 
 
 def _origin(loc: tuple[str, ...], sources: Mapping[tuple[str, ...], str]) -> str | None:
+    """Where the value at ``loc`` came from: the layer that set it or a section above it, else the
+    layers that set keys below it (a whole unknown section), in the order they were applied."""
+    if not loc:
+        return None
     for depth in range(len(loc), 0, -1):
         found = sources.get(loc[:depth])
         if found:
             return found
-    return None
+    depth = len(loc)
+    below = [origin for keys, origin in sources.items() if len(keys) > depth and keys[:depth] == loc]
+    return ", ".join(dict.fromkeys(below)) or None
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """The keys the section at ``loc`` of ``model`` accepts (empty when ``loc`` is no section)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return []
+        current = current.model_fields[part].annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
 
 
 def _short(value: Any) -> str:

@@ -4,6 +4,7 @@
 
     InfermonError
     ├── ConfigError            bad configuration: the message names the key, the value and the fix
+    ├── ListenError            a valid address that cannot be bound (port in use, no permission)
     └── ExchangeError          a request could not be proxied; the proxy answers ``status``
         ├── PoolExhausted          no upstream connection free within pool_timeout -> 503, kind=pool_exhausted
         ├── ProxyInternalError     a bug of the proxy's own while handling the exchange -> 500, kind=internal
@@ -19,6 +20,9 @@ answers them directly with a JSON error response (``proxy.dataplane.heads.Reject
 
 from __future__ import annotations
 
+import os
+import socket
+
 
 class InfermonError(Exception):
     """Base class of the errors infermon raises on purpose."""
@@ -26,6 +30,27 @@ class InfermonError(Exception):
 
 class ConfigError(InfermonError):
     """The configuration is invalid. ``str(exc)`` is ready to show to the user."""
+
+
+class ListenError(InfermonError):
+    """A configured address could not be bound. ``str(exc)`` is one line ready to show to the user::
+
+        cannot listen on 127.0.0.1:8080: Address already in use (change listen or --listen)
+
+    Every command exits 1 on it (a configuration error is 2: the address itself is valid).
+    """
+
+    def __init__(self, address: str, error: OSError, fix: str) -> None:
+        self.address = address
+        self.error = error
+        super().__init__(f"cannot listen on {address}: {_reason(error)} ({fix})")
+
+
+def _reason(error: OSError) -> str:
+    # the loops' messages repeat the address ("error while attempting to bind on address ..."): keep the cause
+    if isinstance(error, socket.gaierror) or not error.errno or error.errno < 0:
+        return error.strerror or str(error)
+    return os.strerror(error.errno)
 
 
 class ExchangeError(InfermonError):

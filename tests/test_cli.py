@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import proxy
 from tests.helpers import TIMEOUT, Client, free_port, metric, parse_metrics, scrape, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,6 +62,30 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cannot read config file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unknown_section_in_the_config_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "infermon.yaml"
+    path.write_text("readines:\n  path: /ready\n")
+    result = run_cli("proxy", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"config error: unknown key readines (from file {path}): remove it or check its spelling; "
+        "did you mean readiness?"
+    ]
+
+
+def test_unknown_section_in_the_environment_names_the_variable() -> None:
+    result = run_cli("proxy", env=clean_env(INFERMON_READINES__PATH="x"))
+    assert result.returncode == 2
+    assert "unknown key readines (from env INFERMON_READINES__PATH)" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"infermon {proxy.__version__}\n"
 
 
 def test_help_lists_the_commands() -> None:
@@ -155,21 +180,26 @@ async def test_proxy_serves_and_exits_0_on_sigterm(upstream: str) -> None:
     assert "Traceback" not in stderr
 
 
-async def test_proxy_port_in_use_exits_1(upstream: str) -> None:
+@pytest.mark.parametrize("busy_one", ["listen", "admin"])
+async def test_proxy_port_in_use_is_one_line_and_exit_1(upstream: str, busy_one: str) -> None:
     busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = busy.sockets[0].getsockname()[1]
+    addresses = {"listen": f"127.0.0.1:{free_port()}", "admin": f"127.0.0.1:{free_port()}"}
+    addresses[busy_one] = f"127.0.0.1:{port}"
     try:
         async with infermon_process(
-            "proxy", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{free_port()}", "--upstream", upstream
+            "proxy", "--listen", addresses["listen"], "--admin", addresses["admin"], "--upstream", upstream
         ) as proc:
             rc = await asyncio.wait_for(proc.wait(), TIMEOUT)
             assert proc.stderr is not None
             stderr = (await proc.stderr.read()).decode()
     finally:
         busy.close()
-    assert rc == 1
-    assert "cannot listen" in stderr
-    assert "Traceback" not in stderr
+    assert rc == 1, stderr
+    # the last line, and the only one that is not an INFO log of the start-up before it
+    lines = [line for line in stderr.splitlines() if " INFO " not in line]
+    assert lines == [f"cannot listen on 127.0.0.1:{port}: Address already in use (change {busy_one} or --{busy_one})"]
+    assert stderr.splitlines()[-1] == lines[0]
 
 
 async def test_sigterm_lets_the_request_in_flight_finish(upstream: str, tmp_path: Path) -> None:

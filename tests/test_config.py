@@ -141,6 +141,39 @@ def test_unknown_top_level_key_in_file(tmp_path: Path) -> None:
     assert "listen" not in message
 
 
+def test_unknown_top_level_section_in_file_names_the_file(tmp_path: Path) -> None:
+    path = _file(tmp_path, "readines:\n  path: /ready\n")
+    message = _error(path)
+    assert message.startswith(f"config error: unknown key readines (from file {path})")
+    assert "did you mean readiness?" in message
+
+
+def test_unknown_empty_section_in_file_names_the_file(tmp_path: Path) -> None:
+    path = _file(tmp_path, "readines: {}\n")
+    assert f"unknown key readines (from file {path})" in _error(path)
+
+
+def test_unknown_nested_section_in_file_names_the_file(tmp_path: Path) -> None:
+    path = _file(tmp_path, "readiness:\n  checks:\n    http: /ready\n")
+    assert f"unknown key readiness.checks (from file {path})" in _error(path)
+
+
+def test_unknown_top_level_section_in_env_names_the_variable() -> None:
+    message = _error(env={"INFERMON_READINES__PATH": "x"})
+    assert message.startswith("config error: unknown key readines (from env INFERMON_READINES__PATH)")
+
+
+def test_unknown_section_from_two_layers_names_both(tmp_path: Path) -> None:
+    path = _file(tmp_path, "readines:\n  path: /ready\n")
+    message = _error(path, env={"INFERMON_READINES__INTERVAL": "1"})
+    assert f"unknown key readines (from file {path}, env INFERMON_READINES__INTERVAL)" in message
+
+
+def test_unknown_nested_key_suggests_the_close_one(tmp_path: Path) -> None:
+    message = _error(_file(tmp_path, "limits:\n  max_inflight: 3\n"))
+    assert "did you mean max_in_flight?" in message
+
+
 def test_unknown_key_in_env() -> None:
     message = _error(env={"INFERMON_LIMITS__MAX_INFLIGHT": "3"})
     assert "unknown key limits.max_inflight" in message

@@ -1,7 +1,8 @@
 """``infermon agent``: the node agent's subcommand and its asyncio main.
 
 Runs the collection thread and the aiohttp server until SIGTERM or SIGINT, then stops both and
-exits 0. Configuration: defaults < ``--config`` file < ``INFERMON_AGENT_*`` environment < flags.
+exits 0. An address that cannot be bound is one ``cannot listen on`` line and exit 1.
+Configuration: defaults < ``--config`` file < ``INFERMON_AGENT_*`` environment < flags.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from proxy.agent.podresources import PodResources
 from proxy.agent.server import build_app
 from proxy.agent.worker import Source, Worker
 from proxy.config import load
-from proxy.errors import ConfigError
+from proxy.errors import ListenError
 from proxy.loop import run as run_loop
 from proxy.settings import split_host_port
 
-log = logging.getLogger("proxy.agent")
+log = logging.getLogger("infermon.agent")
 
 
 def register(subparsers: Any) -> None:
@@ -86,15 +87,16 @@ async def serve(config: AgentConfig, *, nvml: Any = pynvml) -> int:
     host, port = split_host_port(config.listen)
     runner = web.AppRunner(build_app(registry, worker), access_log=None)
     await runner.setup()
-    worker.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     try:
+        # bound before the collection thread starts: a busy port ends the agent before any NVML call
         site = web.TCPSite(runner, host, port)
         try:
             await site.start()
         except OSError as exc:
-            raise ConfigError(f"config error: listen = {config.listen!r}: cannot listen: {exc.strerror}") from None
+            raise ListenError(config.listen, exc, "change listen or --listen") from None
+        worker.start()
         for address in runner.addresses:
             log.info("infermon agent listening on http://%s:%s", *address[:2])
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -15,7 +15,7 @@ import pynvml
 
 from proxy.agent.nvml import UNSUPPORTED, Device, text
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("infermon.agent.events")
 
 #: Called with (GPU uuid, xid) for every XID event.
 Record = Callable[[str, int], None]

@@ -3,7 +3,7 @@
 :meth:`GpuCollector.collect_once` runs on the agent's collection thread; :meth:`GpuCollector.collect`
 is the prometheus_client ``Collector`` hook and only returns the families of the last finished
 collection. Without a library or driver, or after a GPU is lost, the snapshot holds
-``infermon_gpu_collector_up{reason="..."} 0`` and ``infermon_gpu_count 0`` and nvmlInit is retried
+``infermon_gpu_collector_up{reason="..."} 0`` and ``infermon_gpu_devices 0`` and nvmlInit is retried
 after ``backoff_initial`` seconds, doubling up to ``backoff_max``::
 
     collector = GpuCollector(NvmlSettings(), hostname="node-1")             # real pynvml
@@ -29,7 +29,7 @@ from proxy.agent.events import XidWatcher
 from proxy.agent.podmap import PodMapper
 from proxy.agent.podresources import Allocation, PodResources
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("infermon.agent.gpu")
 
 
 class _Session:
@@ -93,7 +93,7 @@ class GpuCollector:
                 batch = m.Batch()
         up = self._session is not None
         batch.add(m.GPU_UP, ("" if up else self._reason,), 1.0 if up else 0.0)
-        batch.add(m.GPU_COUNT, (), float(len(self._session.gpus)) if self._session else 0.0)
+        batch.add(m.GPU_DEVICES, (), float(len(self._session.gpus)) if self._session else 0.0)
         for why, count in sorted(self._init_failures.items()):
             batch.add(m.GPU_INIT_FAILURES, (why,), float(count))
         self._add_xids(batch)

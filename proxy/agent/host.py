@@ -20,7 +20,7 @@ from prometheus_client.core import Metric
 from proxy.agent import metrics as m
 from proxy.agent.config import HostSettings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("infermon.agent.host")
 
 _MEMORY_STATES = ("total", "available", "used", "free", "buffers", "cached", "shared")
 

@@ -38,7 +38,7 @@ def _gpu(name: str, kind: Literal["gauge", "counter"], doc: str, *extra: str) ->
 
 # Collector state.
 GPU_UP = Spec("infermon_gpu_collector_up", "gauge", "1 if NVML answered the last collection, else 0", ("reason",))
-GPU_COUNT = Spec("infermon_gpu_count", "gauge", "GPUs NVML reports (0 without a driver)")
+GPU_DEVICES = Spec("infermon_gpu_devices", "gauge", "GPUs NVML reports (0 without a driver)")
 GPU_DURATION = Spec("infermon_gpu_collection_duration_seconds", "gauge", "Time the last GPU collection took")
 GPU_LAST = Spec("infermon_gpu_last_collection_timestamp_seconds", "gauge", "Unix time the last GPU collection finished")
 GPU_INIT_FAILURES = Spec("infermon_gpu_init_failures_total", "counter", "nvmlInit attempts that failed", ("reason",))
@@ -91,7 +91,7 @@ GPU_POD_RESOURCES_UP = Spec(
 )
 
 GPU_SPECS = (
-    GPU_UP, GPU_COUNT, GPU_DURATION, GPU_LAST, GPU_INIT_FAILURES, GPU_INFO, GPU_UTIL, GPU_MEM_UTIL,
+    GPU_UP, GPU_DEVICES, GPU_DURATION, GPU_LAST, GPU_INIT_FAILURES, GPU_INFO, GPU_UTIL, GPU_MEM_UTIL,
     GPU_MEM_USED, GPU_MEM_FREE, GPU_MEM_TOTAL, GPU_POWER, GPU_ENERGY, GPU_TEMP, GPU_SM_CLOCK,
     GPU_MEM_CLOCK, GPU_CLOCK_EVENT, GPU_PCIE, GPU_PCIE_REPLAY, GPU_REMAPPED, GPU_REMAP_PENDING,
     GPU_REMAP_FAILED, GPU_ECC, GPU_XID, GPU_PROCESSES, GPU_POD_MEMORY, GPU_ALLOCATION, GPU_POD_RESOURCES_UP,

@@ -18,7 +18,7 @@ import pynvml
 
 from proxy.agent import metrics as m
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("infermon.agent.nvml")
 
 Value = tuple[m.Spec, tuple[str, ...], float]
 Reader = Callable[[Any, Any], list[Value]]

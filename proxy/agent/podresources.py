@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("infermon.agent.podresources")
 
 LIST_METHOD = "/v1.PodResourcesLister/List"
 

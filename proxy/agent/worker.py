@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("infermon.agent.worker")
 
 
 class Source(Protocol):

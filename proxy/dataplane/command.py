@@ -9,6 +9,7 @@ from typing import Any
 
 from proxy import config, loop
 from proxy.app import ProxyApp
+from proxy.errors import ListenError
 from proxy.settings import ProxyConfig
 
 log = logging.getLogger("infermon")
@@ -71,9 +72,10 @@ async def serve(cfg: ProxyConfig) -> int:
     try:
         await app.start()
     except OSError as exc:
-        log.error("cannot listen: %s (check listen / admin addresses)", exc)
-        await app.shutdown()  # observers were started: their threads end cleanly
-        return 1
+        admin = app.plane is not None and app.plane.server is not None  # the data plane is up: admin failed
+        key, address = ("admin", cfg.admin.listen) if admin else ("listen", cfg.listen)
+        await app.shutdown()  # observers were started and maybe the data plane: they end cleanly
+        raise ListenError(address, exc, f"change {key} or --{key}") from None
     app.install_signal_handlers()
     log.info(
         "infermon proxy on %s -> %s; metrics on http://%s/metrics (%s)",

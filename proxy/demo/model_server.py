@@ -7,7 +7,8 @@ Endpoints::
     POST /v1/models/{name}:predict           KServe v1 {"instances": [...]}
     POST /v1/chat/completions                OpenAI-style; "stream": true answers server-sent events
 
-Latency is a few milliseconds with a slow tail; ``error_rate`` of the requests fail with 500.
+Latency is a few milliseconds with a slow tail; ``error_rate`` of the requests fail with 500. A
+client that leaves in the middle of a stream ends that stream quietly.
 """
 
 from __future__ import annotations
@@ -85,13 +86,16 @@ def build_model_app(error_rate: float = 0.01, delay: float = 0.002, seed: int | 
             text = " ".join(rng.choice(words) for _ in range(tokens))
             return web.json_response({"choices": [{"message": {"role": "assistant", "content": text}}]})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        for _ in range(tokens):
-            chunk = {"choices": [{"delta": {"content": rng.choice(words) + " "}}]}
-            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-            await asyncio.sleep(delay)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            for _ in range(tokens):
+                chunk = {"choices": [{"delta": {"content": rng.choice(words) + " "}}]}
+                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                await asyncio.sleep(delay)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client (or the proxy, cutting it at the end of a drain) left mid-stream: nobody to tell
         return response
 
     app.router.add_get("/v2/health/ready", ready)

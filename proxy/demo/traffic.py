@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -14,23 +15,50 @@ import aiohttp
 class TrafficStats:
     sent: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
-    failures: int = 0
+    failures: int = 0  # no answer: a connection error, a timeout, or still unfinished when the grace ran out
 
 
-async def generate(base_url: str, rate: float, duration: float | None, stats: TrafficStats, seed: int = 7) -> None:
-    """Send about ``rate`` requests a second until ``duration`` passes (or forever)."""
+async def generate(
+    base_url: str,
+    rate: float,
+    duration: float | None,
+    stats: TrafficStats,
+    seed: int = 7,
+    *,
+    stop: asyncio.Event | None = None,
+    grace: float = 5.0,
+) -> None:
+    """Send about ``rate`` requests a second until ``duration`` passes or ``stop`` is set (or forever).
+
+    Then no new request starts; the ones in flight (streams included) get ``grace`` seconds to finish
+    before they are cancelled and counted as failures. Only then is the client session closed, so a
+    normal stop cuts no response halfway.
+    """
     rng = random.Random(seed)
+    stop = stop or asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=30)
     deadline = None if duration is None else time.monotonic() + duration
     async with aiohttp.ClientSession(base_url, timeout=timeout) as session:
         pending: set[asyncio.Task[None]] = set()
-        while deadline is None or time.monotonic() < deadline:
+        while not stop.is_set():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
             task = asyncio.create_task(_one(session, rng, stats))
             pending.add(task)
             task.add_done_callback(pending.discard)
-            await asyncio.sleep(rng.expovariate(rate))
+            pause = rng.expovariate(rate)
+            if deadline is not None:
+                pause = min(pause, deadline - now)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await stop.wait()
         if pending:
-            await asyncio.wait(pending, timeout=30)
+            _, unfinished = await asyncio.wait(pending, timeout=grace)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+            stats.failures += len(unfinished)
 
 
 async def _one(session: aiohttp.ClientSession, rng: random.Random, stats: TrafficStats) -> None:

@@ -1,4 +1,4 @@
-"""All request metrics of the proxy, in one place (names: docs/metrics.md, DESIGN.md section 4).
+"""All request metrics of the proxy, in one place (names and meanings: docs/metrics.md).
 
 The hot path does not go through prometheus_client's metric objects (a lock and label validation per
 call): :class:`RequestMetrics` keeps plain counters and bucket arrays per label set, updated by one

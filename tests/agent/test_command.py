@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import re
+import shutil
 import signal
 from pathlib import Path
 
+import pynvml
 import pytest
+from prometheus_client import generate_latest
 
 from proxy import cli
+from proxy.agent.command import build
+from proxy.agent.config import AgentConfig
+from proxy.agent.fake import FakeGpu, FakeMig, FakeNvml, FakeProcess
+from proxy.agent.gpu import GpuCollector
 from tests.agent.conftest import INFERMON, REPO, StartAgent, agent_env, find, names
 
 GPU0 = "GPU-00000000-0000-0000-0000-000000000000"
@@ -30,6 +38,60 @@ def _has_nvml() -> bool:
 
 def test_cli_lists_agent() -> None:
     assert "proxy.agent.command" in cli.COMMAND_MODULES
+
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
+
+
+def _exposition(driver: str) -> str:
+    """The agent's /metrics text, built as ``infermon agent`` builds it, over a fake NVML."""
+    gpu = FakeGpu(
+        uuid=GPU0,
+        processes=[FakeProcess(100, 1 << 30)],
+        migs=[FakeMig("MIG-1", 1, "1g.10gb", 10 << 30, 1 << 30, [FakeProcess(100, 1 << 30)])],
+    )
+    errors = [pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)] if driver == "no driver" else []
+    nvml = FakeNvml([gpu], init_errors=errors)
+    config = AgentConfig.model_validate({"nvml": {"pod_resources_socket": None}})
+    registry, worker, collectors = build(config, nvml=nvml)
+    try:
+        worker.run_once()
+        if driver == "gpus":
+            nvml.push_xid(gpu, 79)
+            assert nvml.wait_processed(1, timeout=5)
+            worker.run_once()  # the count shows from the next snapshot on
+        text = generate_latest(registry).decode()
+    finally:
+        for collector in collectors:
+            if isinstance(collector, GpuCollector):
+                collector.close()
+    assert ("infermon_gpu_xid_errors_total{" in text) == (driver == "gpus")
+    assert "infermon_host_cpus " in text
+    return text
+
+
+@needs_promtool
+@pytest.mark.parametrize("driver", ["gpus", "no driver"])
+async def test_promtool_accepts_the_exposition(driver: str) -> None:
+    """Every family the agent serves (GPUs with MIG, processes and an XID; or no driver; host; process) lints clean."""
+    assert PROMTOOL is not None
+    text = _exposition(driver)
+    proc = await asyncio.create_subprocess_exec(
+        PROMTOOL, "check", "metrics",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(text.encode()), timeout=20)
+    assert proc.returncode == 0, out.decode()
+    assert out.decode().strip() == ""  # no lint findings either
+
+
+def test_docs_list_every_exported_family() -> None:
+    docs = (REPO / "docs" / "agent.md").read_text(encoding="utf-8")
+    families = set(re.findall(r"^# TYPE (\S+)", _exposition("gpus") + _exposition("no driver"), flags=re.M))
+    assert "`infermon_agent_process_*`" in docs
+    missing = {f for f in families if f"`{f}`" not in docs and not f.startswith("infermon_agent_process_")}
+    assert missing == set()
 
 
 @pytest.fixture
@@ -54,7 +116,7 @@ async def test_stub_library_end_to_end(start_agent: StartAgent, stub_nvml_dir: P
     samples = await agent.metrics_until(lambda s: find(s, "infermon_gpu_last_collection_timestamp_seconds") != stamp)
 
     assert find(samples, "infermon_gpu_collector_up") == [1.0]
-    assert find(samples, "infermon_gpu_count") == [2.0]
+    assert find(samples, "infermon_gpu_devices") == [2.0]
     assert find(samples, "infermon_gpu_xid_errors_total", uuid=GPU0, gpu="0", xid="79") == [1.0]
     info = find(samples, "infermon_gpu_info", uuid=GPU0, model_name="Stub GPU A", driver_version="550.54.15")
     assert info == [1.0]
@@ -120,7 +182,7 @@ async def test_no_driver_on_this_machine(start_agent: StartAgent, signum: int) -
         lambda s: bool(find(s, "infermon_gpu_collector_up") and find(s, "infermon_host_cpus"))
     )
     assert find(samples, "infermon_gpu_collector_up", reason="library_not_found") == [0.0]
-    assert find(samples, "infermon_gpu_count") == [0.0]
+    assert find(samples, "infermon_gpu_devices") == [0.0]
     assert find(samples, "infermon_gpu_init_failures_total", reason="library_not_found") == [1.0]
     assert not any(n.startswith("infermon_gpu_") and "info" in n for n in names(samples))
     # the host collector still works
@@ -151,14 +213,20 @@ async def test_bad_config_exits_2(args: list[str], env: dict[str, str], message:
     assert message in stderr.decode()
 
 
-async def test_port_in_use_exits_2(start_agent: StartAgent) -> None:
-    first = await start_agent("--interval", "5")
-    port = first.url.rsplit(":", 1)[1]
-    proc = await asyncio.create_subprocess_exec(
-        *INFERMON, "agent", "--listen", f"127.0.0.1:{port}",
-        env=agent_env(), cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, stderr = await asyncio.wait_for(proc.communicate(), timeout=20)
-    assert proc.returncode == 2
-    assert "cannot listen" in stderr.decode()
-    assert await first.stop() == 0
+async def test_port_in_use_is_one_line_and_exit_1() -> None:
+    """A busy port is not a config error: one ``cannot listen on`` line and exit 1, like ``infermon proxy``."""
+    busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = busy.sockets[0].getsockname()[1]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *INFERMON, "agent", "--listen", f"127.0.0.1:{port}",
+            env=agent_env(), cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=20)
+    finally:
+        busy.close()
+    assert proc.returncode == 1, stderr.decode()
+    assert stdout == b""
+    assert stderr.decode().splitlines() == [
+        f"cannot listen on 127.0.0.1:{port}: Address already in use (change listen or --listen)"
+    ]

@@ -68,3 +68,22 @@ def test_frozen() -> None:
     config = agent_config()
     with pytest.raises(ValueError, match="frozen"):
         config.interval = 1.0
+
+
+def test_unknown_section_names_its_source(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        agent_config(env={"INFERMON_AGENT_NVMLX__ENABLED": "false"})
+    assert str(info.value).startswith("config error: unknown key nvmlx (from env INFERMON_AGENT_NVMLX__ENABLED)")
+    assert "did you mean nvml?" in str(info.value)
+    path = tmp_path / "agent.yaml"
+    path.write_text("hosts:\n  enabled: false\n")
+    with pytest.raises(ConfigError) as info:
+        agent_config(file=path)
+    assert f"unknown key hosts (from file {path})" in str(info.value)
+
+
+def test_a_section_rule_names_where_its_keys_came_from() -> None:
+    with pytest.raises(ConfigError) as info:
+        agent_config(env={"INFERMON_AGENT_NVML__BACKOFF_MAX": "1"})
+    assert "(from env INFERMON_AGENT_NVML__BACKOFF_MAX)" in str(info.value)
+    assert "backoff_max must be at least backoff_initial" in str(info.value)

@@ -64,7 +64,7 @@ def test_mig_devices_get_instance_and_profile_labels(tmp_path: Path) -> None:
     collector.collect_once()
     s = scrape(collector)
 
-    assert find(s, "infermon_gpu_count") == [1.0]
+    assert find(s, "infermon_gpu_devices") == [1.0]
     mig1 = {"gpu": "0", "uuid": "MIG-1", "gpu_instance_id": "1", "mig_profile": "3g.40gb"}
     mig2 = {"gpu": "0", "uuid": "MIG-2", "gpu_instance_id": "2", "mig_profile": "1g.10gb"}
     assert find(s, "infermon_gpu_info", **mig1, model_name=gpu.name, hostname="node-1") == [1.0]
@@ -166,13 +166,13 @@ def test_init_retried_with_exponential_backoff(tmp_path: Path) -> None:
         if now == 50:
             s = scrape(collector)
             assert find(s, "infermon_gpu_collector_up", reason="driver_not_loaded") == [0.0]
-            assert find(s, "infermon_gpu_count") == [0.0]
+            assert find(s, "infermon_gpu_devices") == [0.0]
             assert find(s, "infermon_gpu_init_failures_total", reason="driver_not_loaded") == [3.0]
             assert find(s, "infermon_gpu_info") == []
     assert attempts_at == [0, 10, 30, 60, 90]  # 10, 20, then capped at 30
     s = scrape(collector)
     assert find(s, "infermon_gpu_collector_up", reason="") == [1.0]
-    assert find(s, "infermon_gpu_count") == [1.0]
+    assert find(s, "infermon_gpu_devices") == [1.0]
 
 
 def test_gpu_lost_mid_run_drops_the_session_and_recovers(tmp_path: Path) -> None:
@@ -187,7 +187,7 @@ def test_gpu_lost_mid_run_drops_the_session_and_recovers(tmp_path: Path) -> None
     collector.collect_once()
     s = scrape(collector)
     assert find(s, "infermon_gpu_collector_up", reason="gpu_lost") == [0.0]
-    assert find(s, "infermon_gpu_count") == [0.0]
+    assert find(s, "infermon_gpu_devices") == [0.0]
     assert find(s, "infermon_gpu_power_watts") == []
     assert nvml.shutdown_calls == 1
 
@@ -229,7 +229,7 @@ def test_a_gpu_without_permission_is_skipped(tmp_path: Path) -> None:
     collector = make(FakeNvml([hidden, FakeGpu(uuid="GPU-b")]), tmp_path, xid_events=False)
     collector.collect_once()
     s = scrape(collector)
-    assert find(s, "infermon_gpu_count") == [1.0]
+    assert find(s, "infermon_gpu_devices") == [1.0]
     assert find(s, "infermon_gpu_info", uuid="GPU-b", gpu="1") == [1.0]
 
 

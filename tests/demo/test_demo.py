@@ -14,10 +14,11 @@ from aiohttp import web
 from proxy.demo.model_server import build_model_app
 from proxy.demo.traffic import TrafficStats, generate
 from tests.conftest import ProxyFactory
-from tests.helpers import TIMEOUT, Client, bound_socket, metric, scrape_metrics, wait_until
-from tests.test_cli import infermon_process
+from tests.helpers import TIMEOUT, Client, bound_socket, free_port, metric, scrape_metrics, wait_until
+from tests.test_cli import infermon_process, run_cli
 
 METRICS_URL = re.compile(r"metrics\s+http://([\d.]+):(\d+)/metrics")
+MODEL_URL = re.compile(r"model server\s+http://([\d.]+):(\d+)")
 SENT = re.compile(r"sent (\d+) requests; statuses (\{.*\}); failures (\d+)")
 
 
@@ -112,16 +113,124 @@ async def test_traffic_generator_counts_what_it_sent(make_proxy: ProxyFactory, m
     assert metric(m, "infermon_requests_total") == stats.sent
 
 
-async def test_demo_stops_cleanly_on_ctrl_c() -> None:
-    async with infermon_process("demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0") as proc:
+async def test_traffic_generator_stops_sending_and_lets_requests_in_flight_finish(make_proxy: ProxyFactory) -> None:
+    runner = web.AppRunner(build_model_app(error_rate=0.0, delay=0.02, seed=2), access_log=None, handle_signals=False)
+    await runner.setup()
+    sock = bound_socket()
+    await web.SockSite(runner, sock).start()
+    try:
+        app = await make_proxy(f"http://127.0.0.1:{sock.getsockname()[1]}")
+        host, port = app.proxy_address
+        stats, stop = TrafficStats(), asyncio.Event()
+        traffic = asyncio.create_task(generate(f"http://{host}:{port}", 200, None, stats, stop=stop))
+
+        async def in_flight() -> bool:
+            return metric(await scrape_metrics(app.admin_address), "infermon_requests_in_flight") >= 2
+
+        await wait_until(in_flight, step=0.01)
+        stop.set()
+        await asyncio.wait_for(traffic, TIMEOUT)
+        sent = stats.sent
+        assert sent >= 2
+        assert stats.failures == 0
+        assert sum(stats.by_status.values()) == sent  # the ones in flight got their answers
+        m = await scrape_metrics(app.admin_address)
+        assert metric(m, "infermon_requests_total") == sent
+        assert metric(m, "infermon_client_aborts_total") == 0
+    finally:
+        await runner.cleanup()
+
+
+async def _banner(proc: asyncio.subprocess.Process) -> list[str]:
+    """The lines the demo prints up to "Ctrl-C to stop"."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    async with asyncio.timeout(TIMEOUT):
+        while not lines or "Ctrl-C to stop" not in lines[-1]:
+            line = (await proc.stdout.readline()).decode()
+            assert line, "demo exited early: " + "".join(lines)
+            lines.append(line)
+    return lines
+
+
+async def test_demo_stops_cleanly_on_ctrl_c_while_requests_stream() -> None:
+    """SIGINT with requests in flight (streams among them): they finish, then only the summary is printed."""
+    args = ("demo", "--rate", "200", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+    async with infermon_process(*args) as proc:
         assert proc.stdout is not None and proc.stderr is not None
-        async with asyncio.timeout(TIMEOUT):
-            while "Ctrl-C to stop" not in (line := (await proc.stdout.readline()).decode()):
-                assert line, "demo exited early"
+        banner = "".join(await _banner(proc))
+        found = METRICS_URL.search(banner)
+        assert found is not None, banner
+        admin = (found.group(1), int(found.group(2)))
+
+        async def streams_done_and_some_in_flight() -> bool:
+            m = await scrape_metrics(admin)
+            chunked = metric(m, "infermon_stream_chunk_gap_seconds_count") > 0
+            return chunked and metric(m, "infermon_requests_in_flight") >= 2
+
+        await wait_until(streams_done_and_some_in_flight, step=0.01)
         proc.send_signal(signal.SIGINT)
         rc = await asyncio.wait_for(proc.wait(), TIMEOUT)
         rest = (await proc.stdout.read()).decode()
         stderr = (await proc.stderr.read()).decode()
     assert rc == 0, stderr
-    assert "Traceback" not in stderr
-    assert SENT.search(rest) is not None, rest
+    assert stderr == ""
+    lines = [line for line in rest.splitlines() if not line.startswith("  ")]  # the 5 s progress lines
+    assert len(lines) == 1, rest
+    summary = SENT.search(lines[0])
+    assert summary is not None, rest
+    statuses = orjson.loads(re.sub(r"(\d+):", r'"\1":', summary.group(2)))
+    # every request sent got its answer: none was cut by the shutdown
+    assert int(summary.group(3)) == 0, rest
+    assert sum(statuses.values()) == int(summary.group(1)), rest
+
+
+def test_demo_help_shows_every_option_with_its_default() -> None:
+    result = run_cli("demo", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps the help text
+    for option, default in [
+        ("--listen", "(default: 127.0.0.1:8080)"),
+        ("--admin", "(default: 127.0.0.1:9464)"),
+        ("--model-port", "(default: 0, a free port)"),
+        ("--rate", "(default: 20)"),
+        ("--duration", "(default: until Ctrl-C)"),
+    ]:
+        assert option in text
+        assert default in text
+
+
+async def test_demo_takes_the_model_server_port() -> None:
+    port = free_port()
+    args = ("demo", "--model-port", str(port), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+    async with infermon_process(*args) as proc:
+        found = MODEL_URL.search("".join(await _banner(proc)))
+        assert found is not None
+        assert int(found.group(2)) == port
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), TIMEOUT) == 0
+
+
+@pytest.mark.parametrize("busy_one", ["--listen", "--admin", "--model-port"])
+async def test_demo_busy_port_is_one_line_and_exit_1(busy_one: str) -> None:
+    busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = busy.sockets[0].getsockname()[1]
+    options = {"--listen": "127.0.0.1:0", "--admin": "127.0.0.1:0", "--model-port": "0"}
+    options[busy_one] = str(port) if busy_one == "--model-port" else f"127.0.0.1:{port}"
+    try:
+        async with infermon_process("demo", *[x for pair in options.items() for x in pair]) as proc:
+            stdout, stderr = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    finally:
+        busy.close()
+    assert proc.returncode == 1, stderr
+    assert stdout == b""
+    assert stderr.decode().splitlines() == [
+        f"cannot listen on 127.0.0.1:{port}: Address already in use (change {busy_one})"
+    ]
+
+
+def test_demo_rejects_a_bad_address() -> None:
+    result = run_cli("demo", "--listen", "nonsense")
+    assert result.returncode == 2
+    assert "argument --listen: expected HOST:PORT" in result.stderr
+    assert "Traceback" not in result.stderr
