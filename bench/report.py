@@ -433,6 +433,9 @@ class PerfFigures:
     requests: int
     rps: float
     counts: dict[str, tuple[float, float]]  # counter -> (per request, 0.0)
+    # perf record of a second wrk run: us per request sampled on-CPU, in the kernel, under kernel functions
+    profile: dict[str, tuple[float, float]] = field(default_factory=dict)  # label -> (us per request, 0.0)
+    profile_rps: float = 0.0
 
 
 def syscall_table(
@@ -448,9 +451,10 @@ def syscall_table(
     ranked = list(names.items()) if keep_order else sorted(names.items(), key=lambda kv: -kv[1])
     order = [n for n, top in ranked if top >= 0.005]
     width = max(15, *(len(i.target) for i in items))
+    first = max([16, *(len(n) + 1 for n in order)])
     lines = [
         f"{title} (wrk -c high; rps meanwhile: " + ", ".join(f"{i.target} {i.rps:.0f}" for i in items) + ")",
-        f"{'per request':<16}" + "".join(f" {i.target:>{width}}" for i in items),
+        f"{'per request':<{first}}" + "".join(f" {i.target:>{width}}" for i in items),
     ]
     for name in order:
         cells = ""
@@ -458,10 +462,10 @@ def syscall_table(
             calls, errors = item.counts.get(name, (0.0, 0.0))
             text = f"{calls:.2f}" + (f" ({errors:.2f})" if errors >= 0.005 else "")
             cells += f" {text:>{width}}"
-        lines.append(f"{name:<16}" + cells)
+        lines.append(f"{name:<{first}}" + cells)
     if not keep_order:
         totals = "".join(f" {sum(c for c, _ in i.counts.values()):>{width}.2f}" for i in items)
-        lines.append(f"{'total':<16}" + totals)
+        lines.append(f"{'total':<{first}}" + totals)
     return "\n".join(lines)
 
 

@@ -497,7 +497,7 @@ def perf_counts(args: argparse.Namespace, target: LoadTarget, script: Path, dire
     if not counts:
         raise syscalls.StraceFailed(f"perf stat counted nothing for {target.name}: {counter.failure()}")
     n = result.requests or 1
-    return PerfFigures(
+    figures = PerfFigures(
         target=target.name,
         seconds=result.duration_s,
         requests=result.requests,
@@ -506,6 +506,24 @@ def perf_counts(args: argparse.Namespace, target: LoadTarget, script: Path, dire
             label: (counts[event] / n, 0.0) for event, label in syscalls.PERF_EVENTS.items() if event in counts
         },
     )
+    say(f"[perf] {target.name}: perf record -e cpu-clock -g -p {attach}, wrk -c{args.connections}")
+    data = directory / f"perf-{target.name}.data"
+    recorder = syscalls.PerfRecord(pids, data)
+    try:
+        result = wrk.run(target.url, args.connections, args.threads, args.trace_seconds, script)
+    finally:
+        recorder.stop()
+    target.sent += result.requests
+    found = syscalls.profile(data)
+    if not found.cpu_s or not result.requests:
+        raise syscalls.StraceFailed(f"perf record sampled nothing for {target.name}: {recorder.failure()}")
+    us = found.cpu_s / result.requests * 1e6
+    figures.profile_rps = result.rps
+    figures.profile = {"on CPU (sampled)": (us, 0.0), "in the kernel": (us * found.kernel_share, 0.0)}
+    for function, label in syscalls.PROFILED.items():
+        figures.profile[f"{function} ({label})"] = (us * found.under.get(function, 0.0), 0.0)
+    data.unlink(missing_ok=True)
+    return figures
 
 
 def wait_for_client_sockets(
@@ -815,6 +833,12 @@ def print_report(out: dict[str, Any], args: argparse.Namespace) -> None:
     if out.get("perf"):
         print()
         print(report.syscall_table(out["perf"], "perf stat tracepoints per request, full speed", keep_order=True))
+        print()
+        profiles = [
+            PerfFigures(f.target, f.seconds, f.requests, f.profile_rps, f.profile) for f in out["perf"] if f.profile
+        ]
+        if profiles:
+            print(report.syscall_table(profiles, "perf record -e cpu-clock -g: us per request", keep_order=True))
     if out.get("syscalls"):
         print()
         print(report.syscall_table(out["syscalls"]))

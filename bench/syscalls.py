@@ -12,7 +12,10 @@ Used by ``python -m bench.run --strace`` and ``--perf``. For one server process 
   rights over it, as strace does) and asked with ``getsockopt``; its addresses come from
   ``/proc/net/tcp``.
 
-- `perf_counting`: ``perf stat`` of syscall and scheduler tracepoints for a wrk run at full speed:
+- `PerfRecord` and `profile`: ``perf record -e cpu-clock -g`` of a wrk run, read back as the time
+  per request spent in the kernel and under a few kernel functions that tell where it goes (the
+  write path, the receive path loopback runs inline in the writer, waking the reader, switching).
+- `PerfStat`: ``perf stat`` of syscall and scheduler tracepoints for a wrk run at full speed:
   syscalls by name, the wake-ups the server makes (``sched:sched_wakeup`` fired in its context: a
   write that woke the upstream or wrk) and the times it was switched out (``sched:sched_switch``).
 
@@ -115,23 +118,23 @@ def parse_perf(text: str) -> dict[str, int]:
     return counts
 
 
-class PerfStat:
-    """``perf stat -e <tracepoints> -p PIDS`` until `stop`."""
+class _Perf:
+    """A perf command attached to running processes until `stop` (SIGINT, as Ctrl-C would)."""
 
-    def __init__(self, pids: list[int], out: Path, events: list[str]) -> None:
+    def __init__(self, what: str, argv: list[str], out: Path) -> None:
         self.out = out
-        argv = [PERF, "stat", "-x,", "-o", str(out), "-e", ",".join(events), "-p", ",".join(map(str, pids))]
         self.log = out.with_suffix(".stderr")
         with self.log.open("wb") as err:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
             )
-        # perf stat says nothing when it has attached; it takes milliseconds, and an error ends it at once
+        # perf says nothing when it has attached; it takes milliseconds, and an error ends it at once
         time.sleep(0.3)
         if self.proc.poll() is not None:
-            raise StraceFailed(f"perf stat exited with status {self.proc.returncode} on {pids}: {self.failure()}")
+            raise StraceFailed(f"{what} exited with status {self.proc.returncode}: {self.failure()}")
 
     def stop(self, timeout: float = 30.0) -> str:
+        """End it and return what it wrote to `out` (empty for a binary file)."""
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGINT)
@@ -143,7 +146,7 @@ class PerfStat:
                 self.proc.wait(timeout=5.0)
         try:
             return self.out.read_text(errors="replace")
-        except OSError:
+        except (OSError, UnicodeDecodeError):
             return ""
 
     def failure(self) -> str:
@@ -151,6 +154,23 @@ class PerfStat:
             return self.log.read_text(errors="replace")[-800:]
         except OSError:
             return ""
+
+
+class PerfStat(_Perf):
+    """``perf stat -e <tracepoints> -p PIDS`` until `stop`."""
+
+    def __init__(self, pids: list[int], out: Path, events: list[str]) -> None:
+        argv = [PERF, "stat", "-x,", "-o", str(out), "-e", ",".join(events), "-p", ",".join(map(str, pids))]
+        super().__init__(f"perf stat on {pids}", argv, out)
+
+
+class PerfRecord(_Perf):
+    """``perf record -e cpu-clock -g -p PIDS`` until `stop`: sampled stacks, kernel frames included."""
+
+    def __init__(self, pids: list[int], out: Path, frequency: int = 2000) -> None:
+        argv = [PERF, "record", "-q", "-e", "cpu-clock", "-F", str(frequency), "-g", "-o", str(out)]
+        argv += ["-p", ",".join(map(str, pids))]
+        super().__init__(f"perf record on {pids}", argv, out)
 
 
 # --- strace -c --------------------------------------------------------------------------------------
@@ -165,6 +185,51 @@ class SyscallCount:
 
 
 _COUNT_ROW = re.compile(r"^\s*[\d.]+\s+([\d.]+)\s+\d+\s+(\d+)\s+(?:(\d+)\s+)?(\w+)\s*$")
+
+
+#: kernel functions whose time (callees included) the profile reports -> what it stands for
+PROFILED = {
+    "do_syscall_64": "all syscalls",
+    "tcp_sendmsg": "writes",
+    "handle_softirqs": "loopback receive, run inline",
+    "sock_def_readable": "waking the reader",
+    "tcp_recvmsg": "reads",
+    "__schedule": "context switches",
+}
+
+
+@dataclass
+class Profile:
+    cpu_s: float  # sampled CPU time of the processes (perf's event count)
+    kernel_share: float  # of it, in the kernel (0..1)
+    under: dict[str, float]  # PROFILED function -> share of cpu_s spent in it and its callees
+
+
+_CHILDREN = re.compile(r"^\s*([\d.]+)%\s+([\d.]+)%\s+\[k\]\s+(\S+)")
+_DSO = re.compile(r"^\s*([\d.]+)%\s+\[kernel\.kallsyms\]")
+_EVENTS = re.compile(r"^# Event count \(approx\.\): (\d+)")
+
+
+def profile(data: Path, timeout: float = 120.0) -> Profile:
+    """Read a `PerfRecord` file back with perf report (cpu-clock periods are nanoseconds)."""
+
+    def report(*options: str) -> str:
+        argv = [PERF, "report", "-i", str(data), "--stdio", "-g", "none", *options]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False).stdout
+
+    return parse_profile(report("--children", "--sort", "sym"), report("--no-children", "--sort", "dso"))
+
+
+def parse_profile(by_symbol: str, by_dso: str) -> Profile:
+    """perf report's ``--children --sort sym`` and ``--no-children --sort dso`` text, read back."""
+    events = next((int(m.group(1)) for m in map(_EVENTS.match, by_symbol.splitlines()) if m), 0)
+    under: dict[str, float] = {}
+    for line in by_symbol.splitlines():
+        m = _CHILDREN.match(line)
+        if m and m.group(3) in PROFILED and m.group(3) not in under:
+            under[m.group(3)] = float(m.group(1)) / 100
+    kernel = next((float(m.group(1)) / 100 for m in map(_DSO.match, by_dso.splitlines()) if m), 0.0)
+    return Profile(cpu_s=events / 1e9, kernel_share=kernel, under=under)
 
 
 def parse_count(text: str) -> list[SyscallCount]:

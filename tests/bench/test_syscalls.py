@@ -127,3 +127,39 @@ def test_socket_options_of_a_live_process(connection: tuple[socket.socket, socke
     assert by_side["upstream"].nodelay == 0
     assert by_side["listen"].sockets == 1
     assert accepted.fileno() >= 0  # the copies were closed, not ours
+
+
+# perf 6.1 report --stdio -g none of a cpu-clock recording (trimmed)
+BY_SYMBOL = """\
+# Samples: 11K of event 'cpu-clock'
+# Event count (approx.): 2271254160
+#
+# Children      Self  Symbol
+# ........  ........  ..........
+#
+    34.97%     0.00%  [.] 0x00007f1914c56240
+    26.25%    26.20%  [.] _PyEval_EvalFrameDefault
+    23.23%     0.41%  [k] do_syscall_64
+    18.29%     0.02%  [k] tcp_sendmsg
+    12.21%     0.21%  [k] handle_softirqs
+     0.92%     0.04%  [k] __schedule
+"""
+BY_DSO = """\
+# Overhead  Shared Object
+# ........  .............
+#
+    61.17%  libpython3.11.so.1.0
+    23.38%  [kernel.kallsyms]
+"""
+
+
+def test_parse_profile_reads_time_under_kernel_functions() -> None:
+    found = syscalls.parse_profile(BY_SYMBOL, BY_DSO)
+    assert found.cpu_s == pytest.approx(2.271254160)
+    assert found.kernel_share == pytest.approx(0.2338)
+    assert found.under == {
+        "do_syscall_64": pytest.approx(0.2323),
+        "tcp_sendmsg": pytest.approx(0.1829),
+        "handle_softirqs": pytest.approx(0.1221),
+        "__schedule": pytest.approx(0.0092),
+    }
