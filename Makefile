@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-tracing bench-agent clean
+.PHONY: demo test bench bench-compare bench-tracing bench-agent clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Before/after in one run: infermon at REF (own worktree and venv in a temp dir) beside this checkout.
+bench-compare: $(STAMP)
+	@test -n "$(REF)" || { echo "usage: make bench-compare REF=<git ref> [ARGS='--rounds 3 --strace']"; exit 2; }
+	$(BIN)/python -m bench.baseline $(REF) -- $(ARGS)
 
 bench-tracing: $(STAMP)
 	$(BIN)/python -m bench.tracing

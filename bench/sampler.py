@@ -1,9 +1,11 @@
 """CPU time and memory of a proxy under test, counted over its whole process tree.
 
 For nginx that is the master and its workers; for infermon it is its one process (and any child it
-may start). CPU is user + system seconds from ``psutil`` read before and after a wrk run; RSS is
-sampled by a background thread while the run goes on, and the peak is kept. `ProcessTree.pin` binds
-a started server to its CPUs (see `cpu_layout`).
+may start). `ProcessTree.counters` reads, for every process of the tree, user and system CPU time
+(``utime``/``stime`` of ``/proc/PID/stat``), minor page faults (``minflt``, same file) and voluntary
+and involuntary context switches (``/proc/PID/task/*/status``, summed over threads); a run's figures
+are the difference of two readings. RSS is sampled by a background thread while the run goes on, and
+the peak is kept. `ProcessTree.pin` binds a started server to its CPUs (see `cpu_layout`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,61 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
 from types import TracebackType
 
 import psutil
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Cumulative kernel counters of a process tree; subtract two readings for one run's share."""
+
+    user_s: float = 0.0
+    system_s: float = 0.0
+    minor_faults: int = 0
+    voluntary_switches: int = 0  # the process blocked (an epoll_wait that slept: one wake-up each)
+    involuntary_switches: int = 0  # the scheduler took the CPU away (preempted by the other server)
+
+    @property
+    def cpu_s(self) -> float:
+        return self.user_s + self.system_s
+
+    def __add__(self, other: Counters) -> Counters:
+        return Counters(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
+
+
+def read_counters(pid: int, proc: Path = Path("/proc")) -> Counters:
+    """One process's counters (all its threads); zeros when it is gone."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return Counters()
+    # The command name (field 2) is in parentheses and may hold spaces: split after the last ")".
+    rest = stat[stat.rindex(")") + 2 :].split()
+    minflt, utime, stime = int(rest[7]), int(rest[11]), int(rest[12])  # fields 10, 14 and 15 of proc(5)
+    voluntary = involuntary = 0
+    try:
+        tids = os.listdir(proc / str(pid) / "task")
+    except OSError:
+        tids = []
+    for tid in tids:
+        try:
+            status = (proc / str(pid) / "task" / tid / "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                voluntary += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                involuntary += int(line.split()[1])
+    return Counters(utime / CLOCK_TICKS, stime / CLOCK_TICKS, minflt, voluntary, involuntary)
 
 
 class ProcessTree:
@@ -41,15 +95,17 @@ class ProcessTree:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(int(tid), cpus)
 
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for proc in self.processes():
-            try:
-                times = proc.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += float(times.user) + float(times.system)
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.processes()]
+
+    def counters(self) -> Counters:
+        total = Counters()
+        for pid in self.pids():
+            total += read_counters(pid)
         return total
+
+    def cpu_seconds(self) -> float:
+        return self.counters().cpu_s
 
     def rss_bytes(self) -> int:
         total = 0

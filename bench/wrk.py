@@ -89,9 +89,8 @@ def parse(output: str) -> WrkResult:
     )
 
 
-def run(url: str, connections: int, threads: int, seconds: float, script: Path) -> WrkResult:
-    """Run wrk against `url` for `seconds` and return its figures (bounded by a timeout)."""
-    argv = [
+def _argv(url: str, connections: int, threads: int, seconds: float, script: Path) -> list[str]:
+    return [
         WRK,
         f"-c{connections}",
         f"-t{threads}",
@@ -103,10 +102,26 @@ def run(url: str, connections: int, threads: int, seconds: float, script: Path) 
         str(script),
         url,
     ]
+
+
+def run(url: str, connections: int, threads: int, seconds: float, script: Path) -> WrkResult:
+    """Run wrk against `url` for `seconds` and return its figures (bounded by a timeout)."""
+    return finish(start(url, connections, threads, seconds, script), seconds)
+
+
+def start(url: str, connections: int, threads: int, seconds: float, script: Path) -> subprocess.Popen[str]:
+    """Start wrk in the background; `finish` waits for it and reads its figures."""
+    argv = _argv(url, connections, threads, seconds, script)
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen[str], seconds: float) -> WrkResult:
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+        stdout, stderr = proc.communicate(timeout=seconds + 60)
     except subprocess.TimeoutExpired as exc:
+        proc.kill()
+        proc.communicate()
         raise WrkFailed(f"wrk did not finish within {seconds + 60:g}s") from exc
     if proc.returncode != 0:
-        raise WrkFailed(f"wrk exited with status {proc.returncode}: {proc.stderr.strip()[-2000:]}")
-    return parse(proc.stdout)
+        raise WrkFailed(f"wrk exited with status {proc.returncode}: {stderr.strip()[-2000:]}")
+    return parse(stdout)
