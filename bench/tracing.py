@@ -114,6 +114,17 @@ def observer_cpu(names: list[str], sink_url: str, n: int = 50_000) -> dict[str, 
     return out
 
 
+def span_counts(admin_port: int) -> dict[str, float]:
+    """The proxy's own span counters: recorded, exported, dropped by reason (a lost span shows here)."""
+    _, body = http_get(admin_port, "/metrics")
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line.startswith("infermon_trace_spans_") and "_created" not in line:
+            name, _, value = line.rpartition(" ")
+            out[name.removeprefix("infermon_trace_spans_").replace("_total", "")] = float(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run (4)")
@@ -121,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6, help="rounds of (off, variant) pairs; medians (6)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated subset of " + ";".join(VARIANTS))
+    listed = ";".join(VARIANTS).replace("%", "%%")  # argparse formats help with %
+    parser.add_argument("--variants", default=";".join(VARIANTS), help=f"';'-separated subset of {listed}")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
     parser.add_argument("--no-micro", action="store_true", help="skip the in-process CPU measurement")
+    parser.add_argument("--micro-only", action="store_true", help="only the in-process CPU measurement (no wrk)")
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(";") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
@@ -144,10 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         sink_argv = [sys.executable, "-m", "bench.otlp_sink", "--port", str(sink_port)]
         sink = children.start("otlp-sink", sink_argv, directory)
         wait_for_port(LOOPBACK, sink_port, timeout=15.0, child=sink)
+        if args.micro_only:
+            for name, cpu in observer_cpu(names, f"http://{LOOPBACK}:{sink_port}").items():
+                print(f"{name:<18} hooks + export thread: {cpu:.2f} CPU us/request (in-process, {os.cpu_count()} CPUs)")
+            return 0
         if layout is not None:
             ProcessTree(upstream.child.pid).pin(layout[1])
         machine_cpu = MachineCpu(children.pids)
         proxies: dict[str, tuple[Child, int, ProcessTree]] = {}
+        admins: dict[str, int] = {}
         for name in names:
             port, admin = free_port(), free_port()
             env = {
@@ -165,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             if layout is not None:
                 tree.pin(layout[1])
             proxies[name] = (child, port, tree)
+            admins[name] = admin
         micro = {} if args.no_micro else observer_cpu(names, f"http://{LOOPBACK}:{sink_port}")
         results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in names if name != "off"}
         for name, (_, port, _) in proxies.items():
@@ -187,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(6.0)  # one schedule delay: let the last batches reach the sink
         _, body = http_get(sink_port, "/count")
         exported = json.loads(body)
+        spans = {name: span_counts(admin) for name, admin in admins.items() if name not in ("off", "0%")}
 
     rows = []
     offs = [(o_rps, o_cpu) for runs in results.values() for _, _, o_rps, o_cpu in runs]
@@ -212,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     print("rps vs off and +cpu us: medians of the per-pair differences; hooks us: CPU of the tracing hooks and")
     print("the export thread per request, measured in-process (no network, no wrk): the stable figure")
     print(f"spans received by the sink: {exported['spans']} in {exported['requests']} export requests")
+    for name, counts in spans.items():
+        print(f"[{name}] spans " + ", ".join(f"{key} {value:.0f}" for key, value in counts.items()))
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "sink": exported}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "sink": exported, "spans": spans}, indent=2))
     return 0 if all(row["verdict"] != "OVER" for row in rows) else 1
 
 
