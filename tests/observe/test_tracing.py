@@ -340,6 +340,8 @@ def test_otel_variables_rank_between_file_and_infermon_variables(tmp_path: Any) 
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
         "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20abc,x-tenant=7",
         "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2500",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": "none",
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": " GZip",
         "OTEL_PROPAGATORS": "tracecontext,baggage,b3multi",
         "INFERMON_ACCESS_LOG__REDACT_HEADERS": '["X-Api-Key"]',
     }
@@ -350,6 +352,7 @@ def test_otel_variables_rank_between_file_and_infermon_variables(tmp_path: Any) 
     assert (cfg.protocol, cfg.export_url()) == ("grpc", "http://collector:4317")
     assert cfg.headers == {"authorization": "Bearer abc", "x-tenant": "7"}
     assert cfg.timeout == 2.5
+    assert cfg.compression == "gzip"  # the traces-specific variable wins
     assert cfg.propagators == ["tracecontext", "baggage", "b3multi"]
     public = config.load(ProxyConfig, file=path, env=env).public_dict()
     assert public["tracing"]["headers"] == {"authorization": "***", "x-tenant": "***"}
@@ -361,3 +364,7 @@ def test_otel_variables_rank_between_file_and_infermon_variables(tmp_path: Any) 
     assert not config.load(ProxyConfig, file=path, env={"OTEL_SDK_DISABLED": "true"}).tracing.enabled
     with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG"):
         config.load(ProxyConfig, env={"OTEL_TRACES_SAMPLER_ARG": "lots"})
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_COMPRESSION") as bad:
+        config.load(ProxyConfig, env={"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"})
+    assert "gzip" in str(bad.value)  # the error names the values that work
+    assert config.load(ProxyConfig, env={}).tracing.compression == "none"
