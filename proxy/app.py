@@ -70,6 +70,8 @@ class ProxyApp:
 
     async def start(self, listen: socket.socket | None = None, admin: socket.socket | None = None) -> None:
         cfg = self.cfg
+        if self.tracing is not None:
+            await self.tracing.start()
         plane = self.plane = DataPlane(cfg, self.hooks)
         self.metrics.in_flight = lambda: plane.in_flight
         pool = plane.pool
@@ -138,4 +140,4 @@ class ProxyApp:
         if self.access_log is not None:
             await self.access_log.aclose()
         if self.tracing is not None:
-            await self.tracing.aclose(self.cfg.tracing.timeout)
+            await self.tracing.aclose()

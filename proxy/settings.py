@@ -203,7 +203,7 @@ class Tracing(_Section):
     endpoint: str | None = None  # base URL; http/protobuf appends /v1/traces. Default localhost:4318 / :4317
     traces_endpoint: str | None = None  # full URL, used as it is (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
     headers: KeyValues = Field(default_factory=dict)  # sent with every export; a secret, masked in /config
-    timeout: PositiveFloat = 10.0  # per export request
+    timeout: PositiveFloat = 10.0  # per export, retries included; also the most shutdown waits to flush
     compression: Literal["gzip", "none"] = "none"  # gzip: Content-Encoding: gzip (HTTP), grpc's gzip (gRPC)
     exporter: Literal["infermon", "sdk"] = "infermon"  # our cheap OTLP encoder, or the SDK's exporters
     max_queue_size: Annotated[int, Field(ge=1)] = 2048  # ended spans waiting for export; full: dropped
