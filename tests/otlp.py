@@ -20,7 +20,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +99,7 @@ class Receiver:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     release: threading.Event = field(default_factory=threading.Event)  # for the gRPC server's threads
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    connections: Callable[[], int] = lambda: 0  # open client connections (HTTP receiver)
 
     def unblock(self) -> None:
         """End every hanging export."""
@@ -143,8 +144,9 @@ class Receiver:
                 await self.changed.wait()
 
 
-async def http_receiver() -> AsyncIterator[Receiver]:
-    """An OTLP/HTTP receiver on a free port; ``receiver.url`` is its base URL."""
+async def http_receiver(keepalive_timeout: float = 75.0) -> AsyncGenerator[Receiver, None]:
+    """An OTLP/HTTP receiver on a free port; ``receiver.url`` is its base URL. It closes connections
+    idle for ``keepalive_timeout`` seconds; ``receiver.connections()`` counts the open ones."""
     receiver = Receiver(asyncio.get_running_loop())
 
     async def export(request: web.Request) -> web.Response:
@@ -172,8 +174,17 @@ async def http_receiver() -> AsyncIterator[Receiver]:
 
     app = web.Application()
     app.router.add_post("/v1/traces", export)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5, auto_decompress=False)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=0.5,
+        auto_decompress=False,
+        keepalive_timeout=keepalive_timeout,
+    )
     await runner.setup()
+    server = runner.server
+    receiver.connections = lambda: len(server.connections) if server is not None else 0
     sock = bound_socket()
     await web.SockSite(runner, sock).start()
     receiver.url = f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -19,7 +19,7 @@ from proxy.settings import Labels, Tracing
 from tests.conftest import ProxyFactory
 from tests.helpers import Client, free_port, metric, scrape, scrape_metrics, wait_until
 from tests.observe.test_traceparent import MALFORMED
-from tests.otlp import Answer, GrpcWireTap, Receiver
+from tests.otlp import Answer, GrpcWireTap, Receiver, http_receiver
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -530,6 +530,29 @@ async def test_retries_give_up_within_the_timeout(otlp_http: Receiver, otlp_grpc
         assert elapsed < 0.8 + 0.5
         m = {("export_failed",): 4.0}
         assert {k: v for k, v in dropped(obs).items() if v} == m
+
+
+async def test_a_connection_the_collector_closed_while_idle_is_reopened_at_once() -> None:
+    receivers = http_receiver(keepalive_timeout=0.2)
+    receiver = await anext(receivers)
+    # a retry after the backoff could not happen within the timeout: only an immediate resend can
+    cfg = Tracing(enabled=True, endpoint=receiver.url, sampler="always_on", schedule_delay=0.02, timeout=2.0)
+    obs = TracingObserver(cfg, Labels(), retry_backoff=30.0)
+    await obs.start()
+    try:
+        complete(obs, 1)
+        await counted(obs, exported=1)
+
+        async def closed_by_the_collector() -> bool:
+            return receiver.connections() == 0
+
+        await wait_until(closed_by_the_collector)
+        complete(obs, 1)  # on the kept-alive connection the collector has closed
+        await counted(obs, exported=2)
+        assert (obs.failed, receiver.requests) == (0, 2)
+    finally:
+        await obs.aclose()
+        await receivers.aclose()
 
 
 async def test_a_retry_delay_past_the_timeout_fails_at_once(otlp_http: Receiver) -> None:
