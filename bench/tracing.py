@@ -48,6 +48,11 @@ VARIANTS: dict[str, dict[str, str]] = {
         "INFERMON_TRACING__EXPORTER": "sdk",
     },
     "100%": {"INFERMON_TRACING__ENABLED": "true", "INFERMON_TRACING__SAMPLER_ARG": "1"},
+    "100%,gzip": {
+        "INFERMON_TRACING__ENABLED": "true",
+        "INFERMON_TRACING__SAMPLER_ARG": "1",
+        "INFERMON_TRACING__COMPRESSION": "gzip",
+    },
 }
 TARGETS = {"0%": 0.05, "10%": 0.10}  # largest allowed throughput loss against "off"
 
@@ -60,9 +65,11 @@ def observer_cpu(names: list[str], sink_url: str, n: int = 50_000) -> dict[str, 
     """CPU microseconds per request that the tracing hooks and the export thread add, in-process.
 
     The same loop of Exchanges (headers as the data plane builds them for wrk's requests) runs with
-    and without the observer; process CPU time counts the processor's export thread too, and the
-    queue is flushed to the sink before the clock stops.
+    and without the observer; process CPU time counts the export thread too, and the queue is
+    flushed to the sink (``aclose``) before the clock stops.
     """
+    import asyncio
+
     from proxy.dataplane.exchange import Exchange
     from proxy.observe.tracing import TracingObserver
     from proxy.settings import Labels, Tracing
@@ -75,7 +82,11 @@ def observer_cpu(names: list[str], sink_url: str, n: int = 50_000) -> dict[str, 
         (b"x-request-id", b"6f1c3bd4-4a5e-4c1e-9d9b-6f2a3e1d0c77"),
     ]
 
-    def loop(obs: TracingObserver | None) -> float:
+    async def loop(cfg: Tracing | None) -> tuple[float, int]:
+        obs = None
+        if cfg is not None:
+            obs = TracingObserver(cfg, Labels())
+            await obs.start()
         clock = time.perf_counter
         start = time.process_time()
         for _ in range(n):
@@ -87,12 +98,14 @@ def observer_cpu(names: list[str], sink_url: str, n: int = 50_000) -> dict[str, 
             ex.t_upstream_connected = ex.t_upstream_head = ex.t_first_byte = ex.t_done = clock()
             if obs is not None:
                 obs.on_complete(ex)
+        lost = 0
         if obs is not None:
-            obs.processor.force_flush()
-        return (time.process_time() - start) / n * 1e6
+            await obs.aclose()
+            lost = obs.dropped_queue_full + obs.failed + obs.rejected + obs.dropped_shutdown
+        return (time.process_time() - start) / n * 1e6, lost
 
     out: dict[str, float] = {}
-    base = min(loop(None) for _ in range(3))
+    base = min(asyncio.run(loop(None))[0] for _ in range(3))
     for name in names:
         if name == "off":
             continue
@@ -103,14 +116,27 @@ def observer_cpu(names: list[str], sink_url: str, n: int = 50_000) -> dict[str, 
             sampler_arg=float(env["INFERMON_TRACING__SAMPLER_ARG"]),
             keep_errors=env.get("INFERMON_TRACING__KEEP_ERRORS") == "true",
             exporter="sdk" if env.get("INFERMON_TRACING__EXPORTER") == "sdk" else "infermon",
+            compression="gzip" if env.get("INFERMON_TRACING__COMPRESSION") == "gzip" else "none",
             max_queue_size=1_000_000,  # the loop outruns any real rate: keep every span, count its cost
+            timeout=60.0,  # the flush at the end sends every span
         )
-        obs = TracingObserver(cfg, Labels())
-        out[name] = min(loop(obs) for _ in range(3)) - base
-        if obs.dropped_queue_full:
-            say(f"[{name}] in-process: {obs.dropped_queue_full} spans dropped")
-        obs.processor.shutdown()  # type: ignore[no-untyped-call]
+        runs = [asyncio.run(loop(cfg)) for _ in range(3)]
+        out[name] = min(cpu for cpu, _ in runs) - base
+        lost = sum(lost for _, lost in runs)
+        if lost:
+            say(f"[{name}] in-process: {lost} spans lost")
         say(f"[{name}] in-process hooks + export: {out[name]:.2f} CPU us/request")
+    return out
+
+
+def span_counts(admin_port: int) -> dict[str, float]:
+    """The proxy's own span counters: recorded, exported, dropped by reason (a lost span shows here)."""
+    _, body = http_get(admin_port, "/metrics")
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line.startswith("infermon_trace_spans_") and "_created" not in line:
+            name, _, value = line.rpartition(" ")
+            out[name.removeprefix("infermon_trace_spans_").replace("_total", "")] = float(value)
     return out
 
 
@@ -121,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6, help="rounds of (off, variant) pairs; medians (6)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated subset of " + ";".join(VARIANTS))
+    listed = ";".join(VARIANTS).replace("%", "%%")  # argparse formats help with %
+    parser.add_argument("--variants", default=";".join(VARIANTS), help=f"';'-separated subset of {listed}")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
     parser.add_argument("--no-micro", action="store_true", help="skip the in-process CPU measurement")
+    parser.add_argument("--micro-only", action="store_true", help="only the in-process CPU measurement (no wrk)")
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(";") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
@@ -144,10 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         sink_argv = [sys.executable, "-m", "bench.otlp_sink", "--port", str(sink_port)]
         sink = children.start("otlp-sink", sink_argv, directory)
         wait_for_port(LOOPBACK, sink_port, timeout=15.0, child=sink)
+        if args.micro_only:
+            for name, cpu in observer_cpu(names, f"http://{LOOPBACK}:{sink_port}").items():
+                print(f"{name:<18} hooks + export thread: {cpu:.2f} CPU us/request (in-process, {os.cpu_count()} CPUs)")
+            return 0
         if layout is not None:
             ProcessTree(upstream.child.pid).pin(layout[1])
         machine_cpu = MachineCpu(children.pids)
         proxies: dict[str, tuple[Child, int, ProcessTree]] = {}
+        admins: dict[str, int] = {}
         for name in names:
             port, admin = free_port(), free_port()
             env = {
@@ -165,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             if layout is not None:
                 tree.pin(layout[1])
             proxies[name] = (child, port, tree)
+            admins[name] = admin
         micro = {} if args.no_micro else observer_cpu(names, f"http://{LOOPBACK}:{sink_port}")
         results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in names if name != "off"}
         for name, (_, port, _) in proxies.items():
@@ -187,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(6.0)  # one schedule delay: let the last batches reach the sink
         _, body = http_get(sink_port, "/count")
         exported = json.loads(body)
+        spans = {name: span_counts(admin) for name, admin in admins.items() if name not in ("off", "0%")}
 
     rows = []
     offs = [(o_rps, o_cpu) for runs in results.values() for _, _, o_rps, o_cpu in runs]
@@ -212,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     print("rps vs off and +cpu us: medians of the per-pair differences; hooks us: CPU of the tracing hooks and")
     print("the export thread per request, measured in-process (no network, no wrk): the stable figure")
     print(f"spans received by the sink: {exported['spans']} in {exported['requests']} export requests")
+    for name, counts in spans.items():
+        print(f"[{name}] spans " + ", ".join(f"{key} {value:.0f}" for key, value in counts.items()))
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "sink": exported}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "sink": exported, "spans": spans}, indent=2))
     return 0 if all(row["verdict"] != "OVER" for row in rows) else 1
 
 

@@ -215,7 +215,8 @@ class Tracing(_Section):
     endpoint: str | None = None  # base URL; http/protobuf appends /v1/traces. Default localhost:4318 / :4317
     traces_endpoint: str | None = None  # full URL, used as it is (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
     headers: KeyValues = Field(default_factory=dict)  # sent with every export; a secret, masked in /config
-    timeout: PositiveFloat = 10.0  # per export request
+    timeout: PositiveFloat = 10.0  # per export, retries included; also the most shutdown waits to flush
+    compression: Literal["gzip", "none"] = "none"  # gzip: Content-Encoding: gzip (HTTP), grpc's gzip (gRPC)
     exporter: Literal["infermon", "sdk"] = "infermon"  # our cheap OTLP encoder, or the SDK's exporters
     max_queue_size: Annotated[int, Field(ge=1)] = 2048  # ended spans waiting for export; full: dropped
     max_export_batch_size: Annotated[int, Field(ge=1)] = 512
@@ -283,6 +284,8 @@ OTEL_ENV: dict[str, tuple[str, Any]] = {
     "OTEL_EXPORTER_OTLP_TRACES_HEADERS": ("tracing.headers", None),
     "OTEL_EXPORTER_OTLP_TIMEOUT": ("tracing.timeout", lambda raw: float(raw) / 1000.0),  # milliseconds
     "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": ("tracing.timeout", lambda raw: float(raw) / 1000.0),
+    "OTEL_EXPORTER_OTLP_COMPRESSION": ("tracing.compression", lambda raw: raw.strip().lower()),
+    "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": ("tracing.compression", lambda raw: raw.strip().lower()),
     "OTEL_BSP_MAX_QUEUE_SIZE": ("tracing.max_queue_size", None),
     "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("tracing.max_export_batch_size", None),
     "OTEL_BSP_SCHEDULE_DELAY": ("tracing.schedule_delay", lambda raw: float(raw) / 1000.0),  # milliseconds

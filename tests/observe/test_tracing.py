@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from proxy.app import ProxyApp
+from proxy.dataplane.exchange import Exchange
 from proxy.observe.traceparent import parse_b3_single, parse_traceparent
+from proxy.observe.tracing import TracingObserver
+from proxy.settings import Labels, Tracing
 from tests.conftest import ProxyFactory
 from tests.helpers import Client, free_port, metric, scrape, scrape_metrics, wait_until
 from tests.observe.test_traceparent import MALFORMED
-from tests.otlp import Receiver
+from tests.otlp import Answer, GrpcWireTap, Receiver, http_receiver
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -92,6 +98,8 @@ async def test_the_proxy_span_joins_the_callers_trace(
     assert span.name == "POST"
     assert span.status.code == 0  # UNSET
     assert span.trace_state == "vendor=abc"
+    # Span.flags: the parent is remote (0x300); the proxy's encoder adds the W3C flags (sampled)
+    assert span.flags == (0x301 if exporter == "infermon" else 0x300)
     a = got.attributes
     assert a["http.request.method"] == "POST"
     assert a["url.path"] == "/echo/predict"
@@ -134,6 +142,7 @@ async def test_no_context_starts_a_new_sampled_trace(
     assert sent is not None and sent.sampled
     (got,) = await otlp_http.wait_spans(1)
     assert (got.trace_id, got.span_id, got.parent_span_id) == (sent.trace_id, sent.span_id, "")
+    assert got.span.flags == 0x101  # a local root: "the parent is not remote" is known; sampled
 
 
 async def test_unsampled_requests_export_nothing(make_proxy: ProxyFactory, upstream: str, otlp_http: Receiver) -> None:
@@ -146,7 +155,7 @@ async def test_unsampled_requests_export_nothing(make_proxy: ProxyFactory, upstr
     unsampled_parent = await get(app, "/echo/caller-not", {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"})
     assert parse_traceparent(upstream_headers(unsampled_parent)["traceparent"][0].encode()).sampled is False  # type: ignore[union-attr]
     spans = await otlp_http.wait_spans(1)
-    await app.tracing.aclose(2.0)  # type: ignore[union-attr]
+    await app.tracing.aclose()  # type: ignore[union-attr]
     assert [s.attributes["url.path"] for s in spans] == ["/echo/caller-sampled"]
 
 
@@ -222,7 +231,7 @@ async def test_keep_errors_keeps_failed_and_slow_requests(
     assert (await get(app, "/status/503")).status == 503
     assert (await get(app, "/slow?delay=0.3")).status == 200
     spans = await otlp_http.wait_spans(2)
-    await app.tracing.aclose(2.0)  # type: ignore[union-attr]
+    await app.tracing.aclose()  # type: ignore[union-attr]
     by_path = {s.attributes["url.path"]: s for s in spans}
     assert set(by_path) == {"/status/503", "/slow"}
     err = by_path["/status/503"]
@@ -319,8 +328,8 @@ async def test_a_collector_that_is_down_or_hangs_costs_requests_nothing(
 
         await wait_until(failed)
     t = time.perf_counter()
-    await app.tracing.aclose(0.5)  # type: ignore[union-attr]
-    assert time.perf_counter() - t < 2.0  # shutdown does not wait on the collector either
+    await app.tracing.aclose()  # type: ignore[union-attr]
+    assert time.perf_counter() - t < 3.0 + 0.5  # shutdown waits on the collector for tracing.timeout at most
 
 
 def test_otel_variables_rank_between_file_and_infermon_variables(tmp_path: Any) -> None:
@@ -340,6 +349,8 @@ def test_otel_variables_rank_between_file_and_infermon_variables(tmp_path: Any) 
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
         "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20abc,x-tenant=7",
         "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2500",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": "none",
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": " GZip",
         "OTEL_PROPAGATORS": "tracecontext,baggage,b3multi",
         "INFERMON_ACCESS_LOG__REDACT_HEADERS": '["X-Api-Key"]',
     }
@@ -350,6 +361,7 @@ def test_otel_variables_rank_between_file_and_infermon_variables(tmp_path: Any) 
     assert (cfg.protocol, cfg.export_url()) == ("grpc", "http://collector:4317")
     assert cfg.headers == {"authorization": "Bearer abc", "x-tenant": "7"}
     assert cfg.timeout == 2.5
+    assert cfg.compression == "gzip"  # the traces-specific variable wins
     assert cfg.propagators == ["tracecontext", "baggage", "b3multi"]
     public = config.load(ProxyConfig, file=path, env=env).public_dict()
     assert public["tracing"]["headers"] == {"authorization": "***", "x-tenant": "***"}
@@ -361,3 +373,266 @@ def test_otel_variables_rank_between_file_and_infermon_variables(tmp_path: Any) 
     assert not config.load(ProxyConfig, file=path, env={"OTEL_SDK_DISABLED": "true"}).tracing.enabled
     with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG"):
         config.load(ProxyConfig, env={"OTEL_TRACES_SAMPLER_ARG": "lots"})
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_COMPRESSION") as bad:
+        config.load(ProxyConfig, env={"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"})
+    assert "gzip" in str(bad.value)  # the error names the values that work
+    assert config.load(ProxyConfig, env={}).tracing.compression == "none"
+
+
+# -- the export thread, against the real receivers ------------------------------------------------
+
+
+def exchange(i: int = 0, traceparent: str | None = None) -> Exchange:
+    """A completed request as the data plane hands it to the hooks (before on_request_head)."""
+    ex = Exchange(time.perf_counter(), "127.0.0.1")
+    ex.method, ex.path, ex.request_id = "GET", f"/v1/models/m:predict/{i}", f"rid-{i}"
+    ex.request_headers = [(b"Host", b"model:8080")]
+    if traceparent is not None:
+        ex.request_headers.append((b"traceparent", traceparent.encode()))
+    return ex
+
+
+def complete(obs: TracingObserver, n: int, traceparent: str | None = None) -> None:
+    for i in range(n):
+        ex = exchange(i, traceparent)
+        obs.on_request_head(ex)
+        ex.status, ex.bytes_out = 200, 10
+        ex.t_first_byte = ex.t_done = time.perf_counter()
+        obs.on_complete(ex)
+
+
+@contextlib.asynccontextmanager
+async def observer(url: str, protocol: str = "http/protobuf", **extra: Any) -> AsyncIterator[TracingObserver]:
+    """A started TracingObserver (fast retries: 50 ms backoff), closed afterwards."""
+    settings: dict[str, Any] = {"enabled": True, "endpoint": url, "protocol": protocol, "schedule_delay": 0.02,
+                                "sampler": "parentbased_always_on", "timeout": 5.0, **extra}  # fmt: skip
+    obs = TracingObserver(Tracing(**settings), Labels(), retry_backoff=0.05)
+    await obs.start()
+    try:
+        yield obs
+    finally:
+        await obs.aclose()
+
+
+async def counted(obs: TracingObserver, exported: int = 0, failed: int = 0) -> None:
+    """Wait until the export thread has counted what it sent (it counts after the answer)."""
+
+    async def done() -> bool:
+        return obs.exported >= exported and obs.failed >= failed
+
+    await wait_until(done)
+
+
+def receiver_for(protocol: str, otlp_http: Receiver, otlp_grpc: Receiver) -> Receiver:
+    return otlp_http if protocol == "http/protobuf" else otlp_grpc
+
+
+PROTOCOLS = ["http/protobuf", "grpc"]
+
+
+@pytest.mark.parametrize("exporter", ["infermon", "sdk"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_gzip_compression(otlp_http: Receiver, otlp_grpc: Receiver, protocol: str, exporter: str) -> None:
+    receiver = receiver_for(protocol, otlp_http, otlp_grpc)
+    tap = GrpcWireTap(int(otlp_grpc.url.rsplit(":", 1)[1]))
+    await tap.start()
+    try:
+        url = receiver.url if protocol == "http/protobuf" else tap.url
+        for compression in ("none", "gzip"):
+            async with observer(url, protocol, compression=compression, exporter=exporter) as obs:
+                complete(obs, 20)
+                await counted(obs, exported=20)
+        spans = await receiver.wait_spans(40)
+        assert len({s.span_id for s in spans}) == 40  # every span arrived, decoded by the receiver
+        if protocol == "http/protobuf":
+            encodings = [h.get("Content-Encoding") for h in receiver.headers]
+            assert encodings[0] is None and encodings[-1] == "gzip"
+            assert receiver.wire[-1][:2] == b"\x1f\x8b"  # gzip's magic, as it came over the wire
+            assert len(receiver.wire[-1]) < len(receiver.raw[-1]) / 3
+        else:
+            assert tap.compressed_flags[0] == 0 and tap.compressed_flags[-1] == 1  # the gRPC message flag
+    finally:
+        await tap.close()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "failure"),
+    [("http/protobuf", Answer(http_status=s)) for s in (429, 502, 503, 504)]
+    + [("grpc", Answer(grpc_code=c)) for c in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED")],
+    ids=lambda v: v if isinstance(v, str) else f"{v.http_status}-{v.grpc_code}",
+)
+async def test_a_transient_failure_is_retried(
+    otlp_http: Receiver, otlp_grpc: Receiver, protocol: str, failure: Answer
+) -> None:
+    receiver = receiver_for(protocol, otlp_http, otlp_grpc)
+    receiver.answers.extend([failure, failure])
+    async with observer(receiver.url, protocol) as obs:
+        complete(obs, 5)
+        await receiver.wait_spans(5)
+        await counted(obs, exported=5)
+        assert receiver.requests == 3  # two refusals, then the spans
+        assert (obs.failed, obs.dropped_queue_full) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "failure"),
+    [("http/protobuf", Answer(http_status=400)), ("http/protobuf", Answer(http_status=500)),
+     ("grpc", Answer(grpc_code="INVALID_ARGUMENT")), ("grpc", Answer(grpc_code="RESOURCE_EXHAUSTED"))],
+    ids=["400", "500", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED-without-RetryInfo"],
+)  # fmt: skip
+async def test_a_permanent_failure_is_not_retried(
+    otlp_http: Receiver, otlp_grpc: Receiver, protocol: str, failure: Answer
+) -> None:
+    receiver = receiver_for(protocol, otlp_http, otlp_grpc)
+    receiver.answers.append(failure)
+    async with observer(receiver.url, protocol) as obs:
+        complete(obs, 5)
+        await counted(obs, failed=5)
+        assert receiver.requests == 1 and obs.exported == 0
+        complete(obs, 1)  # the next batch goes through
+        await counted(obs, exported=1)
+        assert receiver.requests == 2
+
+
+@pytest.mark.parametrize(
+    ("protocol", "failure", "wait"),
+    [("http/protobuf", Answer(http_status=503, retry_after="1"), 1.0),
+     ("http/protobuf", Answer(http_status=429, retry_after="1"), 1.0),
+     ("grpc", Answer(grpc_code="UNAVAILABLE", retry_delay=0.6), 0.6),
+     ("grpc", Answer(grpc_code="RESOURCE_EXHAUSTED", retry_delay=0.6), 0.6)],
+    ids=["503-Retry-After", "429-Retry-After", "UNAVAILABLE-RetryInfo", "RESOURCE_EXHAUSTED-RetryInfo"],
+)  # fmt: skip
+async def test_the_collectors_retry_delay_is_honoured(
+    otlp_http: Receiver, otlp_grpc: Receiver, protocol: str, failure: Answer, wait: float
+) -> None:
+    receiver = receiver_for(protocol, otlp_http, otlp_grpc)
+    receiver.answers.append(failure)
+    async with observer(receiver.url, protocol) as obs:
+        complete(obs, 3)
+        await receiver.wait_spans(3)
+        await counted(obs, exported=3)
+    first, second = receiver.arrivals
+    assert second - first >= wait  # not the 50 ms backoff
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_retries_give_up_within_the_timeout(otlp_http: Receiver, otlp_grpc: Receiver, protocol: str) -> None:
+    receiver = receiver_for(protocol, otlp_http, otlp_grpc)
+    receiver.mode = "fail"
+    async with observer(receiver.url, protocol, timeout=0.8) as obs:
+        started = time.monotonic()
+        complete(obs, 4)
+        await counted(obs, failed=4)
+        elapsed = time.monotonic() - started
+        assert obs.exported == 0
+        assert receiver.requests >= 3  # it did retry: 50, 100, 200, 400 ms apart, jittered
+        assert receiver.arrivals[-1] - receiver.arrivals[0] < 0.8
+        assert elapsed < 0.8 + 0.5
+        m = {("export_failed",): 4.0}
+        assert {k: v for k, v in dropped(obs).items() if v} == m
+
+
+async def test_a_connection_the_collector_closed_while_idle_is_reopened_at_once() -> None:
+    receivers = http_receiver(keepalive_timeout=0.2)
+    receiver = await anext(receivers)
+    # a retry after the backoff could not happen within the timeout: only an immediate resend can
+    cfg = Tracing(enabled=True, endpoint=receiver.url, sampler="always_on", schedule_delay=0.02, timeout=2.0)
+    obs = TracingObserver(cfg, Labels(), retry_backoff=30.0)
+    await obs.start()
+    try:
+        complete(obs, 1)
+        await counted(obs, exported=1)
+
+        async def closed_by_the_collector() -> bool:
+            return receiver.connections() == 0
+
+        await wait_until(closed_by_the_collector)
+        complete(obs, 1)  # on the kept-alive connection the collector has closed
+        await counted(obs, exported=2)
+        assert (obs.failed, receiver.requests) == (0, 2)
+    finally:
+        await obs.aclose()
+        await receivers.aclose()
+
+
+async def test_a_retry_delay_past_the_timeout_fails_at_once(otlp_http: Receiver) -> None:
+    otlp_http.answers.append(Answer(http_status=503, retry_after="30"))
+    async with observer(otlp_http.url, timeout=5.0) as obs:
+        started = time.monotonic()
+        complete(obs, 2)
+        await counted(obs, failed=2)
+        assert time.monotonic() - started < 2.0  # no 30 s wait, nor 5 s: the retry could not happen in time
+        assert otlp_http.requests == 1
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_partial_success_counts_the_rejected_spans(
+    otlp_http: Receiver, otlp_grpc: Receiver, protocol: str
+) -> None:
+    receiver = receiver_for(protocol, otlp_http, otlp_grpc)
+    receiver.reject = (2, "spans too old")
+    async with observer(receiver.url, protocol) as obs:
+        complete(obs, 5)
+        await counted(obs, exported=3)
+        assert (obs.rejected, obs.failed, receiver.requests) == (2, 0, 1)  # not retried
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_flags_tell_a_local_root_from_a_remote_parent(
+    otlp_http: Receiver, otlp_grpc: Receiver, protocol: str
+) -> None:
+    receiver = receiver_for(protocol, otlp_http, otlp_grpc)
+    async with observer(receiver.url, protocol) as obs:
+        complete(obs, 1)
+        complete(obs, 1, traceparent=f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")
+        spans = await receiver.wait_spans(2)
+    by_parent = {s.parent_span_id: s.span.flags for s in spans}
+    assert by_parent == {"": 0x101, CLIENT_SPAN: 0x301}
+
+
+async def test_lifecycle_start_flush_and_close(otlp_http: Receiver) -> None:
+    cfg = Tracing(enabled=True, endpoint=otlp_http.url, sampler="always_on", schedule_delay=30.0, timeout=2.0)
+    obs = TracingObserver(cfg, Labels())
+    complete(obs, 3)  # before start: they wait in the queue
+    assert len(obs.queue) == 3 and obs.recorded == 3
+    await obs.start()
+    complete(obs, 2)
+    await obs.aclose()  # the 30 s schedule delay is not waited for: close flushes
+    assert (obs.exported, len(otlp_http.spans)) == (5, 5)
+    complete(obs, 1)  # after close: counted, not queued
+    assert (obs.dropped_shutdown, len(obs.queue)) == (1, 0)
+    assert not any(t.name == "infermon-trace-export" for t in threading.enumerate())
+
+
+async def test_close_waits_for_a_hung_collector_no_longer_than_the_timeout(otlp_http: Receiver) -> None:
+    otlp_http.mode = "hang"
+    cfg = Tracing(enabled=True, endpoint=otlp_http.url, sampler="always_on", timeout=0.5, max_export_batch_size=2)
+    obs = TracingObserver(cfg, Labels())
+    await obs.start()
+    complete(obs, 5)
+    started = time.monotonic()
+    await obs.aclose()
+    assert time.monotonic() - started < 0.5 + 1.0  # the collector would hang for 30 s
+    assert obs.dropped_shutdown >= 1  # never sent
+
+    async def settled() -> bool:  # the batch that hung ends with its own 0.5 s deadline
+        return obs.in_flight == 0
+
+    await wait_until(settled)
+    assert obs.exported == 0 and obs.failed + obs.dropped_shutdown == 5  # every span accounted for
+
+
+async def test_a_full_queue_drops_and_counts(otlp_http: Receiver) -> None:
+    otlp_http.mode = "hang"
+    async with observer(otlp_http.url, max_queue_size=4, max_export_batch_size=2, timeout=0.5) as obs:
+        complete(obs, 2)
+        await otlp_http.wait_requests(1)  # the first batch hangs in the export thread
+        complete(obs, 10)
+        assert (len(obs.queue), obs.dropped_queue_full, obs.recorded) == (4, 6, 6)
+        assert dropped(obs)[("queue_full",)] == 6
+        otlp_http.unblock()
+
+
+def dropped(obs: TracingObserver) -> dict[tuple[str, ...], float]:
+    (family,) = [m for m in obs.collector().collect() if m.name == "infermon_trace_spans_dropped"]
+    return {tuple(s.labels.values()): s.value for s in family.samples if s.name.endswith("_total")}
