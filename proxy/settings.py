@@ -80,6 +80,34 @@ class Limits(_Section):
     keepalive_timeout: PositiveFloat = 75.0  # idle client connections are closed after this
 
 
+class LimitValues:
+    """The ``limits`` values as plain attributes, for the data plane's hot path.
+
+    A pydantic model's attribute reads go through its ``__getattr__`` hook; these do not.
+    """
+
+    __slots__ = (
+        "body_timeout",
+        "header_timeout",
+        "keepalive_timeout",
+        "max_connections",
+        "max_header_bytes",
+        "max_headers",
+        "max_in_flight",
+        "max_request_body_bytes",
+    )
+
+    def __init__(self, limits: Limits) -> None:
+        self.max_connections = limits.max_connections
+        self.max_in_flight = limits.max_in_flight
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_headers = limits.max_headers
+        self.max_request_body_bytes = limits.max_request_body_bytes
+        self.header_timeout = limits.header_timeout
+        self.body_timeout = limits.body_timeout
+        self.keepalive_timeout = limits.keepalive_timeout
+
+
 class Upstream(_Section):
     """The model server connection pool."""
 

@@ -27,7 +27,7 @@ from proxy.dataplane.hooks import Hooks
 from proxy.dataplane.own import DEFAULT_MAX_BODY, OwnRequest, OwnResult, build_request
 from proxy.dataplane.server import ClientConnection
 from proxy.dataplane.upstream import UpstreamPool
-from proxy.settings import ProxyConfig, Upstream, split_host_port
+from proxy.settings import LimitValues, ProxyConfig, Upstream, split_host_port
 
 log = logging.getLogger("infermon.dataplane")
 
@@ -41,6 +41,7 @@ class DataPlane:
         self.hooks = hooks
         self.loop = loop or asyncio.get_running_loop()
         self.rules = HeadRules(cfg.request_id_header.encode("ascii"), cfg.limits.max_request_body_bytes)
+        self.limits = LimitValues(cfg.limits)
         #: every upstream pool by name; client traffic goes to ``pool`` unless ``router`` says otherwise
         self.upstreams: dict[str, UpstreamPool] = {}
         self.pool = self.add_upstream(DEFAULT_UPSTREAM, cfg.upstream)

@@ -53,6 +53,7 @@ _NOTHING: frozenset[bytes] = frozenset()
 # uri-host [ ":" port ] (RFC 9110 7.2): a reg-name, IPv4 or bracketed IPv6 literal
 _HOST_VALUE = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?$")
 _DIGITS = re.compile(rb"^[0-9]+$")
+_VALID_HOSTS: set[bytes] = set()  # Host values that passed _HOST_VALUE (the regex costs more than the lookup)
 
 #: Methods that RFC 9110 9.2.2 calls idempotent: a proxy may send them again after a failure.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -292,8 +293,12 @@ def _check_request(
 ) -> Rejection | None:
     if head.http_version == "1.1" and hosts != 1:
         return Rejection(400, "an HTTP/1.1 request needs exactly one Host header")
-    if host is not None and not _HOST_VALUE.match(host):
-        return Rejection(400, "invalid Host header")
+    if host is not None and host not in _VALID_HOSTS:
+        if not _HOST_VALUE.match(host):
+            return Rejection(400, "invalid Host header")
+        if len(_VALID_HOSTS) >= 1024:  # a few hosts in practice; bounded whatever clients send
+            _VALID_HOSTS.clear()
+        _VALID_HOSTS.add(host)
     if te is not None:
         if head.http_version == "1.0":
             return Rejection(400, "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")

@@ -43,7 +43,7 @@ from proxy.dataplane.hooks import Hooks
 from proxy.dataplane.timer import Deadline
 from proxy.dataplane.upstream import WRITE_HIGH, WRITE_LOW, Ticket, UpstreamConnection, UpstreamPool
 from proxy.errors import ExchangeError, UpstreamProtocolError
-from proxy.settings import ProxyConfig
+from proxy.settings import LimitValues, ProxyConfig
 
 log = logging.getLogger("infermon.dataplane")
 
@@ -70,10 +70,14 @@ SENT = 2  # attached to an upstream connection; the request is going up
 RESPONDING = 3  # the response head went to the client (an error answered by the proxy included)
 DONE = 4  # finished and recorded
 
+_METHOD_NAMES = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")}
+
+
 class _Plane(Protocol):
     """What a client connection needs of the data plane (``proxy.dataplane.core.DataPlane``)."""
 
     cfg: ProxyConfig
+    limits: LimitValues
     hooks: Hooks
     loop: asyncio.AbstractEventLoop
     rules: HeadRules
@@ -136,7 +140,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, plane: _Plane) -> None:
         self.plane = plane
         cfg = plane.cfg
-        self.limits = cfg.limits
+        self.limits = plane.limits
         self.max_headers = cfg.limits.max_headers
         self.retry_any = cfg.upstream_pool.retry_non_idempotent
         self.retry_buffer = cfg.upstream_pool.retry_buffer_bytes
@@ -300,7 +304,11 @@ class ClientConnection(asyncio.Protocol):
             self._pause(PAUSE_STOP)
             return
         parser = self.parser
-        ex.method = method = parser.get_method().decode("ascii", "replace")
+        raw_method = parser.get_method()
+        method = _METHOD_NAMES.get(raw_method)
+        if method is None:
+            method = raw_method.decode("ascii", "replace")
+        ex.method = method
         ex.http_version = version = parser.get_http_version()
         head = req.head = prepare_request(
             self.rules, method, self._url, version, parser.should_keep_alive(), self._headers, self.client_host

@@ -63,6 +63,8 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.cfg = pool.cfg
+        self.read_timeout = pool.cfg.read_timeout  # plain attributes: read on every exchange
+        self.response_timeout = pool.cfg.response_timeout
         self.transport: asyncio.Transport | None = None
         self.owner: UpstreamOwner | None = None
         self.closed = False
@@ -109,7 +111,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._has_length = False
         if self._parser is None:
             self._parser = httptools.HttpResponseParser(self)
-        self.deadline.set_in(self.cfg.read_timeout)
+        self.deadline.set_in(self.read_timeout)
         self._out = [head]
 
     def write(self, data: bytes) -> None:
@@ -127,7 +129,7 @@ class UpstreamConnection(asyncio.Protocol):
     def request_sent(self) -> None:
         """The whole request is written: the response head is now due within response_timeout."""
         if not self._head_done:
-            self.deadline.set_in(self.cfg.response_timeout)
+            self.deadline.set_in(self.response_timeout)
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
@@ -162,7 +164,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self._got_bytes = True
-        self.deadline.set_in(self.cfg.read_timeout)
+        self.deadline.set_in(self.read_timeout)
         parser = self._parser
         assert parser is not None
         try:
@@ -225,7 +227,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         if self.owner is not None:
-            self.deadline.set_in(self.cfg.read_timeout)
+            self.deadline.set_in(self.read_timeout)
             self.owner.upstream_resume_writing()
 
     # -- httptools callbacks ------------------------------------------------------------------
@@ -234,14 +236,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        n = len(name)
+        size = self._head_size = self._head_size + n + len(value) + 4
+        if size > MAX_RESPONSE_HEAD:  # the head and the trailers together: memory stays bounded
+            raise UpstreamProtocolError("upstream response head (or trailers) larger than 1 MiB")
         if self._head_done:
             self._trailers.append((name, value))
             return
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > MAX_RESPONSE_HEAD:
-            raise UpstreamProtocolError("upstream response head is larger than 1 MiB")
         self._headers.append((name, value))
-        n = len(name)
         if n == 14 or n == 17:  # content-length, transfer-encoding: noted for the framing
             lname = name.lower()
             if lname == b"content-length":
