@@ -143,6 +143,8 @@ class Labels(_Section):
     variant_header: HeaderName | None = None
     allow: LabelAllow = Field(default_factory=lambda: LabelAllow())  # per label: only these values pass
     max_values: Annotated[int, Field(ge=1)] = 50  # distinct traffic-fed values per label, then "other"
+    #: distinct (model, version, variant) triples, then all three read "other"; bounds the series count
+    max_combinations: Annotated[int, Field(ge=1)] = 100
 
 
 class Readiness(_Section):

@@ -2,14 +2,34 @@
 
 Precedence, per label: a configured response header (read at the upstream head) > the request path
 (KServe v1 ``/v1/models/{m}:predict``, Open Inference Protocol v2
-``/v2/models/{m}[/versions/{v}]/...``) > the configured value. Every traffic-fed value passes a
-:class:`LabelCap`: an allow-list when configured, otherwise the first ``max_values`` distinct values;
-anything else becomes ``other``.
+``/v2/models/{m}[/versions/{v}]/...``) > the configured value.
+
+Two bounds keep the series count finite whatever the traffic:
+
+- per label, a :class:`LabelCap`: an allow-list when configured, otherwise the first ``max_values``
+  distinct values; anything else (and any invalid value) becomes ``other``;
+- per combination, a budget: at most ``max_combinations`` distinct (model, version, variant) triples.
+  A request whose triple does not fit reads ``other`` in all three labels.
+
+A value named by traffic (path or response header) and not yet admitted is admitted only once the
+upstream has answered that request with a 2xx head, and so is a new triple: a scan of 404 paths, a
+request the proxy answers itself, an upstream failure or a client that leaves before the upstream
+answers mints neither a label value nor a budget slot; such a request reads ``other`` in all three
+labels. Admitted values and triples stay admitted for the life of the process and keep their labels
+for any status. The configured defaults always pass, and so does the all-``other`` triple.
+
+Labels are final from ``on_upstream_head`` on (or ``on_complete``, when no upstream head came); until
+then a request that still waits for its answer reads ``other``. Every request whose labels read
+``other`` for one of these reasons is counted in :attr:`Labeler.overflow`, by reason.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.hooks import Observer
@@ -24,32 +44,54 @@ _V2 = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/[A-Za-z_]+)?$")
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 
+#: why a request's labels read ``other`` (the ``reason`` label of ``infermon_label_overflow_total``)
+OVERFLOW_REASONS = ("max_combinations", "max_values", "invalid", "unconfirmed")
+_ALL_OTHER = (OTHER, OTHER, OTHER)
+_EXTRA_KEY = "labels"
+
 
 def method_label(method: str) -> str:
     return method if method in METHODS else OTHER
 
 
 class LabelCap:
-    """Admit an allow-list, or the first ``max_values`` distinct values; the rest become ``other``."""
+    """Admit an allow-list, or the first ``max_values`` distinct values; the rest become ``other``.
+
+    :meth:`lookup` answers without admitting anything; :meth:`admit` (also ``cap(value)``) admits.
+    """
 
     def __init__(self, allow: list[str] | None, max_values: int) -> None:
         self.allow = frozenset(allow) if allow is not None else None
         self.max_values = max_values
         self.admitted: dict[str, str] = {}
 
-    def __call__(self, value: str) -> str:
+    def refusal(self, value: str) -> str | None:
+        """Why ``value`` is not admitted and cannot be (an :data:`OVERFLOW_REASONS` entry), or None."""
+        if value in self.admitted:
+            return None
+        if len(value) > MAX_LABEL_LENGTH or not _VALID.match(value):
+            return "invalid"
+        if self.allow is not None:
+            return None if value in self.allow else "max_values"
+        return "max_values" if len(self.admitted) >= self.max_values else None
+
+    def lookup(self, value: str) -> str | None:
+        """The label of an admitted value, ``other`` for one that can never be admitted, else None."""
         found = self.admitted.get(value)
         if found is not None:
             return found
-        if len(value) > MAX_LABEL_LENGTH or not _VALID.match(value):
-            return OTHER
-        if self.allow is not None:
-            if value not in self.allow:
-                return OTHER
-        elif len(self.admitted) >= self.max_values:
+        return None if self.refusal(value) is None else OTHER
+
+    def admit(self, value: str) -> str:
+        found = self.admitted.get(value)
+        if found is not None:
+            return found
+        if self.refusal(value) is not None:
             return OTHER
         self.admitted[value] = value
         return value
+
+    __call__ = admit
 
 
 def labels_from_path(path: str) -> tuple[str | None, str | None]:
@@ -65,6 +107,18 @@ def labels_from_path(path: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+class _Pending:
+    """A request whose labels wait for the upstream's answer: each label's admitted value, or the
+    not yet admitted traffic value (``raw`` names which: bit 0 model, 1 version, 2 variant)."""
+
+    __slots__ = ("labels", "raw", "reason")
+
+    def __init__(self, labels: list[str], raw: int, reason: str | None) -> None:
+        self.labels = labels
+        self.raw = raw
+        self.reason = reason  # the first refusal seen on the way (a capped or invalid value)
+
+
 class Labeler(Observer):
     """Sets ``ex.model``, ``ex.version`` and ``ex.variant``; registered before any observer that reads them."""
 
@@ -72,37 +126,168 @@ class Labeler(Observer):
 
     def __init__(self, cfg: Labels) -> None:
         self.cfg = cfg
-        self.cap_model = LabelCap(cfg.allow.model, cfg.max_values)
-        self.cap_version = LabelCap(cfg.allow.version, cfg.max_values)
-        self.cap_variant = LabelCap(cfg.allow.variant, cfg.max_values)
+        self.defaults = (cfg.model, cfg.version, cfg.variant)
+        self.caps = (
+            LabelCap(cfg.allow.model, cfg.max_values),
+            LabelCap(cfg.allow.version, cfg.max_values),
+            LabelCap(cfg.allow.variant, cfg.max_values),
+        )
+        self.cap_model, self.cap_version, self.cap_variant = self.caps
+        self.max_combinations = cfg.max_combinations
+        #: admitted (model, version, variant) triples; the defaults and all-``other`` need no slot
+        self.combinations: set[tuple[str, str, str]] = set()
+        self.overflow: dict[str, int] = dict.fromkeys(OVERFLOW_REASONS, 0)
         self.headers = [
-            (h.encode("latin-1"), attr, cap)
-            for h, attr, cap in (
-                (cfg.model_header, "model", self.cap_model),
-                (cfg.version_header, "version", self.cap_version),
-                (cfg.variant_header, "variant", self.cap_variant),
-            )
+            (h.encode("latin-1"), index)
+            for h, index in ((cfg.model_header, 0), (cfg.version_header, 1), (cfg.variant_header, 2))
             if h is not None
         ]
-        if not self.headers:
-            self.on_upstream_head = None  # type: ignore[assignment]
+
+    def collector(self) -> Collector:
+        return LabelCollector(self)
+
+    # -- hooks --------------------------------------------------------------------------------
 
     def on_request_head(self, ex: Exchange) -> None:
         cfg = self.cfg
-        ex.model = cfg.model
-        ex.version = cfg.version
-        ex.variant = cfg.variant
-        if cfg.from_path and ex.path.startswith(("/v1/models/", "/v2/models/")):
-            model, version = labels_from_path(ex.path)
-            if model is not None:
-                ex.model = self.cap_model(model)
-            if version is not None:
-                ex.version = self.cap_version(version)
+        model, version, variant = self.defaults
+        if not (cfg.from_path and ex.path.startswith(("/v1/models/", "/v2/models/"))):
+            ex.model, ex.version, ex.variant = model, version, variant
+            return
+        raw_model, raw_version = labels_from_path(ex.path)
+        raw = 0
+        reason: str | None = None
+        if raw_model is not None:
+            found = self.cap_model.lookup(raw_model)
+            if found is None:
+                model, raw = raw_model, 1
+            else:
+                model = found
+                if found == OTHER:
+                    reason = self.cap_model.refusal(raw_model)
+        if raw_version is not None:
+            found = self.cap_version.lookup(raw_version)
+            if found is None:
+                version, raw = raw_version, raw | 2
+            else:
+                version = found
+                if found == OTHER and reason is None:
+                    reason = self.cap_version.refusal(raw_version)
+        combo = (model, version, variant)
+        known = not raw and self._known(combo)
+        if known:
+            ex.model, ex.version, ex.variant = combo
+            if reason is None:
+                return  # the common case: admitted labels, nothing to wait for
+            if not self.headers:
+                self.overflow[reason] += 1
+                return
+        else:  # new: waits for a 2xx answer, and reads "other" until then
+            ex.model = ex.version = ex.variant = OTHER
+        self._pend(ex, [model, version, variant], raw, reason)
 
     def on_upstream_head(self, ex: Exchange) -> None:
-        for name, attr, cap in self.headers:
+        extra = ex.extra
+        pending: _Pending | None = extra.pop(_EXTRA_KEY, None) if extra else None
+        if not self.headers:
+            if pending is not None:
+                self._settle(ex, pending, 200 <= ex.status < 300)
+            return
+        if pending is None:
+            pending = _Pending([ex.model, ex.version, ex.variant], 0, None)
+        labels = pending.labels
+        for name, index in self.headers:
             value = ex.response_header(name)
-            if value is not None:
-                text = value.decode("latin-1").strip()
-                if text:  # an empty header names nothing: the path or default label stays
-                    setattr(ex, attr, cap(text))
+            if value is None:
+                continue
+            text = value.decode("latin-1").strip()
+            if not text:  # an empty header names nothing: the path or default label stays
+                continue
+            cap = self.caps[index]
+            found = cap.lookup(text)
+            if found is None:
+                labels[index] = text
+                pending.raw |= 1 << index
+            else:
+                labels[index] = found
+                pending.raw &= ~(1 << index)
+                if found == OTHER and pending.reason is None:
+                    pending.reason = cap.refusal(text)
+        self._settle(ex, pending, 200 <= ex.status < 300)
+
+    def on_complete(self, ex: Exchange) -> None:
+        extra = ex.extra
+        if extra:
+            pending: _Pending | None = extra.pop(_EXTRA_KEY, None)
+            if pending is not None:  # no upstream head came: nothing is admitted
+                self._settle(ex, pending, False)
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def _known(self, combo: tuple[str, str, str]) -> bool:
+        return combo in self.combinations or combo == self.defaults or combo == _ALL_OTHER
+
+    def _pend(self, ex: Exchange, labels: list[str], raw: int, reason: str | None) -> None:
+        pending = _Pending(labels, raw, reason)
+        if ex.extra is None:
+            ex.extra = {_EXTRA_KEY: pending}
+        else:
+            ex.extra[_EXTRA_KEY] = pending
+
+    def _settle(self, ex: Exchange, pending: _Pending, ok: bool) -> None:
+        """Final labels: admit what a 2xx answer confirms and the budget allows, else all ``other``."""
+        labels = pending.labels
+        raw = pending.raw
+        if raw and not ok:
+            self._fold(ex, "unconfirmed")
+            return
+        caps = self.caps
+        if raw:  # what the labels would be; admitted below only if the triple is admitted too
+            for i in range(3):
+                if raw & (1 << i) and caps[i].refusal(labels[i]) is not None:
+                    if pending.reason is None:
+                        pending.reason = caps[i].refusal(labels[i])
+                    labels[i] = OTHER
+        combo = (labels[0], labels[1], labels[2])
+        if not self._known(combo):
+            if not ok:
+                self._fold(ex, "unconfirmed")
+                return
+            if len(self.combinations) >= self.max_combinations:
+                self._fold(ex, "max_combinations")
+                return
+            self.combinations.add(combo)
+        if raw:
+            for i in range(3):
+                if raw & (1 << i) and labels[i] != OTHER:
+                    labels[i] = caps[i].admit(labels[i])
+        ex.model, ex.version, ex.variant = combo
+        if pending.reason is not None:
+            self.overflow[pending.reason] += 1
+
+    def _fold(self, ex: Exchange, reason: str) -> None:
+        ex.model = ex.version = ex.variant = OTHER
+        self.overflow[reason] += 1
+
+
+class LabelCollector(Collector):
+    """``infermon_label_overflow_total`` and ``infermon_label_combinations``, read at scrape time."""
+
+    def __init__(self, labeler: Labeler) -> None:
+        self.labeler = labeler
+
+    def collect(self) -> Iterator[Metric]:
+        overflow = CounterMetricFamily(
+            "infermon_label_overflow",
+            "Requests whose model, version and variant labels read 'other', by reason: max_combinations, "
+            "max_values, invalid, unconfirmed (no 2xx answer for a new value).",
+            labels=("reason",),
+        )
+        for reason, n in self.labeler.overflow.items():
+            overflow.add_metric((reason,), n)
+        yield overflow
+        yield GaugeMetricFamily(
+            "infermon_label_combinations",
+            "Distinct (model, version, variant) label combinations admitted (labels.max_combinations).",
+            value=len(self.labeler.combinations),
+        )

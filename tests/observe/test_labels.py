@@ -1,15 +1,39 @@
-"""Model / version / variant labels: path parsing, the cardinality cap, and what reaches /metrics."""
+"""Model / version / variant labels: path parsing, the per-label caps, the 2xx rule, the combination
+budget, and what reaches /metrics and the observers after the metrics."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from aiohttp import web
 
-from proxy.observe.labels import MAX_LABEL_LENGTH, OTHER, LabelCap, labels_from_path, method_label
+from proxy.dataplane.exchange import Exchange
+from proxy.dataplane.hooks import Observer
+from proxy.observe.labels import (
+    MAX_LABEL_LENGTH,
+    OTHER,
+    OVERFLOW_REASONS,
+    LabelCap,
+    Labeler,
+    labels_from_path,
+    method_label,
+)
+from proxy.settings import Labels
 from tests.conftest import ProxyFactory
-from tests.helpers import TIMEOUT, Client, RawUpstream, metric, read_request_head, scrape_metrics, wait_until
+from tests.helpers import (
+    TIMEOUT,
+    Client,
+    RawUpstream,
+    bound_socket,
+    metric,
+    parse_metrics,
+    read_request_head,
+    scrape,
+    scrape_metrics,
+    wait_until,
+)
 
 # -- labels_from_path -------------------------------------------------------------------------
 
@@ -220,24 +244,27 @@ async def test_empty_header_value_keeps_the_label_it_would_replace(make_proxy: P
     assert metric(m, "infermon_requests_total", variant="other") == 0
 
 
-async def test_requests_the_proxy_rejects_keep_their_model_label(
+async def test_requests_the_proxy_rejects_keep_an_admitted_model_label(
     make_proxy: ProxyFactory, raw_upstream: Callable[..., Awaitable[RawUpstream]]
 ) -> None:
-    """An overload 503 or a 413 for /v2/models/iris/... must count against iris, or per-model error ratios
-    miss exactly the errors that matter."""
+    """An overload 503 or a 413 for /v2/models/iris/... must count against iris once iris is known
+    (one 2xx answer), or per-model error ratios miss exactly the errors that matter."""
     release = asyncio.Event()
 
     async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request_head(reader)
-        async with asyncio.timeout(TIMEOUT):
-            await release.wait()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
+        while True:
+            line, _, _ = await read_request_head(reader)
+            if "/hold" in line:
+                async with asyncio.timeout(TIMEOUT):
+                    await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
 
     up = await raw_upstream(held)
     app = await make_proxy(up.url, limits={"max_in_flight": 1, "max_request_body_bytes": 10})
     busy = await Client.connect(app.proxy_address)
-    await busy.send(b"GET /v2/models/iris/ready HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert (await busy.request("GET", "/v2/models/iris/ready")).status == 200  # iris is admitted
+    await busy.send(b"GET /v2/models/iris/hold HTTP/1.1\r\nHost: t\r\n\r\n")
 
     async def in_flight() -> bool:
         return metric(await scrape_metrics(app.admin_address), "infermon_requests_in_flight") == 1
@@ -249,11 +276,301 @@ async def test_requests_the_proxy_rejects_keep_their_model_label(
     other = await Client.connect(app.proxy_address)
     assert (await other.request("POST", "/v2/models/iris/infer", body=b"x" * 100)).status == 413
     await other.close()
+    other = await Client.connect(app.proxy_address)
+    assert (await other.request("POST", "/v2/models/bert/infer", body=b"{}")).status == 503  # bert: not known
+    await other.close()
     release.set()
     assert (await busy.response()).status == 200
     await busy.close()
 
     m = await scrape_metrics(app.admin_address)
-    assert metric(m, "infermon_requests_total", model="iris", code="200") == 1
+    assert metric(m, "infermon_requests_total", model="iris", code="200") == 2
     assert metric(m, "infermon_requests_total", model="iris", code="503") == 1
     assert metric(m, "infermon_requests_total", model="iris", code="413") == 1
+    assert metric(m, "infermon_requests_total", model="other", version="other", variant="other", code="503") == 1
+    assert metric(m, "infermon_label_overflow_total", reason="unconfirmed") == 1
+
+
+# -- the 2xx rule and the combination budget, observer by observer -------------------------------
+
+
+class Seen(Observer):
+    """Registered after the metrics: the labels every later observer (tracing, access log) reads."""
+
+    name = "seen"
+
+    def __init__(self) -> None:
+        self.labels: list[tuple[str, str, str, int]] = []
+
+    def on_complete(self, ex: Exchange) -> None:
+        self.labels.append((ex.model, ex.version, ex.variant, ex.status))
+
+
+def exchange(path: str, method: str = "POST") -> Exchange:
+    ex = Exchange(0.0, "127.0.0.1")
+    ex.method = method
+    ex.path = path
+    return ex
+
+
+def answered(labeler: Labeler, path: str, status: int | None, headers: dict[str, str] | None = None) -> Exchange:
+    """What the data plane calls for one request: the head, the upstream's answer (None: no answer), the end."""
+    ex = exchange(path)
+    labeler.on_request_head(ex)
+    if status is not None:
+        ex.status = status
+        ex.response_headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        labeler.on_upstream_head(ex)
+    else:
+        ex.status = 502
+    labeler.on_complete(ex)
+    return ex
+
+
+def triple(ex: Exchange) -> tuple[str, str, str]:
+    return ex.model, ex.version, ex.variant
+
+
+def test_new_values_wait_for_a_2xx_answer() -> None:
+    labeler = Labeler(Labels())
+    for status in (404, 500, 101, None):
+        assert triple(answered(labeler, "/v2/models/iris/versions/1/infer", status)) == (OTHER, OTHER, OTHER)
+    assert labeler.cap_model.admitted == {} and labeler.cap_version.admitted == {}
+    assert labeler.combinations == set()
+    assert labeler.overflow["unconfirmed"] == 4
+    assert triple(answered(labeler, "/v2/models/iris/versions/1/infer", 200)) == ("iris", "1", "stable")
+    for status in (404, 503, None):  # admitted: any status keeps the labels
+        assert triple(answered(labeler, "/v2/models/iris/versions/1/infer", status)) == ("iris", "1", "stable")
+    # a known model with a new version: the new triple waits for its own 2xx
+    assert triple(answered(labeler, "/v2/models/iris/versions/2/infer", 404)) == (OTHER, OTHER, OTHER)
+    assert triple(answered(labeler, "/v2/models/iris/infer", 204)) == ("iris", "unknown", "stable")
+    assert labeler.combinations == {("iris", "1", "stable"), ("iris", "unknown", "stable")}
+
+
+def test_labels_read_other_until_the_upstream_answers() -> None:
+    labeler = Labeler(Labels())
+    ex = exchange("/v2/models/iris/infer")
+    labeler.on_request_head(ex)
+    assert triple(ex) == (OTHER, OTHER, OTHER)
+    ex.status = 200
+    labeler.on_upstream_head(ex)
+    assert triple(ex) == ("iris", "unknown", "stable")
+    ex2 = exchange("/v2/models/iris/infer")
+    labeler.on_request_head(ex2)  # now known: set at once
+    assert triple(ex2) == ("iris", "unknown", "stable")
+    assert ex2.extra is None  # nothing to wait for, nothing allocated
+
+
+def test_defaults_pass_without_a_slot() -> None:
+    labeler = Labeler(Labels(max_combinations=1))
+    assert triple(answered(labeler, "/echo", 404)) == ("unknown", "unknown", "stable")
+    assert triple(answered(labeler, "/healthz", None)) == ("unknown", "unknown", "stable")
+    assert labeler.combinations == set()
+    assert sum(labeler.overflow.values()) == 0
+
+
+def test_budget_of_combinations() -> None:
+    labeler = Labeler(Labels(max_combinations=3))
+    paths = [f"/v2/models/m{i}/versions/{v}/infer" for i in range(3) for v in range(2)]
+    got = [triple(answered(labeler, path, 200)) for path in paths]
+    assert got[:3] == [("m0", "0", "stable"), ("m0", "1", "stable"), ("m1", "0", "stable")]
+    assert got[3:] == [(OTHER, OTHER, OTHER)] * 3
+    assert len(labeler.combinations) == 3
+    assert labeler.overflow["max_combinations"] == 3
+    # values of a refused triple are not admitted either: m2 took no slot of labels.max_values
+    assert set(labeler.cap_model.admitted) == {"m0", "m1"}
+    assert triple(answered(labeler, "/v2/models/m0/versions/1/infer", 500)) == ("m0", "1", "stable")
+
+
+def test_max_values_then_the_triple_budget() -> None:
+    labeler = Labeler(Labels(max_values=1, max_combinations=10))
+    assert triple(answered(labeler, "/v2/models/a/infer", 200)) == ("a", "unknown", "stable")
+    assert triple(answered(labeler, "/v2/models/b/infer", 200)) == (OTHER, "unknown", "stable")
+    assert triple(answered(labeler, "/v2/models/c/infer", 404)) == (OTHER, "unknown", "stable")  # known triple
+    assert labeler.overflow["max_values"] == 2
+    assert triple(answered(labeler, "/v2/models/" + "x" * 200 + "/infer", 200)) == (OTHER, "unknown", "stable")
+    assert labeler.overflow["invalid"] == 1
+
+
+def test_allow_listed_values_also_wait_for_a_2xx() -> None:
+    labeler = Labeler(Labels.model_validate({"allow": {"model": ["iris"]}}))
+    assert triple(answered(labeler, "/v2/models/iris/infer", 503)) == (OTHER, OTHER, OTHER)
+    assert triple(answered(labeler, "/v2/models/iris/infer", 200)) == ("iris", "unknown", "stable")
+    assert triple(answered(labeler, "/v2/models/bert/infer", 200)) == (OTHER, "unknown", "stable")
+
+
+def test_response_header_values_follow_the_same_rule() -> None:
+    labeler = Labeler(Labels(model_header="x-model", variant_header="x-variant"))
+    canary = {"x-model": "llama", "x-variant": "canary"}
+    assert triple(answered(labeler, "/v1/chat/completions", 404, canary)) == (OTHER, OTHER, OTHER)
+    assert labeler.cap_model.admitted == {} and labeler.cap_variant.admitted == {}
+    assert triple(answered(labeler, "/v1/chat/completions", 200, canary)) == ("llama", "unknown", "canary")
+    assert triple(answered(labeler, "/v1/chat/completions", 500, canary)) == ("llama", "unknown", "canary")
+    # the header wins over the path, and a path value it replaces is not admitted
+    assert triple(answered(labeler, "/v2/models/iris/infer", 200, {"x-model": "llama"})) == (
+        "llama", "unknown", "stable",
+    )  # fmt: skip
+    assert "iris" not in labeler.cap_model.admitted
+    # without a header, the path value: new, so it needs this 2xx
+    assert triple(answered(labeler, "/v2/models/iris/infer", 200)) == ("iris", "unknown", "stable")
+    # no upstream answer: the path value stays unconfirmed
+    assert triple(answered(labeler, "/v2/models/bert/infer", None)) == (OTHER, OTHER, OTHER)
+
+
+def test_labeler_keeps_no_raw_value() -> None:
+    """Nothing the Labeler keeps grows with traffic that was not admitted."""
+    labeler = Labeler(Labels(max_values=5, max_combinations=5))
+    for i in range(300):
+        answered(labeler, f"/v2/models/scan-{i}/versions/{i}/infer", 404)
+        answered(labeler, f"/v2/models/ok-{i}/versions/{i}/infer", 200)
+    assert len(labeler.cap_model.admitted) <= 5 and len(labeler.cap_version.admitted) <= 5
+    assert len(labeler.combinations) <= 5
+    assert set(labeler.overflow) == set(OVERFLOW_REASONS)
+
+
+# -- through the proxy ------------------------------------------------------------------------
+
+
+def model_server(known: set[str]) -> web.Application:
+    """An OIP v2 server that knows some models: 404 for the others; ``?status=`` forces a status."""
+
+    async def infer(request: web.Request) -> web.StreamResponse:
+        if request.match_info["model"] not in known:
+            return web.json_response({"error": "unknown model"}, status=404)
+        status = int(request.query.get("status", "200"))
+        if request.query.get("stream"):
+            response = web.StreamResponse(status=status)
+            await response.prepare(request)
+            for _ in range(3):
+                await response.write(b"data: x\n\n")
+            await response.write_eof()
+            return response
+        return web.json_response({"outputs": []}, status=status)
+
+    app = web.Application()
+    app.router.add_route("*", "/v2/models/{model}/infer", infer)
+    app.router.add_route("*", "/v2/models/{model}/versions/{version}/infer", infer)
+    return app
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> str:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        sock = bound_socket()
+        await web.SockSite(runner, sock).start()
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_a_scan_of_404_paths_mints_nothing(
+    make_proxy: ProxyFactory, serve: Callable[[web.Application], Awaitable[str]]
+) -> None:
+    seen = Seen()
+    app = await make_proxy(await serve(model_server({"iris"})), observers=(seen,))
+    client = await Client.connect(app.proxy_address)
+    for i in range(40):
+        assert (await client.request("POST", f"/v2/models/scan{i}/versions/{i}/infer", body=b"{}")).status == 404
+    assert (await client.request("POST", "/v2/models/iris/versions/1/infer", body=b"{}")).status == 200
+    assert (await client.request("POST", "/v2/models/iris/versions/1/infer?status=500", body=b"{}")).status == 500
+    await client.close()
+
+    m = await scrape_metrics(app.admin_address)
+    name = "infermon_requests_total"
+    assert metric(m, name, model="other", version="other", variant="other", code="404") == 40
+    assert metric(m, name, model="iris", version="1", variant="stable", code="200") == 1
+    assert metric(m, name, model="iris", version="1", variant="stable", code="500") == 1  # admitted: kept
+    assert {dict(k)["model"] for k in m[name]} == {"other", "iris"}
+    assert metric(m, "infermon_label_overflow_total", reason="unconfirmed") == 40
+    assert metric(m, "infermon_label_combinations") == 1
+    assert seen.labels.count(("other", "other", "other", 404)) == 40  # later observers read the same
+    assert seen.labels[-1] == ("iris", "1", "stable", 500)
+    assert len(app.metrics.series) == 3
+
+
+async def test_budget_folds_into_other_in_every_family(
+    make_proxy: ProxyFactory, serve: Callable[[web.Application], Awaitable[str]]
+) -> None:
+    seen = Seen()
+    models = {f"m{i}" for i in range(4)}
+    app = await make_proxy(await serve(model_server(models)), observers=(seen,), labels={"max_combinations": 2})
+    client = await Client.connect(app.proxy_address)
+    for i in range(4):
+        resp = await client.request("GET", f"/v2/models/m{i}/infer?stream=1")
+        assert resp.status == 200 and resp.chunked
+    await client.close()
+
+    text = await scrape(app.admin_address)
+    m = parse_metrics(text[1])
+    assert metric(m, "infermon_requests_total", model="m0") == 1
+    assert metric(m, "infermon_requests_total", model="m1") == 1
+    assert metric(m, "infermon_requests_total", model="other", version="other", variant="other") == 2
+    assert metric(m, "infermon_label_overflow_total", reason="max_combinations") == 2
+    assert metric(m, "infermon_label_combinations") == 2
+    for family in ("infermon_request_duration_seconds_count", "infermon_stream_chunk_gap_seconds_count"):
+        assert {tuple(dict(k)[n] for n in ("model", "version", "variant")) for k in m[family]} == {
+            ("m0", "unknown", "stable"), ("m1", "unknown", "stable"), ("other", "other", "other")
+        }, family  # fmt: skip
+    folded = ("other", "other", "other")
+    assert [s[:3] for s in seen.labels] == [("m0", "unknown", "stable"), ("m1", "unknown", "stable"), folded, folded]
+
+
+async def test_no_upstream_answer_mints_nothing(
+    make_proxy: ProxyFactory, raw_upstream: Callable[..., Awaitable[RawUpstream]]
+) -> None:
+    """Upstream failures and clients that leave before the answer: no new label, no slot; a model
+    admitted before keeps its label through them."""
+
+    async def hang_up_on_some(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            line, _, _ = await read_request_head(reader)
+            if "hangup" in line:
+                return  # closes without answering: 502, kind="reset"
+            if "never" in line:
+                await reader.read()  # until the proxy gives up
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+    up = await raw_upstream(hang_up_on_some)
+    app = await make_proxy(up.url)
+
+    async def one(path: str) -> int:
+        client = await Client.connect(app.proxy_address)
+        try:
+            return (await client.request("GET", path)).status
+        finally:
+            await client.close()
+
+    assert await one("/v2/models/bert/versions/hangup/infer") == 502
+    assert await one("/v2/models/iris/versions/1/infer") == 200
+    assert await one("/v2/models/iris/versions/1/infer?hangup") == 502
+    leaver = await Client.connect(app.proxy_address)
+    await leaver.send(b"GET /v2/models/gpt/versions/never/infer HTTP/1.1\r\nHost: t\r\n\r\n")
+
+    async def in_flight() -> bool:
+        return metric(await scrape_metrics(app.admin_address), "infermon_requests_in_flight") == 1
+
+    await wait_until(in_flight)
+    await leaver.close()
+
+    async def aborted() -> bool:
+        return metric(await scrape_metrics(app.admin_address), "infermon_client_aborts_total") == 1
+
+    await wait_until(aborted)
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_upstream_errors_total", kind="reset", model="other", version="other") == 1
+    assert metric(m, "infermon_upstream_errors_total", kind="reset", model="iris", version="1") == 1
+    assert metric(m, "infermon_client_aborts_total", model="other", version="other", variant="other") == 1
+    assert metric(m, "infermon_requests_total", model="other", code="499") == 1
+    assert metric(m, "infermon_label_overflow_total", reason="unconfirmed") == 2
+    assert metric(m, "infermon_label_combinations") == 1
+    labeler = next(o for o in app.hooks.observers if isinstance(o, Labeler))
+    assert set(labeler.cap_model.admitted) == {"iris"}
