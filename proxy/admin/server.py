@@ -1,8 +1,10 @@
 """The admin HTTP server (aiohttp): /metrics, /healthz, /readyz, /config.
 
-It runs on the proxy's event loop; nothing here is on the request path. Endpoints that change state
-(``/split``, ``/feedback``, reload, added by the capabilities that need them) are registered with
-:func:`add_state_route`: when ``admin.token`` is configured they require
+It runs on the proxy's event loop; nothing here is on the request path. /metrics is written in a
+worker thread, so a scrape holds the loop only for cheap copies, whatever the series count.
+
+Endpoints that change state (``/split``, ``/feedback``, reload, added by the capabilities that need
+them) are registered with :func:`add_state_route`: when ``admin.token`` is configured they require
 ``Authorization: Bearer <token>`` and answer 401 with a JSON error otherwise. /metrics, /healthz,
 /readyz and /config never ask for it.
 
@@ -14,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,8 +25,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
+from proxy.observe.metrics import Scraper
 from proxy.readiness import Readiness
 
 log = logging.getLogger("infermon.admin")
@@ -88,12 +91,29 @@ def build_admin_app(
 ) -> web.Application:
     app = web.Application(middlewares=[json_errors])
     app[ADMIN_TOKEN] = token or ""
+    scraper = Scraper(registry)
 
-    async def metrics(request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        response = web.Response(body=encoder(registry), headers={"Content-Type": content_type})
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            response.enable_compression()
+    async def close_scraper(app: web.Application) -> None:
+        scraper.close()
+
+    app.on_cleanup.append(close_scraper)
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        """Written in a worker thread (see :class:`Scraper`); the loop only sends the pieces."""
+        gzip = "gzip" in request.headers.get("Accept-Encoding", "")
+        async with scraper.exposition(request.headers.get("Accept", ""), gzip) as (pieces, content_type):
+            response = web.StreamResponse(headers={"Content-Type": content_type, "Vary": "Accept-Encoding"})
+            if gzip:
+                response.headers["Content-Encoding"] = "gzip"
+            response.content_length = sum(len(piece) for piece in pieces)
+            await response.prepare(request)
+            if request.method != "HEAD":
+                for piece in pieces:
+                    await response.write(piece)
+                    # write() only waits when the socket pushes back, and a loopback socket takes
+                    # megabytes at once: a turn for the loop after each piece, or 30 MB is one step
+                    await asyncio.sleep(0)
+            await response.write_eof()
         return response
 
     async def healthz(request: web.Request) -> web.Response:

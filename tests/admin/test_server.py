@@ -249,6 +249,44 @@ async def test_metrics_gzip(make_proxy: ProxyFactory, upstream: str) -> None:
     assert b"infermon_build_info" in gzip.decompress(resp.body)
 
 
+async def test_metrics_gzip_openmetrics(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    headers = {"Accept-Encoding": "gzip, deflate", "Accept": OPENMETRICS}
+    resp = await fetch(app.admin_address, "/metrics", headers=headers)
+    assert resp.status == 200
+    assert (resp.header("content-encoding"), resp.header("vary")) == ("gzip", "Accept-Encoding")
+    assert (resp.header("content-type") or "").startswith(OPENMETRICS)
+    text = gzip.decompress(resp.body).decode()
+    assert text.endswith("# EOF\n") and text.count("# EOF") == 1
+    assert {f.name for f in openmetrics_families(text)} >= {"infermon_requests", "process_cpu_seconds"}  # type: ignore[no-untyped-call]
+
+
+async def test_metrics_head_has_the_length_and_no_body(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    client = await Client.connect(app.admin_address)
+    head = await client.request("HEAD", "/metrics")
+    get = await client.request("GET", "/metrics")  # the same connection: nothing was left unread
+    await client.close()
+    assert (head.status, head.body) == (200, b"")
+    assert int(head.header("content-length") or 0) > 1000
+    assert get.status == 200 and b"infermon_build_info" in get.body
+
+
+async def test_concurrent_scrapes_all_get_a_whole_exposition(make_proxy: ProxyFactory, upstream: str) -> None:
+    """Scrapes that arrive while one of the same format is written share its result; every one of them
+    gets a complete, parseable body."""
+    app = await make_proxy(upstream)
+    accepts = [None, OPENMETRICS] * 4
+    results = await asyncio.gather(*(scrape(app.admin_address, accept=a) for a in accepts))
+    for accept, (content_type, text) in zip(accepts, results, strict=True):
+        if accept is None:
+            assert content_type.startswith("text/plain; version=0.0.4")
+            assert "infermon_build_info" in {f.name for f in text_string_to_metric_families(text)}
+        else:
+            assert content_type.startswith(OPENMETRICS)
+            assert "infermon_build" in {f.name for f in openmetrics_families(text)}  # type: ignore[no-untyped-call]
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 

@@ -574,3 +574,35 @@ async def test_no_upstream_answer_mints_nothing(
     assert metric(m, "infermon_label_combinations") == 1
     labeler = next(o for o in app.hooks.observers if isinstance(o, Labeler))
     assert set(labeler.cap_model.admitted) == {"iris"}
+
+
+async def test_method_and_code_labels_are_bounded_and_so_is_every_dict(
+    make_proxy: ProxyFactory, raw_upstream: Callable[..., Awaitable[RawUpstream]]
+) -> None:
+    async def odd_status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            line, _, _ = await read_request_head(reader)
+            status = b"999" if "odd" in line else b"200"
+            writer.write(b"HTTP/1.1 " + status + b" X\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+    up = await raw_upstream(odd_status)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    methods = ("PROPFIND", "MKCOL", "LOCK", "UNLOCK", "COPY", "MOVE", "SEARCH", "REPORT", "PURGE", "GET")
+    for method in methods:
+        assert (await client.request(method, "/x")).status == 200
+    assert (await client.request("GET", "/odd")).status == 999
+    await client.close()
+
+    m = await scrape_metrics(app.admin_address)
+    name = "infermon_requests_total"
+    assert metric(m, name, method="other", code="200") == len(methods) - 1
+    assert metric(m, name, method="GET", code="200") == 1
+    assert metric(m, name, method="GET", code="other") == 1
+    assert metric(m, "infermon_request_duration_seconds_count", method="GET", code_class="other") == 1
+    assert {dict(k)["method"] for k in m[name]} == {"GET", "other"}
+    # the internal dicts are keyed by the bounded labels, not by what the traffic sent
+    assert {key[3] for key in app.metrics.series} == {"GET", "other"}
+    assert {key[4] for key in app.metrics.series} == {200, 0}
+    assert len(app.metrics.series) == 3

@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import math
 import random
 import re
 import shutil
+import threading
+import time
+import tracemalloc
 from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import ProxyApp
-from proxy.observe.metrics import FastHistogram
-from proxy.settings import Metrics
+from proxy.dataplane.exchange import Exchange
+from proxy.dataplane.hooks import Hooks, Observer
+from proxy.observe.labels import Labeler
+from proxy.observe.metrics import FastHistogram, RequestMetrics
+from proxy.settings import Metrics, ProxyConfig
 from tests.conftest import ProxyFactory
 from tests.helpers import (
     TIMEOUT,
@@ -33,6 +43,8 @@ from tests.helpers import (
     wait_until,
 )
 
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+T = TypeVar("T")
 DURATION_HISTOGRAMS = (
     "infermon_request_duration_seconds",
     "infermon_upstream_header_seconds",
@@ -543,6 +555,241 @@ async def test_upstream_failure_mid_stream_is_counted(make_proxy: ProxyFactory, 
     assert metric(m, "infermon_upstream_errors_total", kind="protocol") == 1
     assert metric(m, "infermon_requests_total", code="200") == 1
     assert metric(m, "infermon_client_aborts_total") == 0
+
+
+# -- the scrape: own writer, off the loop, consistent while traffic runs -------------------------
+
+
+class SampleSome(Observer):
+    """Marks every third request sampled, as the tracing observer would: exemplars to write."""
+
+    name = "sample-some"
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_request_head(self, ex: Exchange) -> None:
+        self.n += 1
+        if self.n % 3 == 0:
+            ex.trace_id = f"{self.n:032x}"
+            ex.sampled = True
+
+
+def _samples(text: str, openmetrics: bool) -> tuple[set[tuple[str, str, str]], set[tuple[object, ...]]]:
+    """(families, samples) of the infermon_ families, in a form two writers can be compared in."""
+    parse = om_families if openmetrics else text_string_to_metric_families
+    families: set[tuple[str, str, str]] = set()
+    samples: set[tuple[object, ...]] = set()
+    for family in parse(text):
+        if not family.name.startswith("infermon_"):
+            continue
+        families.add((family.name, family.type, family.documentation))
+        for sample in family.samples:
+            ex = sample.exemplar
+            stamp = None if ex is None or ex.timestamp is None else float(ex.timestamp)
+            exemplar = None if ex is None else (tuple(sorted(ex.labels.items())), ex.value, stamp)
+            samples.add((sample.name, tuple(sorted(sample.labels.items())), sample.value, exemplar))
+    return families, samples
+
+
+async def test_own_writer_says_what_prometheus_client_says(make_proxy: ProxyFactory, upstream: str) -> None:
+    """/metrics writes the request metrics itself; prometheus_client's encoders, fed the same data through
+    ``collect()``, must give the same families, samples, values and exemplars, in both formats."""
+    app = await make_proxy(
+        upstream,
+        observers=(SampleSome(),),
+        labels={"model": 'odd "model"\\name\nline', "variant_header": "x-variant"},
+    )
+    app.metrics.gauge_families.append(
+        ("infermon_test_per_upstream", "A labelled gauge.", ("upstream",), lambda: {("a",): 1, ("b",): 2.5})
+    )
+    client = await Client.connect(app.proxy_address)
+    for path in (
+        "/echo",
+        "/v2/models/iris/versions/2/infer",
+        "/status/404",
+        "/status/503",
+        "/big?size=70000",
+        "/sse?events=3&delay=0",
+        "/respond-headers?X-Variant=canary",
+        "/echo",
+        "/slow?delay=0.02",
+    ):
+        assert (await client.request("GET", path)).status in (200, 404, 503)
+    assert (await client.request("PROPFIND", "/echo")).status == 200
+    await client.close()
+
+    for accept, openmetrics, reference in (
+        (None, False, generate_latest),
+        (OPENMETRICS, True, om_generate_latest),
+    ):
+        _, ours = await scrape(app.admin_address, accept=accept)
+        theirs = reference(app.registry).decode()
+        if openmetrics:
+            assert ours.endswith("# EOF\n") and ours.count("# EOF") == 1
+        our_families, our_samples = _samples(ours, openmetrics)
+        their_families, their_samples = _samples(theirs, openmetrics)
+        assert our_families == their_families
+        assert our_samples == their_samples
+        assert any(s[3] is not None for s in our_samples) == openmetrics  # exemplars: OpenMetrics only
+        assert_well_formed(ours) if not openmetrics else None
+    # and the escaped default model label reads back as it was configured
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_requests_total", model='odd "model"\\name\nline') >= 1
+
+
+async def test_inf_equals_count_in_every_scrape_while_traffic_runs(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, observers=(SampleSome(),))
+    stop = asyncio.Event()
+    sent = [0, 0, 0]
+
+    async def traffic(slot: int) -> None:
+        client = await Client.connect(app.proxy_address)
+        paths = ["/echo", "/status/500", "/v2/models/iris/infer", "/sse?events=2&delay=0"]
+        while not stop.is_set():
+            await client.request("GET", paths[sent[slot] % len(paths)])
+            sent[slot] += 1
+        await client.close()
+
+    tasks = [asyncio.create_task(traffic(i)) for i in range(3)]
+    try:
+        for i in range(12):
+            accept = OPENMETRICS if i % 2 else None
+            _, text = await scrape(app.admin_address, accept=accept)
+            if accept:
+                # the strict OpenMetrics parser checks +Inf == _count itself
+                for family in om_families(text):  # type: ignore[no-untyped-call]
+                    assert family.name
+            else:
+                assert_well_formed(text)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_requests_total") == sum(sent)  # exact counts
+    assert metric(m, "infermon_request_duration_seconds_count") == sum(sent)
+
+
+def _fetch_counting(address: tuple[str, int], headers: dict[str, str]) -> tuple[int, int, bytes]:
+    """GET /metrics from a thread, in pieces (a thread holding the GIL for one huge read would itself
+    stall the loop): (status, body length, first bytes)."""
+    conn = http.client.HTTPConnection(*address, timeout=TIMEOUT * 6)
+    try:
+        conn.request("GET", "/metrics", headers=headers)
+        resp = conn.getresponse()
+        first = resp.read(1 << 16)
+        size = len(first)
+        while piece := resp.read(1 << 16):
+            size += len(piece)
+        return resp.status, size, first
+    finally:
+        conn.close()
+
+
+async def test_a_scrape_of_many_series_does_not_hold_the_event_loop(make_proxy: ProxyFactory, upstream: str) -> None:
+    """1,200 histogram label sets (about 15 MB of text): a 1 ms timer on the loop keeps firing on time
+    while /metrics is written. Before the exposition moved off the loop, this scrape held it for seconds."""
+    app = await make_proxy(upstream, labels={"max_combinations": 10_000, "max_values": 1_000})
+    hooks = app.hooks
+    for m in range(50):  # synthetic exchanges through the real observer chain: thousands of label sets fast
+        for v in range(8):
+            for code in (200, 404, 503):
+                t = time.perf_counter()
+                ex = Exchange(t, "127.0.0.1")
+                ex.method, ex.path = "POST", f"/v2/models/m{m}/versions/{v}/infer"
+                hooks.call(hooks.request_head, "on_request_head", ex)
+                ex.status, ex.t_upstream_connected, ex.t_upstream_head = code, t, t + 0.001
+                hooks.call(hooks.upstream_head, "on_upstream_head", ex)
+                ex.t_first_byte, ex.t_done, ex.bytes_in, ex.bytes_out = t + 0.002, t + 0.003, 100, 1000
+                hooks.call(hooks.complete, "on_complete", ex)
+    assert len(app.metrics.hists) == 1200
+
+    loop = asyncio.get_running_loop()
+    for headers in ({}, {"Accept": OPENMETRICS}, {"Accept-Encoding": "gzip"}):
+        fetching = loop.run_in_executor(None, _fetch_counting, app.admin_address, headers)
+        (status, size, first), late = await loop_lateness(asyncio.wait_for(fetching, TIMEOUT * 6))
+        assert status == 200
+        if "Accept-Encoding" not in headers:
+            assert size > 12_000_000, size
+            assert first.startswith(b"# HELP"), first[:80]
+        assert len(late) >= 5, headers  # the timer ran all along
+        assert max(late) < 0.15, (headers, sorted(late)[-5:])  # generous: a few ms is what it takes
+
+
+async def loop_lateness(work: Awaitable[T]) -> tuple[T, list[float]]:
+    """Await ``work`` while a 1 ms timer runs on the loop: (its result, how late each firing came, s)."""
+    late: list[float] = []
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        while not done.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            late.append(time.perf_counter() - t - 0.001)
+
+    task = asyncio.create_task(probe())
+    try:
+        return await work, late
+    finally:
+        done.set()
+        await task
+
+
+async def test_gauge_hooks_are_read_on_the_event_loop(make_proxy: ProxyFactory, upstream: str) -> None:
+    """Callbacks read state the loop changes (pools, connection sets): they run on the loop thread,
+    never in the scrape thread; labelled families take {label values: value}."""
+    app = await make_proxy(upstream)
+    threads: list[int] = []
+
+    def per_upstream() -> dict[tuple[str, ...], float]:
+        threads.append(threading.get_ident())
+        return {("primary",): 3, ("fallback",): 0}
+
+    def plain() -> float:
+        threads.append(threading.get_ident())
+        return 7
+
+    app.metrics.gauge_families.append(("infermon_test_open", "Open per upstream.", ("upstream",), per_upstream))
+    app.metrics.counter_families.append(("infermon_test_opened", "Opened per upstream.", ("upstream",), per_upstream))
+    app.metrics.gauges.append(("infermon_test_plain", "A plain gauge.", plain))
+    _, text = await scrape(app.admin_address, accept=OPENMETRICS)
+    families = om_families(text)  # type: ignore[no-untyped-call]
+    m = {(s.name, tuple(s.labels.items())): s.value for f in families for s in f.samples}
+    assert m[("infermon_test_open", (("upstream", "primary"),))] == 3
+    assert m[("infermon_test_opened_total", (("upstream", "fallback"),))] == 0
+    assert m[("infermon_test_plain", ())] == 7
+    assert set(threads) == {threading.get_ident()}
+
+
+def test_one_flat_list_per_label_set_and_shared_bounds() -> None:
+    cfg = ProxyConfig()
+    metrics = RequestMetrics(cfg)
+    hooks = Hooks([Labeler(cfg.labels), metrics])
+    metrics.hooks = hooks
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for m in range(20):
+        for v in range(5):
+            for method in ("GET", "POST"):
+                for code in (200, 404, 500):
+                    t = time.perf_counter()
+                    ex = Exchange(t, "127.0.0.1")
+                    ex.method, ex.path = method, f"/v2/models/m{m}/versions/{v}/infer"
+                    hooks.call(hooks.request_head, "on_request_head", ex)
+                    ex.status, ex.t_upstream_connected, ex.t_upstream_head = code, t, t + 0.001
+                    hooks.call(hooks.upstream_head, "on_upstream_head", ex)
+                    ex.stream, ex.t_first_byte, ex.t_done = True, t + 0.002, t + 0.003
+                    hooks.call(hooks.response_body, "on_response_body", ex, b"x")
+                    hooks.call(hooks.response_body, "on_response_body", ex, b"x")
+                    hooks.call(hooks.complete, "on_complete", ex)
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(metrics.hists) == 600
+    per_set = grown / len(metrics.hists)
+    assert per_set < 2.2 * 1024, per_set  # five histograms, their sums, the counter and the labels
+    assert metrics.size == 3 * 20 + 2 * 15  # buckets with +Inf, and a sum, per histogram
+    assert all(len(c) == metrics.size for c in metrics.hist_counts)  # one flat list per label set
+    assert {id(g.bounds) for g in metrics.gaps.values()} == {id(metrics.gap_bounds)}
 
 
 # -- checked by the Prometheus tools, and against docs/metrics.md ------------------------------
