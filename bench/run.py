@@ -47,6 +47,7 @@ from bench.sampler import Counters, MachineCpu, ProcessTree, RssSampler, cpu_lay
 
 TARGETS = ("direct", "nginx", "infermon", "infermon-before")
 DEFAULT_LABEL_VALUES = 50  # infermon's labels.max_values default
+DEFAULT_COMBINATIONS = 100  # infermon's labels.max_combinations default
 
 
 class InfermonUnavailable(RuntimeError):
@@ -214,12 +215,20 @@ def check_infermon(args: argparse.Namespace, build: str = "infermon") -> str | N
     return None
 
 
-def infermon_env(args: argparse.Namespace) -> dict[str, str] | None:
-    """The environment of the load targets' infermons: labels.max_values raised for --scrape-paths."""
+def infermon_env(args: argparse.Namespace, build: str) -> dict[str, str] | None:
+    """The environment of one infermon build: label caps raised so --scrape-paths grows every series.
+
+    labels.max_combinations exists only in this checkout's build (a baseline older than it has no
+    combination budget at all and would refuse the variable), so it is raised for ``infermon`` only:
+    both builds then keep one label set per path.
+    """
     models, versions = scrape.label_values(args.scrape_paths)
-    if max(models, versions) <= DEFAULT_LABEL_VALUES:
-        return None
-    return {**os.environ, "INFERMON_LABELS__MAX_VALUES": str(max(models, versions))}
+    extra: dict[str, str] = {}
+    if max(models, versions) > DEFAULT_LABEL_VALUES:
+        extra["INFERMON_LABELS__MAX_VALUES"] = str(max(models, versions))
+    if build == "infermon" and args.scrape_paths > DEFAULT_COMBINATIONS:
+        extra["INFERMON_LABELS__MAX_COMBINATIONS"] = str(args.scrape_paths)
+    return {**os.environ, **extra} if extra else None
 
 
 def start_infermon(
@@ -689,11 +698,10 @@ class Run:
             proxy = upstreams.start_nginx(self.children, "proxy", self.directory, config, port)
             tree = self.tree(proxy.child)
             targets.append(LoadTarget("nginx", proxy.url + "/", tree, proxy.child, port, upstream.port, upstream_tree))
-        env = infermon_env(self.args)
         for build in INFERMONS:
             if build not in self.args.targets:
                 continue
-            started = self.infermon(upstream.url, "/", build, build, env)
+            started = self.infermon(upstream.url, "/", build, build, infermon_env(self.args, build))
             if started is not None:
                 child, port, admin = started
                 url = f"http://{LOOPBACK}:{port}/"
