@@ -66,9 +66,10 @@ class ProxyApp:
                 self.registry.register(collector)
         #: the admin server's routes; capabilities add theirs before start() (add_state_route for
         #: those that change state: they then take the admin token)
-        self.admin_app = build_admin_app(
-            self.registry, self.readiness, cfg.public_dict, token=cfg.admin.resolved_token()
-        )
+        token = cfg.admin.resolved_token()
+        if token is not None and len(token) < 16:
+            log.warning("admin.token is shorter than 16 characters: easy to guess (openssl rand -hex 32 makes one)")
+        self.admin_app = build_admin_app(self.registry, self.readiness, cfg.public_dict, token=token)
         self.plane: DataPlane | None = None
         self.probes: list[UpstreamProbe] = []
         self._started: list[Observer] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import os
 import re
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -340,7 +341,8 @@ class Admin(_Section):
     @classmethod
     def _token_usable(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            _check_token(value.get_secret_value())
+            raw = value.get_secret_value()
+            _check_token(_read_token_file(raw) if _names_a_file(raw) else raw)
         return value
 
     @field_validator("token_file")
@@ -357,12 +359,19 @@ class Admin(_Section):
         return self
 
     def resolved_token(self) -> str | None:
-        """The token in force: ``token``, or the content of ``token_file``; None when unset."""
+        """The token in force: ``token`` (the content of the file it names, when it is the path of a
+        file: a mounted Kubernetes Secret), or the content of ``token_file``; None when unset."""
         if self.token is not None:
-            return self.token.get_secret_value()
+            raw = self.token.get_secret_value()
+            return _read_token_file(raw) if _names_a_file(raw) else raw
         if self.token_file is not None:
             return _read_token_file(self.token_file)
         return None
+
+
+def _names_a_file(value: str) -> bool:
+    """A token value that is an absolute or ./-relative path of an existing file is read from it."""
+    return value.startswith(("/", "./")) and os.path.isfile(value)
 
 
 def _read_token_file(path: str) -> str:
@@ -378,8 +387,6 @@ def _read_token_file(path: str) -> str:
 def _check_token(token: str) -> None:
     if not token:
         raise ValueError("the admin token is empty")
-    if len(token) < 16:
-        raise ValueError("the admin token must be at least 16 characters (for example: openssl rand -hex 32)")
     if not all(0x21 <= ord(c) <= 0x7E for c in token):
         raise ValueError("the admin token must be visible ASCII without spaces (it travels in a header)")
 

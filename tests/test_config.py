@@ -406,9 +406,18 @@ def test_admin_flags() -> None:
     )
     assert cfg.admin.listen == "127.0.0.1:9103" and cfg.admin.resolved_token() == TOKEN
     with pytest.raises(ConfigError) as info:
-        load(ProxyConfig, env={}, flags={"admin.token": "short-secret"}, flag_names={"admin.token": "admin-token"})
+        load(ProxyConfig, env={}, flags={"admin.token": "my secret"}, flag_names={"admin.token": "admin-token"})
     assert "admin.token = ***" in str(info.value) and "flag --admin-token" in str(info.value)
-    assert "short-secret" not in str(info.value)  # a secret never reaches an error message
+    assert "visible ASCII" in str(info.value)
+    assert "my secret" not in str(info.value)  # a secret never reaches an error message
+
+
+def test_admin_token_may_name_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "admin-token"
+    secret.write_text(TOKEN + "\n", encoding="utf-8")
+    cfg = _load(env={"INFERMON_ADMIN__TOKEN": str(secret)})
+    assert cfg.admin.resolved_token() == TOKEN
+    assert cfg.public_dict()["admin"]["token"] == "***"
 
 
 def test_admin_token_file(tmp_path: Path) -> None:

@@ -62,8 +62,9 @@ def require_token(handler: Handler) -> Handler:
         token = request.app[ADMIN_TOKEN]
         if token:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            presented = given.strip().encode("utf-8", "surrogateescape")  # any bytes a client sends
             # compare_digest: the time taken says nothing about how much of the token matched
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token.encode()):
                 response = json_response(
                     {
                         "error": "this endpoint changes state: send Authorization: Bearer <admin.token>",
@@ -71,7 +72,10 @@ def require_token(handler: Handler) -> Handler:
                     },
                     status=401,
                 )
-                response.headers["WWW-Authenticate"] = 'Bearer realm="infermon-admin"'
+                challenge = 'Bearer realm="infermon-admin"'
+                if scheme.lower() == "bearer":
+                    challenge += ', error="invalid_token"'  # RFC 6750 3.1: a token came, and it is wrong
+                response.headers["WWW-Authenticate"] = challenge
                 return response
         return await handler(request)
 

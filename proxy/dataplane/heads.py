@@ -27,6 +27,7 @@ NO_BODY = 0
 LENGTH = 1
 CHUNKED = 2
 UNTIL_CLOSE = 3
+INVALID = -1  # the response's transfer codings cannot be forwarded (chunked twice, or not last)
 STREAMED = frozenset({CHUNKED, UNTIL_CLOSE})  # no declared length: the body is streamed
 
 _HOST = b"host"
@@ -93,8 +94,9 @@ class HeadRules:
         self.special = table
         #: fields a Connection option may never remove: framing, routing, the request id, forwarding
         self.protected = frozenset(
-            {_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, self.request_id_header, b"forwarded", b"via", _DATE}
-        )
+            {_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, self.request_id_header, b"forwarded", b"via", _DATE,
+             b"idempotency-key", _EXPECT}  # the proxy decides on these two: what it decides on must arrive
+        )  # fmt: skip
 
 
 def connection_options(values: list[bytes], rules: HeadRules) -> frozenset[bytes]:
@@ -184,17 +186,30 @@ def prepare_request(
     reject: Rejection | None = None
     target = url
     authority: bytes | None = None
-    if target[:1] != b"/" and target != b"*":
+    if target[:1] != b"/":
         lower = target[:8].lower()
         if lower.startswith(b"http://") or lower == b"https://":
             rest = target.split(b"//", 1)[1]
-            slash = rest.find(b"/")
-            authority = rest[:slash] if slash >= 0 else rest
-            target = rest[slash:] if slash >= 0 else b"/"
-        elif method != "OPTIONS":
+            end = len(rest)
+            for stop in (b"/", b"?", b"#"):
+                at = rest.find(stop)
+                if 0 <= at < end:
+                    end = at
+            authority = rest[:end]
+            target = rest[end:] or b"/"
+            if target[:1] != b"/":
+                target = b"/" + target  # http://h?x=1 is /?x=1 on host h
+            if not authority or b"@" in authority or not _HOST_VALUE.match(authority):
+                # RFC 9110 4.2.4: userinfo is not sent in a target; an empty or malformed host names nothing
+                reject = Rejection(400, "the absolute-form target has no valid host (and no user:password@)")
+        elif target == b"*" and method == "OPTIONS":
+            pass  # asterisk-form: OPTIONS only (RFC 9112 3.2.4)
+        else:
             reject = Rejection(400, "request target must be a path (origin-form) or an absolute URL")
     if method == "CONNECT":
         reject = Rejection(405, "CONNECT is not supported: infermon is a reverse proxy")
+    if http_version not in ("1.1", "1.0"):
+        reject = Rejection(505, f"HTTP/{http_version} is not supported: send HTTP/1.1 (or 1.0)")
     head.target = target
     q = target.find(b"?")
     head.path = (target if q < 0 else target[:q]).decode("latin-1")
@@ -239,6 +254,8 @@ def prepare_request(
             has_xfh = True
             forward.append((name, value))
         elif kind == K_EXPECT:
+            if http_version == "1.0":
+                continue  # RFC 9110 10.1.1: an expectation in an HTTP/1.0 request is ignored
             if value.strip().lower() != b"100-continue" and reject is None:
                 reject = Rejection(417, "only 'Expect: 100-continue' is supported")
             forward.append((name, value))
@@ -258,13 +275,16 @@ def prepare_request(
     head.reject = reject or _check_request(rules, head, hosts, host, content_lengths, te)
     if head.reject is not None:
         return head
-    if authority is not None and host is not None:
-        # absolute-form: the target's authority wins over Host (RFC 9112 3.2.2)
-        forward = [(n, authority if n.lower() == _HOST else v) for n, v in forward]
+    if authority is not None:
+        # absolute-form: the target's authority replaces any Host (RFC 9112 3.2.2), HTTP/1.0 too
+        if host is not None:
+            forward = [(n, authority if n.lower() == _HOST else v) for n, v in forward]
+        else:
+            forward.append((b"Host", authority))
         host = authority
     head.host = host
 
-    if upgrade is not None and upgrade_asked:
+    if upgrade is not None and upgrade_asked and http_version == "1.1":  # RFC 9110 7.8: 1.0 ignores it
         head.upgrade = True
         forward.append((b"Connection", b"Upgrade"))
         forward.append((b"Upgrade", upgrade))
@@ -291,8 +311,9 @@ def _check_request(
     content_lengths: list[bytes],
     te: bytes | None,
 ) -> Rejection | None:
-    if head.http_version == "1.1" and hosts != 1:
-        return Rejection(400, "an HTTP/1.1 request needs exactly one Host header")
+    if hosts > 1 or (hosts == 0 and head.http_version == "1.1"):
+        # RFC 9112 3.2: a request with more than one Host line, whatever its version, is a 400
+        return Rejection(400, "a request needs exactly one Host header (HTTP/1.1), and never more than one")
     if host is not None and host not in _VALID_HOSTS:
         if not _HOST_VALUE.match(host):
             return Rejection(400, "invalid Host header")
@@ -349,15 +370,21 @@ def response_framing(status: int, headers: Headers, head_only: bool) -> int:
 
 
 def framing_of(status: int, transfer_encodings: list[bytes], has_length: bool, head_only: bool) -> int:
-    """:func:`response_framing` from what a parser noted while reading the fields (the hot path)."""
+    """:func:`response_framing` from what a parser noted while reading the fields (the hot path).
+
+    ``INVALID`` when ``chunked`` is applied more than once or is not the final coding (RFC 9112 7):
+    such a body cannot be re-framed for the client without applying chunked twice.
+    """
     if head_only or status in (204, 304) or status < 200:
         return NO_BODY
     if transfer_encodings:
-        last = transfer_encodings[-1]
-        if last[-7:].lower() == _CHUNKED and last.rsplit(b",", 1)[-1].strip().lower() == _CHUNKED:
-            return CHUNKED
+        if len(transfer_encodings) == 1 and transfer_encodings[0].lower() == _CHUNKED:
+            return CHUNKED  # the common case
         codings = [c for value in transfer_encodings for c in transfer_codings(value)]
-        return CHUNKED if codings and codings[-1] == _CHUNKED else UNTIL_CLOSE
+        chunked = codings.count(_CHUNKED)
+        if chunked > 1 or (chunked == 1 and codings[-1] != _CHUNKED):
+            return INVALID
+        return CHUNKED if chunked else UNTIL_CLOSE
     if has_length:
         return LENGTH
     return UNTIL_CLOSE
@@ -394,7 +421,7 @@ def prepare_response(
     connection: list[bytes] | None = None
     hop = http.HOP_BY_HOP
     rid = rules.request_id_header
-    has_rid = has_date = False
+    has_date = False
     for name, value in fields:  # one pass: the common response names no field in Connection
         lname = name.lower()
         if lname in hop:
@@ -404,8 +431,8 @@ def prepare_response(
                 connection = [value] if connection is None else [*connection, value]
             continue
         if lname == rid:
-            has_rid = True
-        elif lname == _DATE:
+            continue  # the client gets the id the proxy logged and traced, not the upstream's
+        if lname == _DATE:
             has_date = True
         parts += (name, b": ", value, b"\r\n")
     if connection is not None:
@@ -414,10 +441,9 @@ def prepare_response(
             parts = [parts[0]]
             for name, value in fields:
                 lname = name.lower()
-                if lname not in hop and lname not in named:
+                if lname not in hop and lname not in named and lname != rid:
                     parts += (name, b": ", value, b"\r\n")
-    if not has_rid:
-        parts.append(rid + b": " + request_id.encode("ascii") + b"\r\n")
+    parts.append(rid + b": " + request_id.encode("ascii") + b"\r\n")
     if not has_date:
         parts.append(http.date_header())  # RFC 9110 6.6.1: a forwarded response needs a Date
     chunked = False
@@ -446,6 +472,40 @@ def _with_chunked(values: list[bytes] | None) -> bytes:
     if not codings or codings[-1] != _CHUNKED:
         codings.append(_CHUNKED)
     return b", ".join(codings)
+
+
+def switching_head(rules: HeadRules, reason: bytes, fields: Headers, request_id: str) -> bytes:
+    """A 101 Switching Protocols head as forwarded: ``Connection: Upgrade`` and ``Upgrade`` kept,
+    other hop-by-hop and Connection-named fields dropped, the request id added."""
+    connection = [v for n, v in fields if n.lower() == _CONNECTION]
+    named = connection_options(connection, rules) if connection else frozenset()
+    rid = rules.request_id_header
+    parts = [http.status_line(101, reason)]
+    upgrade: bytes | None = None
+    for name, value in fields:
+        lname = name.lower()
+        if lname == _UPGRADE:
+            upgrade = value
+        elif lname not in http.HOP_BY_HOP and lname not in named and lname != rid:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"Connection: Upgrade\r\n")
+    if upgrade is not None:
+        parts += (b"Upgrade: ", upgrade, b"\r\n")
+    parts += (rid, b": ", request_id.encode("ascii"), b"\r\n\r\n")
+    return b"".join(parts)
+
+
+#: trailer fields never forwarded: hop-by-hop, framing, routing and the request id (RFC 9110 6.5.1)
+_TRAILER_DROP = http.HOP_BY_HOP | {
+    _CONTENT_LENGTH, _HOST, b"content-type", b"content-encoding", b"content-range", b"authorization",
+    b"set-cookie", b"cookie", b"cache-control", b"expect",
+}  # fmt: skip
+
+
+def forward_trailers(rules: HeadRules, fields: Headers) -> Headers:
+    """The trailer fields passed on to the client: what may go in a trailer and is not hop-by-hop."""
+    rid = rules.request_id_header
+    return [(n, v) for n, v in fields if (lname := n.lower()) not in _TRAILER_DROP and lname != rid]
 
 
 def interim_head(rules: HeadRules, status: int, reason: bytes, fields: Headers) -> bytes:

@@ -34,9 +34,11 @@ from proxy.dataplane.heads import (
     HeadRules,
     Rejection,
     RequestHead,
+    forward_trailers,
     interim_head,
     prepare_request,
     prepare_response,
+    switching_head,
 )
 from proxy.dataplane.heads import serialize_request as _serialize
 from proxy.dataplane.hooks import Hooks
@@ -56,6 +58,11 @@ PAUSE_STOP = 16  # nothing more is read as HTTP from this client (after a parse 
 
 PENDING_LIMIT = 64 * 1024
 LINGER_SECONDS = 2.0
+
+# where a chunked request body is (trailers are bounded like a head)
+NO_CHUNK = 0
+IN_CHUNK_HEAD = 1  # a chunk-size line was read, no data yet: chunk data or, after the last chunk, trailers
+IN_CHUNK_BODY = 2
 
 # what the connection deadline means when it fires
 T_HEAD = 1
@@ -165,6 +172,9 @@ class ClientConnection(asyncio.Protocol):
         self._raw_head = 0  # bytes received while a head is incomplete
         self._in_head = False
         self._reject: Rejection | None = None
+        self._chunk = NO_CHUNK
+        self._trailer_bytes = 0
+        self._trailer_fields = 0
         self._feeding = False  # inside parser.feed_data: upstream writes are flushed after it
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -193,6 +203,7 @@ class ClientConnection(asyncio.Protocol):
             return  # discarding what a client still sends after a final error
         if self.parsing is None or self._in_head:
             self._raw_head += len(data)
+        in_trailers = self._chunk == IN_CHUNK_HEAD  # still so after this read: all of it was trailers
         self._feeding = True
         try:
             self.parser.feed_data(data)
@@ -218,6 +229,11 @@ class ClientConnection(asyncio.Protocol):
             self._flush_up()
         if self._in_head and self._raw_head > self.limits.max_header_bytes:
             self._parse_failed(Rejection(431, "request head too large (limits.max_header_bytes)"))
+        elif in_trailers and self._chunk == IN_CHUNK_HEAD and self.parsing is not None:
+            # the parser buffers a trailer field until it ends: count the raw bytes, not only fields
+            self._trailer_bytes += len(data)
+            if self._trailer_bytes > self.limits.max_header_bytes:
+                self._parse_failed(Rejection(431, "request trailer fields too large (limits.max_header_bytes)"))
 
     def _flush_up(self) -> None:
         self._feeding = False
@@ -231,6 +247,12 @@ class ClientConnection(asyncio.Protocol):
         return False  # a client that stops sending mid-exchange has gone: treated as an abort
 
     def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._lost()
+        except Exception as error:
+            log.error("internal error while closing a client connection", exc_info=error)
+
+    def _lost(self) -> None:
         self.closed = True
         self.deadline.cancel()
         self.plane.connections.discard(self)
@@ -268,7 +290,12 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._head_size = 0
         self._in_head = True
-        if self.deadline_kind != T_HEAD or self.deadline.when is None:
+        self._trailer_bytes = 0
+        self._trailer_fields = 0
+        self._chunk = NO_CHUNK
+        # the head timeout runs for the request being read only while none is active: a pipelined
+        # head behind a slow request is not late (its clock starts when its turn comes)
+        if not self.requests and (self.deadline_kind != T_HEAD or self.deadline.when is None):
             self.deadline_kind = T_HEAD
             self.deadline.set_in(self.limits.header_timeout)
 
@@ -281,7 +308,14 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
-            return  # request trailers are not forwarded
+            # request trailers are not forwarded, but they are bounded like the head
+            self._trailer_fields += 1
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_fields > self.max_headers:
+                raise self._fail_parse(431, f"more than {self.max_headers} trailer fields (limits.max_headers)")
+            if self._trailer_bytes > self.limits.max_header_bytes:
+                raise self._fail_parse(431, "request trailer fields too large (limits.max_header_bytes)")
+            return
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.limits.max_header_bytes:
             raise self._fail_parse(431, "request header fields too large (limits.max_header_bytes)")
@@ -324,7 +358,9 @@ class ClientConnection(asyncio.Protocol):
             self._last = True
         if head.reject is not None:
             req.error = head.reject
-        if req.error is None and not req.request_done:
+        if self.requests:
+            pass  # pipelined: its body is not read (nor late) before its turn
+        elif req.error is None and not req.request_done:
             self.deadline_kind = T_BODY
             self.deadline.set_in(self.limits.body_timeout)
         else:
@@ -344,7 +380,9 @@ class ClientConnection(asyncio.Protocol):
         limit = self.limits.max_request_body_bytes
         if limit is not None and ex.bytes_in > limit:
             raise self._fail_parse(413, f"request body larger than {limit} bytes (limits.max_request_body_bytes)")
-        if self.deadline_kind == T_BODY:
+        if self._chunk == IN_CHUNK_HEAD:
+            self._chunk = IN_CHUNK_BODY
+        if self.deadline_kind == T_BODY and self.deadline.when is not None:  # armed: the active body
             self.deadline.set_in(self.limits.body_timeout)
         if self.hooks.request_body:
             self.hooks.call(self.hooks.request_body, "on_request_body", ex, body)
@@ -354,6 +392,12 @@ class ClientConnection(asyncio.Protocol):
             self._send_up(req, b"\r\n")
         else:
             self._send_up(req, body)
+
+    def on_chunk_header(self) -> None:
+        self._chunk = IN_CHUNK_HEAD  # until a body byte comes: either chunk data or the trailers
+
+    def on_chunk_complete(self) -> None:
+        self._chunk = NO_CHUNK
 
     def on_message_complete(self) -> None:
         req = self.parsing
@@ -380,6 +424,12 @@ class ClientConnection(asyncio.Protocol):
     # -- running a request --------------------------------------------------------------------
 
     def _start(self, req: _Request) -> None:
+        try:
+            self._begin(req)
+        except Exception as exc:  # the router is user code; a bug here must not hang the request
+            self._internal_error(req, exc, "starting a request")
+
+    def _begin(self, req: _Request) -> None:
         ex = req.ex
         req.state = CONNECTING
         if req.error is not None:
@@ -412,6 +462,12 @@ class ClientConnection(asyncio.Protocol):
             req.ticket = pool.connect_or_wait(lambda c, e: self._pool_answered(req, c, e))
 
     def _pool_answered(self, req: _Request, conn: UpstreamConnection | None, error: ExchangeError | None) -> None:
+        try:
+            self._connection_ready(req, conn, error)
+        except Exception as exc:
+            self._internal_error(req, exc, "attaching an upstream connection")
+
+    def _connection_ready(self, req: _Request, conn: UpstreamConnection | None, error: ExchangeError | None) -> None:
         req.ticket = None
         if self.closed or req.state == DONE or not self.requests or self.requests[0] is not req:
             if conn is not None:
@@ -431,6 +487,8 @@ class ClientConnection(asyncio.Protocol):
         conn.start(_Owner(self, req, conn), req.wire, req.head_only)
         if self._writing_paused:
             conn.pause_reading()  # the client cannot take more yet: the response waits upstream
+        if conn.writing_paused:
+            self._pause(PAUSE_UPSTREAM)  # its write buffer is still full from the last exchange
         if req.pending:
             conn.writelines(req.pending)
             req.pending = []
@@ -572,6 +630,11 @@ class ClientConnection(asyncio.Protocol):
             self.deadline_kind = T_IDLE
             self.deadline.set_in(self.limits.keepalive_timeout)
             self._resume(PAUSE_PIPELINE)
+        else:
+            if self._in_head:  # a pipelined head is half read: its clock starts now
+                self.deadline_kind = T_HEAD
+                self.deadline.set_in(self.limits.header_timeout)
+            self._resume(PAUSE_PIPELINE)
 
     def _abandon(self, req: _Request) -> None:
         """The client went away with ``req`` started and unanswered."""
@@ -665,13 +728,21 @@ class ClientConnection(asyncio.Protocol):
             self._start(req)
 
     def _deadline_passed(self) -> None:
+        try:
+            self._deadline_due()
+        except Exception as exc:
+            self._internal_error(self.requests[0] if self.requests else None, exc, "at a client deadline")
+
+    def _deadline_due(self) -> None:
         kind = self.deadline_kind
         if self.closed or self.transport is None:
             return
         if kind in (T_IDLE, T_LINGER):
             self.transport.close()
             return
-        if kind == T_HEAD and not self.requests:
+        if kind == T_HEAD:
+            if self.requests:
+                return  # a request is active: its upstream timeouts run; a pipelined head waits its turn
             if self.parsing is None:  # not a byte of a new request: an idle connection, not an error
                 self.transport.close()
                 return
@@ -682,13 +753,34 @@ class ClientConnection(asyncio.Protocol):
             self._respond_error_now(ex, 408, "request head not received in time (limits.header_timeout)")
             return
         req = self.parsing
-        if kind == T_BODY and req is not None and self.requests and self.requests[0] is req:
-            self.parsing = None
-            if req.state < RESPONDING:
-                self._respond_error(req, 408, "request body stalled (limits.body_timeout)")
-                return
-            self._finish(req)
+        if kind != T_BODY or req is None or not self.requests or self.requests[0] is not req:
+            return  # a body not being read (pipelined, or paused) is not late
+        self.parsing = None
+        if req.state < RESPONDING:
+            self._respond_error(req, 408, "request body stalled (limits.body_timeout)")
+            return
+        self._finish(req)
         self._abort_transport()
+
+    def _internal_error(self, req: _Request | None, exc: BaseException, where: str) -> None:
+        """A bug of the proxy's own: logged with its traceback, the request answered 500 (or cut)."""
+        log.error("internal error %s", where, exc_info=exc)
+        if req is None or req.state == DONE:
+            self._abort_transport()
+            return
+        req.ex.error = "internal"
+        try:
+            if req.upstream is not None:
+                req.upstream.abort()
+                req.upstream = None
+            if req.state < RESPONDING:
+                self._respond_error(req, 500, "internal proxy error")
+            else:
+                self._finish(req)
+                self._abort_transport()
+        except Exception as again:  # answering failed too: the connection cannot be trusted
+            log.error("internal error while answering an internal error", exc_info=again)
+            self._abort_transport()
 
     # -- upgrade (WebSocket) ------------------------------------------------------------------
 
@@ -805,23 +897,29 @@ class _Owner:
     def upstream_complete(self, trailers: Headers, reusable: bool) -> None:
         client = self.client
         req = self.req
-        if req.chunked_out:
-            self.out.append(b"0\r\n")
-            if trailers:
-                http.serialize_headers(self.out, trailers)
-            self.out.append(b"\r\n")
-        # detach before the last write: if it fills the client's buffer, pause_writing must not
-        # pause a connection that is going back to the pool
-        req.upstream = None
-        self.upstream_flush()
-        self.conn.pool.release(self.conn, reusable=reusable and req.request_done)
-        client._finish(req)
+        try:
+            if req.chunked_out:
+                self.out.append(b"0\r\n")
+                if trailers:
+                    http.serialize_headers(self.out, forward_trailers(client.rules, trailers))
+                self.out.append(b"\r\n")
+            # detach before the last write: if it fills the client's buffer, pause_writing must not
+            # pause a connection that is going back to the pool
+            req.upstream = None
+            self.upstream_flush()
+            self.conn.pool.release(self.conn, reusable=reusable and req.request_done)
+            client._finish(req)
+        except Exception as exc:
+            client._internal_error(req, exc, "finishing a response")
 
     def upstream_failed(self, error: ExchangeError, stale: bool) -> None:
-        self.upstream_flush()
-        if self.req.upstream is not self.conn:
-            return
-        self.client._upstream_error(self.req, error, stale)
+        try:
+            self.upstream_flush()
+            if self.req.upstream is not self.conn:
+                return
+            self.client._upstream_error(self.req, error, stale)
+        except Exception as exc:
+            self.client._internal_error(self.req, exc, "handling an upstream failure")
 
     def upstream_upgraded(self, reason: bytes, headers: Headers, rest: bytes) -> None:
         req = self.req
@@ -831,10 +929,8 @@ class _Owner:
             return
         req.ex.status = 101
         req.ex.t_upstream_head = time.perf_counter()
-        parts = [http.status_line(101, reason)]
-        http.serialize_headers(parts, headers)
-        parts.append(b"\r\n")
-        self.client.tunnel_open(req, self.conn, b"".join(parts), rest)
+        head = switching_head(self.client.rules, reason, headers, req.ex.request_id)
+        self.client.tunnel_open(req, self.conn, head, rest)
 
     def upstream_tunnel_data(self, data: bytes) -> None:
         self.req.ex.bytes_out += len(data)

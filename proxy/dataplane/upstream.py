@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy.dataplane.exchange import Headers
-from proxy.dataplane.heads import NO_BODY, UNTIL_CLOSE, framing_of
+from proxy.dataplane.heads import INVALID, NO_BODY, UNTIL_CLOSE, framing_of
 from proxy.dataplane.timer import Deadline
 from proxy.errors import (
     ExchangeError,
@@ -89,6 +89,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._out: list[bytes] = []
         self._reading_paused = False
+        #: the write buffer is over its high-water mark; a new owner must hold its body back
+        self.writing_paused = False
 
     # -- used by the owner --------------------------------------------------------------------
 
@@ -222,10 +224,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamReset("upstream closed the connection in the middle of the response"))
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         if self.owner is not None:
             self.owner.upstream_pause_writing()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         if self.owner is not None:
             self.deadline.set_in(self.read_timeout)
             self.owner.upstream_resume_writing()
@@ -270,6 +274,10 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._head_done = True
         framing = framing_of(status, self._te, self._has_length, self._head_only)
+        if framing == INVALID:
+            raise UpstreamProtocolError(
+                "upstream applied chunked more than once or not last (RFC 9112 7): the body cannot be forwarded"
+            )
         self._framing = framing
         owner.upstream_head(status, self._reason, self._headers, framing)
         if framing == NO_BODY and self._head_only:
@@ -389,7 +397,9 @@ class UpstreamPool:
         while self.waiters:
             ticket = self.waiters.popleft()
             if not ticket.cancelled:
-                ticket.cancel()
+                if ticket.timer is not None:  # it is served now: no pool timeout any more
+                    ticket.timer.cancel()
+                    ticket.timer = None
                 self.loop.call_soon(self._hand_over, ticket, conn)
                 return
         if len(self.idle) >= self.cfg.max_idle:
@@ -432,6 +442,18 @@ class UpstreamPool:
             self.loop.create_task(self._connect(ticket))
 
     def _hand_over(self, ticket: Ticket, conn: UpstreamConnection) -> None:
+        if ticket.cancelled:  # the waiter went away meanwhile: the connection goes back
+            self.release(conn, reusable=True)
+            return
+        if conn.closed or conn.transport is None or conn.transport.is_closing():
+            # it closed between release() and now: the waiter gets a fresh connection instead
+            if self._closed:
+                self._fail_ticket(ticket, UpstreamConnectError("the upstream pool is closed"))
+                return
+            self.open += 1
+            self.loop.create_task(self._connect(ticket))
+            return
+        ticket.cancelled = True
         ticket.callback(conn, None)
 
     def _waiter_timed_out(self, ticket: Ticket) -> None:

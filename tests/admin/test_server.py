@@ -458,8 +458,12 @@ async def test_state_changing_endpoints_take_the_bearer_token(make_proxy: ProxyF
         addr = app.admin_address
         status, body, challenge = await _admin_request(addr, "PUT", "/change")
         assert status == 401 and "Bearer" in str(body["error"]) and challenge == 'Bearer realm="infermon-admin"'
-        status, _, _ = await _admin_request(addr, "PUT", "/change", {"Authorization": "Bearer wrong-token-0123456"})
-        assert status == 401
+        status, _, challenge = await _admin_request(
+            addr, "PUT", "/change", {"Authorization": "Bearer wrong-token-0123456"}
+        )
+        assert status == 401 and challenge == 'Bearer realm="infermon-admin", error="invalid_token"'
+        status, _, _ = await _admin_request(addr, "PUT", "/change", {"Authorization": "Bearer \xff\xfe"})
+        assert status == 401  # bytes that are not UTF-8: a wrong token, not a 500
         status, _, _ = await _admin_request(addr, "PUT", "/change", {"Authorization": f"Basic {ADMIN_TOKEN}"})
         assert status == 401
         assert changes == []

@@ -96,7 +96,7 @@ def test_response_connection_option_naming_a_protected_field_is_ignored(protecte
     )  # fmt: skip
     lines = wire.lower().split("\r\n")
     assert "content-length: 2" in lines
-    assert "x-request-id: up-1" in lines
+    assert "x-request-id: rid-1" in lines  # always the proxy's id
     assert sum(line.startswith("date:") for line in lines) == 1
     assert not any(line.startswith(("x-drop", "connection")) for line in lines)
 
@@ -222,3 +222,112 @@ def test_idempotency(method: str, fields: list[tuple[str, str]], idempotent: boo
     assert head.idempotent is idempotent
     if fields:
         assert value(head.headers, "idempotency-key") == '"k-1"'  # forwarded as it is
+
+
+# -- review round: more of each class ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["idempotency-key", "expect"])
+def test_fields_the_proxy_decides_on_cannot_be_stripped_by_connection(field: str) -> None:
+    head = request([("Host", "m"), ("Idempotency-Key", "k-1"), ("Expect", "100-continue"), ("Connection", field)])
+    assert value(head.headers, "idempotency-key") == "k-1" and head.idempotent
+    assert value(head.headers, "expect") == "100-continue"
+
+
+def test_more_than_one_host_is_400_in_http10_too() -> None:
+    head = request([("Host", "a.example"), ("Host", "b.example")], method="GET", version="1.0")
+    assert head.reject is not None and head.reject.status == 400
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "target"),
+    [
+        (b"http://h?x=1", "h", b"/?x=1"),
+        (b"http://h:81/p?q", "h:81", b"/p?q"),
+        (b"HTTP://H/p", "H", b"/p"),
+        (b"http://h#frag", "h", b"/#frag"),
+    ],
+)
+def test_absolute_form_authority_ends_at_slash_query_or_fragment(url: bytes, host: str, target: bytes) -> None:
+    head = request([("Host", "ignored")], method="GET", url=url)
+    assert head.reject is None
+    assert value(head.headers, "host") == host and head.target == target
+
+
+@pytest.mark.parametrize("url", [b"http://user:pw@h/p", b"http:///p", b"http://a b/", b"https://"])
+def test_absolute_form_without_a_valid_host_is_400(url: bytes) -> None:
+    head = request([("Host", "m")], method="GET", url=url)
+    assert head.reject is not None and head.reject.status == 400
+
+
+def test_http10_absolute_form_uses_the_targets_authority() -> None:
+    head = request([], method="GET", url=b"http://model:9000/x", version="1.0", keep_alive=False)
+    assert head.reject is None and value(head.headers, "host") == "model:9000"
+    assert b"\r\nHost: model:9000\r\n" in serialize_request(head, b"pool-default")
+    assert serialize_request(head, b"pool-default").count(b"\r\nHost:") == 1
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9", "1.2"])
+def test_other_http_versions_are_505(version: str) -> None:
+    head = request([("Host", "m")], method="GET", version=version)
+    assert head.reject is not None and head.reject.status == 505
+
+
+def test_http10_ignores_upgrade_and_expect() -> None:
+    head = request(
+        [("Upgrade", "websocket"), ("Connection", "upgrade"), ("Expect", "100-continue")], method="GET", version="1.0"
+    )
+    assert head.reject is None and not head.upgrade
+    assert "upgrade" not in names(head.headers) and "expect" not in names(head.headers)
+    head = request([("Expect", "something-else")], method="GET", version="1.0")
+    assert head.reject is None  # ignored, not a 417
+
+
+def test_asterisk_form_is_for_options_only() -> None:
+    assert request([("Host", "m")], method="OPTIONS", url=b"*").reject is None
+    head = request([("Host", "m")], method="GET", url=b"*")
+    assert head.reject is not None and head.reject.status == 400
+
+
+@pytest.mark.parametrize(
+    "values", [[b"chunked", b"chunked"], [b"chunked, chunked"], [b"chunked, gzip"], [b"chunked", b"gzip"]]
+)
+def test_response_applying_chunked_twice_or_not_last_is_invalid(values: list[bytes]) -> None:
+    from proxy.dataplane.heads import INVALID, framing_of
+
+    assert framing_of(200, values, False, False) == INVALID
+    assert response_framing(200, [(b"Transfer-Encoding", v) for v in values], head_only=False) == INVALID
+
+
+def test_upstream_request_id_is_replaced_by_the_proxys() -> None:
+    wire, _, _ = response([("X-Request-Id", "upstream-id"), ("Content-Length", "0")], LENGTH)
+    assert "upstream-id" not in wire and wire.count("x-request-id: rid-1") == 1
+
+
+def test_switching_head_keeps_upgrade_and_drops_other_hop_fields() -> None:
+    from proxy.dataplane.heads import switching_head
+
+    wire = switching_head(
+        RULES,
+        b"Switching Protocols",
+        [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade, x-secret"), (b"X-Secret", b"1"),
+         (b"Keep-Alive", b"5"), (b"Sec-WebSocket-Accept", b"abc")],
+        "rid-9",
+    )  # fmt: skip
+    lines = wire.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 101 Switching Protocols"
+    assert "Sec-WebSocket-Accept: abc" in lines and "Upgrade: websocket" in lines
+    assert "Connection: Upgrade" in lines and "x-request-id: rid-9" in lines
+    assert not any(line.lower().startswith(("x-secret", "keep-alive")) for line in lines)
+    assert wire.endswith(b"\r\n\r\n")
+
+
+def test_trailers_keep_only_what_may_be_a_trailer() -> None:
+    from proxy.dataplane.heads import forward_trailers
+
+    kept = forward_trailers(
+        RULES,
+        [(b"Connection", b"close"), (b"Transfer-Encoding", b"chunked"), (b"Keep-Alive", b"1"), (b"Trailer", b"x"),
+         (b"x-request-id", b"spoof"), (b"Content-Length", b"9"), (b"grpc-status", b"0"), (b"X-Checksum", b"ab")],
+    )  # fmt: skip
+    assert kept == [(b"grpc-status", b"0"), (b"X-Checksum", b"ab")]

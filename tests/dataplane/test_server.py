@@ -763,3 +763,93 @@ async def test_a_bug_in_our_response_handling_is_an_internal_error_not_the_upstr
     assert metric(m, "infermon_upstream_errors_total", kind="protocol") == 0
     logged = [r for r in caplog.records if r.exc_info and "bug in the proxy" in str(r.exc_info[1])]
     assert logged, "the traceback is logged"
+
+
+async def test_request_trailers_are_bounded_like_the_head(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream, limits={"max_headers": 5, "max_header_bytes": 8192})
+    client = await Client.connect(app.proxy_address)
+    head = b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n"
+    await client.send(head + b"".join(b"X-T%d: v\r\n" % i for i in range(50)) + b"\r\n")
+    resp = await client.response()
+    assert resp.status == 431 and "trailer" in resp.json()["error"]  # type: ignore[index]
+    # one endless trailer value, sent across many reads: answered long before it ends
+    client = await Client.connect(app.proxy_address)
+    await client.send(head + b"X-T: ")
+    for _ in range(64):
+        try:
+            await client.send(b"a" * 4096)
+        except ConnectionError:
+            break
+    resp = await client.response()
+    assert resp.status == 431
+
+
+async def test_a_slow_request_is_not_cut_by_the_timeout_of_a_pipelined_one(
+    make_proxy: ProxyFactory, upstream: str
+) -> None:
+    from tests.helpers import metric, parse_metrics, scrape
+
+    app = await make_proxy(upstream, limits={"header_timeout": 0.3, "body_timeout": 0.3})
+    client = await Client.connect(app.proxy_address)
+    await client.send(build_request("GET", "/slow?delay=0.8") + b"GET /echo HTTP/1.1\r\nHo")
+    resp = await client.response()
+    assert resp.status == 200 and resp.json() == {"slow": True}
+    # the pipelined head's own clock started when its turn came: it is a 408 now, not a cut
+    resp = await client.response()
+    assert resp.status == 408
+    client = await Client.connect(app.proxy_address)
+    partial = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabcde"
+    await client.send(build_request("GET", "/slow?delay=0.8") + partial)
+    resp = await client.response()
+    assert resp.status == 200
+    resp = await client.response()
+    assert resp.status == 408
+    _, text = await scrape(app.admin_address)
+    assert metric(parse_metrics(text), "infermon_client_aborts_total") == 0
+
+
+async def test_a_raising_router_is_a_500_and_the_connection_goes_on(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    plane = app.plane
+    assert plane is not None
+
+    def router(ex: Any) -> Any:
+        return (1 / 0) if ex.path == "/echo/boom" else plane.pool
+
+    plane.router = router
+    client = await Client.connect(app.proxy_address)
+    await client.send(build_request("GET", "/echo/a") + build_request("GET", "/echo/boom"))
+    assert (await client.response()).status == 200
+    assert (await client.response()).status == 500
+    assert plane.in_flight == 0
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/echo/after")).status == 200
+
+
+async def test_upstream_chunked_twice_is_a_protocol_error(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        )
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    assert (await client.request("GET", "/")).status == 502
+
+
+async def test_response_trailers_are_filtered(make_proxy: ProxyFactory, raw_upstream: RawFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n2\r\nok\r\n0\r\n"
+            b"grpc-status: 0\r\nConnection: close\r\nx-request-id: spoof\r\n\r\n"
+        )
+
+    up = await raw_upstream(handler)
+    app = await make_proxy(up.url)
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/", headers={"TE": "trailers"})
+    assert resp.body == b"ok"
+    assert [(k.lower(), v) for k, v in resp.trailers] == [(b"grpc-status", b"0")]
