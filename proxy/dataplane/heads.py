@@ -134,6 +134,7 @@ class RequestHead:
     __slots__ = (
         "chunked",
         "close",
+        "has_body",
         "head_only",
         "headers",
         "host",
@@ -158,6 +159,7 @@ class RequestHead:
         self.chunked = False  # the body comes chunked and goes up chunked
         self.upgrade = False  # a protocol switch (WebSocket) was asked for
         self.close = False  # the connection ends after this exchange
+        self.has_body = False  # a body follows the head (chunked, or a Content-Length above 0)
         self.head_only = method == "HEAD"
         self.idempotent = method in IDEMPOTENT_METHODS
         self.reject: Rejection | None = None
@@ -289,7 +291,7 @@ def prepare_request(
         forward.append((b"Connection", b"Upgrade"))
         forward.append((b"Upgrade", upgrade))
     if te is not None:
-        head.chunked = True
+        head.chunked = head.has_body = True
         forward.append((b"Transfer-Encoding", te))
     client = client_host.encode("ascii", "replace")
     forward.append((b"X-Forwarded-For", b", ".join([*xff, client]) if xff else client))
@@ -333,8 +335,10 @@ def _check_request(
         values = {v.strip() for line in content_lengths for v in line.split(b",")}
         if len(values) != 1 or not _DIGITS.match(next(iter(values))):
             return Rejection(400, "invalid Content-Length")
+        length = int(next(iter(values)))
+        head.has_body = length > 0
         limit = rules.max_request_body_bytes
-        if limit is not None and int(next(iter(values))) > limit:
+        if limit is not None and length > limit:
             return Rejection(413, f"request body larger than {limit} bytes (limits.max_request_body_bytes)")
     return None
 
@@ -342,7 +346,8 @@ def _check_request(
 def serialize_request(head: RequestHead, authority: bytes) -> bytes:
     """The request head as sent upstream; ``authority`` is the Host for a request that had none."""
     parts = [head.method.encode("ascii"), b" ", head.target, b" HTTP/1.1\r\n"]
-    http.serialize_headers(parts, head.headers)
+    for name, value in head.headers:
+        parts += (name, b": ", value, b"\r\n")
     if head.host is None:
         parts.append(b"Host: " + authority + b"\r\n")
     parts.append(b"\r\n")
@@ -390,10 +395,10 @@ def framing_of(status: int, transfer_encodings: list[bytes], has_length: bool, h
     return UNTIL_CLOSE
 
 
-class ResponseHead(NamedTuple):
-    wire: bytes  # the status line and fields sent to the client
-    chunked: bool  # the body is sent chunked (re-chunked when it came close-delimited)
-    close: bool  # the client connection ends after this response
+#: (wire, chunked, close): the status line and fields sent to the client; whether the body goes
+#: chunked (re-chunked when it came close-delimited); whether the client connection ends after it.
+#: A plain tuple: a NamedTuple costs a Python-level __new__ per response.
+ResponseHead = tuple[bytes, bool, bool]
 
 
 def prepare_response(
@@ -416,7 +421,8 @@ def prepare_response(
     transfer codings (``gzip`` becomes ``gzip, chunked``, RFC 9112 6.1), and close-delimited to an
     HTTP/1.0 client, which must not see Transfer-Encoding at all.
     """
-    parts = [http.status_line(status, reason)]
+    line = http.STATUS_LINES.get((status, reason))
+    parts = [line if line is not None else http.status_line(status, reason)]
     te: list[bytes] | None = None
     connection: list[bytes] | None = None
     hop = http.HOP_BY_HOP
@@ -435,7 +441,7 @@ def prepare_response(
         if lname == _DATE:
             has_date = True
         parts += (name, b": ", value, b"\r\n")
-    if connection is not None:
+    if connection is not None and (len(connection) != 1 or connection[0].lower() not in NOT_FIELDS):
         named = connection_options(connection, rules)
         if named:  # rare: build the fields again without the named ones
             parts = [parts[0]]
@@ -460,7 +466,7 @@ def prepare_response(
     elif not http11:
         parts.append(b"Connection: keep-alive\r\n")
     parts.append(b"\r\n")
-    return ResponseHead(b"".join(parts), chunked, close)
+    return b"".join(parts), chunked, close
 
 
 def _with_chunked(values: list[bytes] | None) -> bytes:

@@ -360,11 +360,11 @@ class ClientConnection(asyncio.Protocol):
             req.error = head.reject
         if self.requests:
             pass  # pipelined: its body is not read (nor late) before its turn
-        elif req.error is None and not req.request_done:
+        elif req.error is None and head.has_body:
             self.deadline_kind = T_BODY
             self.deadline.set_in(self.limits.body_timeout)
         else:
-            self.deadline.clear()
+            self.deadline.when = None  # Deadline.clear(), inline: no body to wait for
         self.requests.append(req)
         if len(self.requests) == 1:
             self._start(req)
@@ -409,7 +409,7 @@ class ClientConnection(asyncio.Protocol):
         req.request_done = True
         req.ex.t_body_done = time.perf_counter()
         if self.deadline_kind == T_BODY:
-            self.deadline.clear()
+            self.deadline.when = None  # Deadline.clear(), inline
         if req.chunked_in:
             self._send_up(req, b"0\r\n\r\n")
         if req.upstream is not None and req.state < DONE:
@@ -484,7 +484,7 @@ class ClientConnection(asyncio.Protocol):
         if req.state < SENT:
             req.state = SENT
         req.ex.t_upstream_connected = time.perf_counter()
-        conn.start(_Owner(self, req, conn), req.wire, req.head_only)
+        conn.start(_Owner(self, req, conn), req.wire, req.head_only, req.request_done)
         if self._writing_paused:
             conn.pause_reading()  # the client cannot take more yet: the response waits upstream
         if conn.writing_paused:
@@ -494,8 +494,6 @@ class ClientConnection(asyncio.Protocol):
             req.pending = []
             req.pending_bytes = 0
             self._resume(PAUSE_BUFFER)
-        if req.request_done:
-            conn.request_sent()
         if not self._feeding:
             conn.flush()
 
@@ -617,7 +615,8 @@ class ClientConnection(asyncio.Protocol):
             self.requests.popleft()
         if self.closed:
             return
-        self._resume(PAUSE_UPSTREAM | PAUSE_BUFFER)
+        if self._paused & (PAUSE_UPSTREAM | PAUSE_BUFFER):
+            self._resume(PAUSE_UPSTREAM | PAUSE_BUFFER)
         if req.close_after or (plane.draining and not self.requests and self.parsing is None):
             self._close(linger=not req.request_done)
             return
@@ -629,7 +628,8 @@ class ClientConnection(asyncio.Protocol):
         elif self.parsing is None:
             self.deadline_kind = T_IDLE
             self.deadline.set_in(self.limits.keepalive_timeout)
-            self._resume(PAUSE_PIPELINE)
+            if self._paused & PAUSE_PIPELINE:
+                self._resume(PAUSE_PIPELINE)
         else:
             if self._in_head:  # a pipelined head is half read: its clock starts now
                 self.deadline_kind = T_HEAD
@@ -860,7 +860,7 @@ class _Owner:
         if client.plane.draining:
             req.close_after = True
         http11 = ex.http_version == "1.1"
-        prepared = prepare_response(
+        wire, chunked, close = prepare_response(
             client.rules,
             status,
             reason,
@@ -872,10 +872,10 @@ class _Owner:
             close=req.close_after,
         )
         ex.stream = framing in STREAMED  # no declared length
-        req.chunked_out = prepared.chunked
-        req.close_after = prepared.close
+        req.chunked_out = chunked
+        req.close_after = close
         req.state = RESPONDING
-        self.out.append(prepared.wire)
+        self.out.append(wire)
 
     def upstream_body(self, chunk: bytes) -> None:
         req = self.req

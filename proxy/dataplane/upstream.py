@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy.dataplane.exchange import Headers
-from proxy.dataplane.heads import INVALID, NO_BODY, UNTIL_CLOSE, framing_of
+from proxy.dataplane.heads import INVALID, LENGTH, NO_BODY, UNTIL_CLOSE, framing_of
 from proxy.dataplane.timer import Deadline
 from proxy.errors import (
     ExchangeError,
@@ -94,10 +94,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by the owner --------------------------------------------------------------------
 
-    def start(self, owner: UpstreamOwner, head: bytes, head_only: bool) -> None:
+    def start(self, owner: UpstreamOwner, head: bytes, head_only: bool, complete: bool = False) -> None:
         """Begin an exchange with the request head; the body follows through :meth:`write`.
 
         Writes are gathered until :meth:`flush`, so a head and a small body leave in one send.
+        ``complete``: the whole request is at hand (no more body to come), so the response head is
+        due within ``response_timeout`` from now (:meth:`request_sent` in one step).
         """
         self.owner = owner
         self._head_only = head_only
@@ -113,7 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._has_length = False
         if self._parser is None:
             self._parser = httptools.HttpResponseParser(self)
-        self.deadline.set_in(self.read_timeout)
+        self.deadline.set_in(self.response_timeout if complete else self.read_timeout)
         self._out = [head]
 
     def write(self, data: bytes) -> None:
@@ -273,7 +275,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._has_length = False
             return
         self._head_done = True
-        framing = framing_of(status, self._te, self._has_length, self._head_only)
+        if not self._te and not self._head_only and status != 204 and status != 304:
+            framing = LENGTH if self._has_length else UNTIL_CLOSE  # framing_of's common case, inline
+        else:
+            framing = framing_of(status, self._te, self._has_length, self._head_only)
         if framing == INVALID:
             raise UpstreamProtocolError(
                 "upstream applied chunked more than once or not last (RFC 9112 7): the body cannot be forwarded"
@@ -393,7 +398,8 @@ class UpstreamPool:
         if not reusable or conn.closed or self._closed:
             conn.abort()  # connection_lost -> forget() does the accounting
             return
-        conn.resume_reading()
+        if conn._reading_paused:
+            conn.resume_reading()
         while self.waiters:
             ticket = self.waiters.popleft()
             if not ticket.cancelled:

@@ -41,10 +41,10 @@ def value(headers: Headers, name: str) -> str | None:
 def response(fields: list[tuple[str, str]], framing: int, *, http11: bool = True, head_only: bool = False,
              close: bool = False) -> tuple[str, bool, bool]:  # fmt: skip
     raw: Headers = [(k.encode(), v.encode()) for k, v in fields]
-    head = prepare_response(
+    wire, chunked, closing = prepare_response(
         RULES, 200, b"OK", raw, framing, request_id="rid-1", http11=http11, head_only=head_only, close=close
     )
-    return head.wire.decode(), head.chunked, head.close
+    return wire.decode(), chunked, closing
 
 
 # -- Connection options never strip framing or routing fields ---------------------------------------
