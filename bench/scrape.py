@@ -1,12 +1,15 @@
 """Scrapes of infermon's admin /metrics during a load run, and traffic that grows its series count.
 
 Used by ``python -m bench.run --scrape-interval S [--scrape-paths N]``. The admin server runs on the
-proxy's event loop, so a scrape that takes 50 ms holds every request in flight for 50 ms: it shows in
-wrk's p99 and max latency of a run with scraping against one without, and in the scrape's own time.
+proxy's event loop; the request metrics are written in a worker thread, so a scrape should cost the
+requests in flight at most a few milliseconds of the loop. A build where the scrape runs on the loop
+(an older one) holds every request for the scrape's whole time: it shows in wrk's p99 and max latency
+of a run with scraping against one without, and in the scrape's own time.
 
 `grow_series` first sends one request on each of N distinct Open Inference Protocol v2 paths
 (``/v2/models/m{i}/versions/v{j}/infer``), so the proxy keeps N model/version label sets (the proxy
-needs ``labels.max_values`` at least `label_values(N)`; the harness sets it through the environment).
+needs ``labels.max_values`` at least `label_values(N)`, and ``labels.max_combinations`` at least N;
+the harness sets them through the environment).
 """
 
 from __future__ import annotations
