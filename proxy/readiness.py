@@ -63,6 +63,7 @@ class UpstreamProbe:
         self.tls = pool.ssl
         self.gate = "upstream" if pool.name == "stable" else f"upstream:{pool.name}"
         self.healthy: bool | None = None  # None: not probed yet
+        self.rounds = 0  # checks made so far
         self._task: asyncio.Task[None] | None = None
         readiness.set(self.gate, False, "not probed yet")
 
@@ -110,6 +111,7 @@ class UpstreamProbe:
         elif ok and self.healthy is False:
             log.warning("%s is ready again: %s", where, reason)
         self.healthy = ok
+        self.rounds += 1
         self.readiness.set(self.gate, ok, reason)
 
     async def _run(self) -> None:
