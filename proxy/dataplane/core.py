@@ -53,6 +53,7 @@ class DataPlane:
         self.in_flight = 0
         self.dropped_pipelined = 0  # requests read after one that closed the connection, never started
         self.draining = False
+        self.closing = False  # set while close() cuts what is left: those are not client aborts
         self.drained = asyncio.Event()
         self.server: asyncio.Server | None = None
 
@@ -137,6 +138,7 @@ class DataPlane:
 
     def close(self) -> None:
         self.draining = True
+        self.closing = True
         if self.server is not None:
             self.server.close()
         for conn in list(self.connections):

@@ -91,6 +91,7 @@ class _Plane(Protocol):
     connections: set[ClientConnection]
     in_flight: int
     draining: bool
+    closing: bool  # the data plane is cutting every connection (drain timeout, shutdown)
     drained: asyncio.Event
     dropped_pipelined: int
 
@@ -637,14 +638,20 @@ class ClientConnection(asyncio.Protocol):
             self._resume(PAUSE_PIPELINE)
 
     def _abandon(self, req: _Request) -> None:
-        """The client went away with ``req`` started and unanswered."""
+        """The connection ended with ``req`` started and unanswered: the client left, or the proxy
+        cut it at the end of a drain (then it is not the client's doing: 503, ``error="drain"``)."""
         ex = req.ex
         if req.state == DONE:
             return
-        if not ex.upgraded:
-            ex.aborted = True
-        if req.state < RESPONDING:
-            ex.status = 499
+        if self.plane.closing:
+            ex.error = "drain"
+            if req.state < RESPONDING:
+                ex.status = 503
+        else:
+            if not ex.upgraded:
+                ex.aborted = True
+            if req.state < RESPONDING:
+                ex.status = 499
         if req.upstream is not None:
             req.upstream.abort()
             req.upstream = None

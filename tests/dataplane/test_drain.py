@@ -8,7 +8,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.conftest import ProxyProcess
+from proxy.dataplane.exchange import Exchange
+from proxy.dataplane.hooks import Observer
+from tests.conftest import ProxyFactory, ProxyProcess
 from tests.helpers import TIMEOUT, Client, build_request, wait_until
 
 SpawnProxy = Callable[..., Awaitable[ProxyProcess]]
@@ -68,3 +70,36 @@ async def test_drain_timeout_cuts_what_is_left_and_exits_0(spawn_proxy: SpawnPro
     assert "1 requests in flight" in err
     with pytest.raises(ConnectionError):
         await busy.response()
+
+
+async def test_requests_cut_at_the_drain_timeout_are_not_client_aborts(make_proxy: ProxyFactory, upstream: str) -> None:
+    from prometheus_client.exposition import generate_latest
+
+    from tests.helpers import metric, parse_metrics
+
+    seen = Recorder()
+    app = await make_proxy(upstream, drain={"timeout": 0.2}, observers=(seen,))
+    busy = await Client.connect(app.proxy_address)
+    await busy.send(build_request("GET", "/slow?delay=30"))
+    plane = app.plane
+    assert plane is not None
+
+    async def in_flight() -> bool:
+        return plane.in_flight == 1
+
+    await wait_until(in_flight)
+    await app.shutdown()
+    m = parse_metrics(generate_latest(app.registry).decode())
+    assert metric(m, "infermon_client_aborts_total") == 0
+    assert metric(m, "infermon_requests_total", code="503") == 1
+    assert [(ex.status, ex.error, ex.aborted) for ex in seen.done] == [(503, "drain", False)]
+
+
+class Recorder(Observer):
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.done: list[Exchange] = []
+
+    def on_complete(self, ex: Exchange) -> None:
+        self.done.append(ex)
