@@ -38,7 +38,7 @@ M = TypeVar("M", bound=BaseModel)
 EnvAlias = tuple[str, Callable[[str], Any] | None]
 
 #: Environment variables with the prefix that are not configuration keys.
-RESERVED_ENV = frozenset({"INFERMON_CONFIG", "INFERMON_AGENT_CONFIG"})
+RESERVED_ENV = frozenset({"INFERMON_CONFIG", "INFERMON_AGENT_CONFIG", "INFERMON_PURE_PYTHON"})
 
 
 def load(

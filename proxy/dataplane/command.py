@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from proxy import config, loop
+from proxy import _compiled, config, loop
 from proxy.app import ProxyApp
 from proxy.errors import ListenError
 from proxy.settings import ProxyConfig
@@ -78,11 +78,12 @@ async def serve(cfg: ProxyConfig) -> int:
         raise ListenError(address, exc, f"change {key} or --{key}") from None
     app.install_signal_handlers()
     log.info(
-        "infermon proxy on %s -> %s; metrics on http://%s/metrics (%s)",
+        "infermon proxy on %s -> %s; metrics on http://%s/metrics (%s, %s data plane)",
         cfg.listen,
         config.mask_url(cfg.upstream),
         cfg.admin.listen,
         loop.loop_name(),
+        _compiled.mode(),
     )
     await app.wait_for_signal()
     await app.shutdown()

@@ -54,7 +54,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
-from proxy import __version__
+from proxy import __version__, _compiled
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.hooks import Hooks, Observer
 from proxy.observe.labels import METHODS, OTHER
@@ -570,11 +570,11 @@ class RequestMetrics(Observer, FastCollector):
 
 
 BUILD_INFO = ("infermon_build", "infermon build information.")
-BUILD_LABELS = ("version", "python", "loop")
+BUILD_LABELS = ("version", "python", "loop", "data_plane")
 
 
-def _build_values() -> tuple[str, str, str]:
-    return __version__, platform.python_version(), _loop_name()
+def _build_values() -> tuple[str, str, str, str]:
+    return __version__, platform.python_version(), _loop_name(), _compiled.mode()
 
 
 def _loop_name() -> str:
