@@ -1,9 +1,10 @@
 """Which data-plane modules may be compiled (mypyc, see setup.py), and the switch back to pure Python.
 
 Imported first by ``proxy/__init__.py``. The compiled modules are used when they are there and up to
-date. They are bypassed, all of them together, when ``INFERMON_PURE_PYTHON=1`` is set or when any of
-their sources is newer than its compiled module (an edited checkout with an older build): the
-sources are then imported as plain Python, so what runs is always what the files say.
+date. They are bypassed, all of them together, when ``INFERMON_PURE_PYTHON=1`` is set or when, in a
+source checkout, any of their sources is newer than its compiled module (an edited checkout with an
+older build): the sources are then imported as plain Python, so what runs is always what the files
+say.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def _paths(name: str) -> tuple[str, list[str]]:
 
 
 def _stale() -> bool:
+    """A compiled module older than its source, in a source checkout (setup.py beside the package).
+
+    An installed wheel is never stale: its files are written in any order, within moments.
+    """
+    if not os.path.exists(os.path.join(os.path.dirname(_HERE), "setup.py")):
+        return False
     for name in COMPILED:
         source, compiled = _paths(name)
         if compiled and os.path.exists(source) and os.path.getmtime(source) > min(map(os.path.getmtime, compiled)):

@@ -47,7 +47,21 @@ def test_a_source_newer_than_its_build_means_pure_python(monkeypatch: pytest.Mon
     source.write_text("x = 1\n")
     os.utime(built, (1_000_000, 1_000_000))
     monkeypatch.setattr(_compiled, "_paths", lambda name: (str(source), [str(built)]))
-    assert _compiled._stale()
+    assert _compiled._stale()  # this checkout has setup.py beside the package: a source tree
     os.utime(built, None)
     os.utime(source, (1_000_000, 1_000_000))
+    assert not _compiled._stale()
+
+
+def test_an_installed_package_is_never_stale(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    from pathlib import Path
+
+    site = Path(str(tmp_path)) / "site-packages" / "proxy"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(_compiled, "_HERE", str(site))  # no setup.py beside an installed package
+    source, built = site / "server.py", site / "server.cpython-311-x86_64-linux-gnu.so"
+    built.write_bytes(b"")
+    source.write_text("x = 1\n")
+    os.utime(built, (1_000_000, 1_000_000))
+    monkeypatch.setattr(_compiled, "_paths", lambda name: (str(source), [str(built)]))
     assert not _compiled._stale()
