@@ -46,9 +46,13 @@ def _stale() -> bool:
     """
     if not os.path.exists(os.path.join(os.path.dirname(_HERE), "setup.py")):
         return False
+    # the compiled code lives in the shared library; a rebuild may leave the per-module shims as they
+    # were (same bytes, old times), so the library's time is the build's time
+    _, library = _paths(_GROUP)
     for name in COMPILED:
         source, compiled = _paths(name)
-        if compiled and os.path.exists(source) and os.path.getmtime(source) > min(map(os.path.getmtime, compiled)):
+        built = library or compiled
+        if compiled and os.path.exists(source) and os.path.getmtime(source) > min(map(os.path.getmtime, built)):
             return True
     return False
 

@@ -65,3 +65,25 @@ def test_an_installed_package_is_never_stale(monkeypatch: pytest.MonkeyPatch, tm
     os.utime(built, (1_000_000, 1_000_000))
     monkeypatch.setattr(_compiled, "_paths", lambda name: (str(source), [str(built)]))
     assert not _compiled._stale()
+
+
+def test_a_rebuild_that_leaves_old_shims_is_not_stale(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    from pathlib import Path
+
+    base = Path(str(tmp_path))
+    source, shim, library = base / "server.py", base / "server.so", base / "_native__mypyc.so"
+    for path in (shim, library):
+        path.write_bytes(b"")
+    source.write_text("x = 1\n")
+    os.utime(shim, (1_000_000, 1_000_000))  # the shim kept its old time; the library is new
+    os.utime(source, (2_000_000, 2_000_000))
+
+    def paths(name: str) -> tuple[str, list[str]]:
+        if name == _compiled._GROUP:
+            return "", [str(library)]
+        return str(source), [str(shim)]
+
+    monkeypatch.setattr(_compiled, "_paths", paths)
+    assert not _compiled._stale()
+    os.utime(library, (1_500_000, 1_500_000))
+    assert _compiled._stale()
