@@ -3,7 +3,7 @@
 Bytes and settings in, a prepared head or a rejection out: nothing here touches a socket, so every rule
 is tested on its own (``tests/dataplane/test_heads.py``). The connection state machine in
 ``server.py`` calls :func:`prepare_request` once per request head and :func:`prepare_response` once
-per response head; ``upstream.py`` calls :func:`response_framing`.
+per response head; ``upstream.py`` calls :func:`framing_of` with what its parser noted.
 
 Example::
 
@@ -48,7 +48,6 @@ _CHUNKED = b"chunked"
 
 #: Connection options that are not field names (RFC 9112 9.3, 9.6; RFC 9110 7.8).
 NOT_FIELDS = frozenset({b"close", b"keep-alive", b"upgrade"})
-_PLAIN_CONNECTION = NOT_FIELDS
 _NOTHING: frozenset[bytes] = frozenset()
 
 # uri-host [ ":" port ] (RFC 9110 7.2): a reg-name, IPv4 or bracketed IPv6 literal
@@ -108,7 +107,7 @@ def connection_options(values: list[bytes], rules: HeadRules) -> frozenset[bytes
     (RFC 9110 7.6.1 lets a proxy keep fields meant for every recipient). Framing and routing fields,
     the request id, ``Forwarded``, ``Via``, ``Date`` and every ``X-Forwarded-*`` field are protected.
     """
-    if len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION:
+    if len(values) == 1 and values[0].lower() in NOT_FIELDS:
         return _NOTHING  # the common case: keep-alive or close, no field named
     named: set[bytes] = set()
     protected = rules.protected
@@ -346,8 +345,7 @@ def _check_request(
 def serialize_request(head: RequestHead, authority: bytes) -> bytes:
     """The request head as sent upstream; ``authority`` is the Host for a request that had none."""
     parts = [head.method.encode("ascii"), b" ", head.target, b" HTTP/1.1\r\n"]
-    for name, value in head.headers:
-        parts += (name, b": ", value, b"\r\n")
+    http.serialize_headers(parts, head.headers)
     if head.host is None:
         parts.append(b"Host: " + authority + b"\r\n")
     parts.append(b"\r\n")
@@ -421,8 +419,7 @@ def prepare_response(
     transfer codings (``gzip`` becomes ``gzip, chunked``, RFC 9112 6.1), and close-delimited to an
     HTTP/1.0 client, which must not see Transfer-Encoding at all.
     """
-    line = http.STATUS_LINES.get((status, reason))
-    parts = [line if line is not None else http.status_line(status, reason)]
+    parts = [http.status_line(status, reason)]
     te: list[bytes] | None = None
     connection: list[bytes] | None = None
     hop = http.HOP_BY_HOP
@@ -441,7 +438,7 @@ def prepare_response(
         if lname == _DATE:
             has_date = True
         parts += (name, b": ", value, b"\r\n")
-    if connection is not None and (len(connection) != 1 or connection[0].lower() not in NOT_FIELDS):
+    if connection is not None:
         named = connection_options(connection, rules)
         if named:  # rare: build the fields again without the named ones
             parts = [parts[0]]

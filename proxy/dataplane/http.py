@@ -54,16 +54,16 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return tokens
 
 
-#: status lines already built, by (status, reason); read directly on the hot path
-STATUS_LINES: dict[tuple[int, bytes | None], bytes] = {}
+#: status lines already built, by (status, reason)
+_STATUS_LINES: dict[tuple[int, bytes | None], bytes] = {}
 
 
 def status_line(status: int, reason: bytes | None = None) -> bytes:
-    line = STATUS_LINES.get((status, reason))
+    line = _STATUS_LINES.get((status, reason))
     if line is None:
         line = b"HTTP/1.1 %d %s\r\n" % (status, reason if reason is not None else REASONS.get(status, b""))
-        if len(STATUS_LINES) < 512:  # the common (status, reason) pairs; bounded whatever upstreams send
-            STATUS_LINES[(status, reason)] = line
+        if len(_STATUS_LINES) < 512:  # the common (status, reason) pairs; bounded whatever upstreams send
+            _STATUS_LINES[(status, reason)] = line
     return line
 
 

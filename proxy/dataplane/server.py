@@ -365,7 +365,7 @@ class ClientConnection(asyncio.Protocol):
             self.deadline_kind = T_BODY
             self.deadline.set_in(self.limits.body_timeout)
         else:
-            self.deadline.when = None  # Deadline.clear(), inline: no body to wait for
+            self.deadline.clear()  # no body to wait for
         self.requests.append(req)
         if len(self.requests) == 1:
             self._start(req)
@@ -410,7 +410,7 @@ class ClientConnection(asyncio.Protocol):
         req.request_done = True
         req.ex.t_body_done = time.perf_counter()
         if self.deadline_kind == T_BODY:
-            self.deadline.when = None  # Deadline.clear(), inline
+            self.deadline.clear()
         if req.chunked_in:
             self._send_up(req, b"0\r\n\r\n")
         if req.upstream is not None and req.state < DONE:

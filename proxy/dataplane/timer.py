@@ -24,14 +24,7 @@ class Deadline:
         self.when: float | None = None
 
     def set_in(self, seconds: float) -> None:
-        # set_at inlined: this runs several times per request
-        when = self.when = self._loop.time() + seconds
-        handle = self._handle
-        if handle is None or when < self._armed_at:
-            if handle is not None:
-                handle.cancel()
-            self._armed_at = when
-            self._handle = self._loop.call_at(when, self._fire)
+        self.set_at(self._loop.time() + seconds)
 
     def set_at(self, when: float) -> None:
         self.when = when

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy.dataplane.exchange import Headers
-from proxy.dataplane.heads import INVALID, LENGTH, NO_BODY, UNTIL_CLOSE, framing_of
+from proxy.dataplane.heads import INVALID, NO_BODY, UNTIL_CLOSE, framing_of
 from proxy.dataplane.timer import Deadline
 from proxy.errors import (
     ExchangeError,
@@ -275,10 +275,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._has_length = False
             return
         self._head_done = True
-        if not self._te and not self._head_only and status != 204 and status != 304:
-            framing = LENGTH if self._has_length else UNTIL_CLOSE  # framing_of's common case, inline
-        else:
-            framing = framing_of(status, self._te, self._has_length, self._head_only)
+        framing = framing_of(status, self._te, self._has_length, self._head_only)
         if framing == INVALID:
             raise UpstreamProtocolError(
                 "upstream applied chunked more than once or not last (RFC 9112 7): the body cannot be forwarded"
