@@ -150,6 +150,27 @@ async def upstream() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
+Serve = Callable[[web.Application], Awaitable[str]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """``await serve(app)`` -> base URL of an aiohttp app on a free port; cleaned up after the test."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> str:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        sock = bound_socket()
+        await web.SockSite(runner, sock).start()
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def raw_upstream() -> AsyncIterator[Callable[..., Awaitable[RawUpstream]]]:
     """``await raw_upstream(handler)`` -> a started scripted TCP upstream."""

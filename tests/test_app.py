@@ -15,7 +15,7 @@ from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.hooks import Observer
 from proxy.settings import ProxyConfig
 from tests.conftest import upstream_app
-from tests.helpers import TIMEOUT, Client, bound_socket, free_port, metric, parse_metrics, scrape, wait_until
+from tests.helpers import TIMEOUT, Client, bound_socket, free_port, metric, scrape_metrics, wait_until
 
 
 class Lifecycle(Observer, Collector):
@@ -57,8 +57,7 @@ async def test_every_observer_gets_start_collector_and_aclose(upstream: str) -> 
         client = await Client.connect(app.proxy_address)
         assert (await client.request("GET", "/echo")).status == 200
         await client.close()
-        _, text = await scrape(app.admin_address)
-        assert metric(parse_metrics(text), "test_lifecycle_requests_total") == 1
+        assert metric(await scrape_metrics(app.admin_address), "test_lifecycle_requests_total") == 1
     finally:
         await app.shutdown()
     assert passed_in.events == ["start", "aclose"]

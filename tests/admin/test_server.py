@@ -7,7 +7,7 @@ import gzip
 import shutil
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -24,7 +24,7 @@ from proxy.readiness import Readiness, UpstreamProbe
 from proxy.settings import ProxyConfig
 from proxy.settings import Readiness as ReadinessSettings
 from proxy.settings import Upstream as UpstreamSettings
-from tests.conftest import ProxyFactory
+from tests.conftest import ProxyFactory, Serve
 from tests.helpers import TIMEOUT, Client, RawUpstream, bound_socket, fetch, read_request_head, scrape, wait_until
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -64,27 +64,6 @@ def upstream_reason(body: dict[str, object]) -> str:
     reason = gates["upstream"]["reason"]
     assert isinstance(reason, str)
     return reason
-
-
-Serve = Callable[[web.Application], Awaitable[str]]
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """``await serve(app)`` -> base URL of an aiohttp app on a free port."""
-    runners: list[web.AppRunner] = []
-
-    async def start(app: web.Application) -> str:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        runners.append(runner)
-        sock = bound_socket()
-        await web.SockSite(runner, sock).start()
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 # -- /healthz ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.upstream import UpstreamPool
 from tests.conftest import ProxyFactory
-from tests.helpers import Client, RawUpstream, metric, parse_metrics, read_request_head, scrape
+from tests.helpers import Client, RawUpstream, metric, read_request_head, scrape_metrics
 
 RawFactory = Callable[..., Awaitable[RawUpstream]]
 
@@ -70,8 +70,7 @@ async def test_router_runs_before_the_head_is_serialized(make_proxy: ProxyFactor
     assert (await client.response()).status == 200
     assert heads[0]["x-infermon-variant"] == "canary"
     assert heads[0]["host"] == f"127.0.0.1:{canary.port}"
-    _, text = await scrape(app.admin_address)
-    m = parse_metrics(text)
+    m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_upstream_connections_opened_total", upstream="canary") == 1
     assert metric(m, "infermon_upstream_connections_opened_total", upstream="stable") == 0
     assert metric(m, "infermon_upstream_connections", upstream="canary") == 1

@@ -12,7 +12,7 @@ from proxy.dataplane.hooks import Observer
 from proxy.dataplane.own import OwnResult
 from proxy.errors import UpstreamConnectError, UpstreamTimeout
 from tests.conftest import ProxyFactory
-from tests.helpers import TIMEOUT, RawUpstream, free_port, metric, parse_metrics, read_request_head, scrape
+from tests.helpers import TIMEOUT, RawUpstream, free_port, metric, read_request_head, scrape_metrics
 
 RawFactory = Callable[..., Awaitable[RawUpstream]]
 
@@ -51,8 +51,7 @@ async def test_own_request_goes_through_the_pool_and_is_not_client_traffic(
     assert (await send(app, "stable", "GET", b"/echo", [], b"", timeout=5.0)).status == 200
     assert app.plane is not None and app.plane.pool.opened_total == 1
     assert seen.completed == []
-    _, text = await scrape(app.admin_address)
-    m = parse_metrics(text)
+    m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_requests_total") == 0
 
 

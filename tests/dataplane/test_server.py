@@ -677,10 +677,9 @@ async def test_close_delimited_body_cut_by_a_reset_is_a_failure(
     assert status == 200 and (b"transfer-encoding", b"chunked") in [(k.lower(), v) for k, v in headers]
     with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
         await read_chunked(client.reader)  # cut: never a clean terminating chunk
-    from tests.helpers import metric, parse_metrics, scrape
+    from tests.helpers import metric, scrape_metrics
 
-    _, text = await scrape(app.admin_address)
-    m = parse_metrics(text)
+    m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_upstream_errors_total", kind="reset") == 1
 
 
@@ -694,7 +693,7 @@ async def _read_head_of(client: Client) -> tuple[int, bytes, list[tuple[bytes, b
 async def test_pipelined_request_after_connection_close_is_dropped_not_aborted(
     make_proxy: ProxyFactory, upstream: str
 ) -> None:
-    from tests.helpers import metric, parse_metrics, scrape
+    from tests.helpers import metric, scrape_metrics
 
     app = await make_proxy(upstream)
     client = await Client.connect(app.proxy_address)
@@ -705,8 +704,7 @@ async def test_pipelined_request_after_connection_close_is_dropped_not_aborted(
     assert resp.status == 200 and resp.json()["path"] == "/echo/1"  # type: ignore[index]
     assert resp.header("connection") == "close"
     assert await client.closed()
-    _, text = await scrape(app.admin_address)
-    m = parse_metrics(text)
+    m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_requests_total") == 1
     assert metric(m, "infermon_requests_total", code="499") == 0
     assert metric(m, "infermon_client_aborts_total") == 0
@@ -748,7 +746,7 @@ async def test_a_bug_in_our_response_handling_is_an_internal_error_not_the_upstr
 ) -> None:
     from proxy.dataplane.exchange import Exchange
     from proxy.dataplane.hooks import Observer
-    from tests.helpers import metric, parse_metrics, scrape
+    from tests.helpers import metric, scrape_metrics
 
     class Corrupting(Observer):
         """Leaves response fields the head rules cannot read: the failure is then in our own code
@@ -763,8 +761,7 @@ async def test_a_bug_in_our_response_handling_is_an_internal_error_not_the_upstr
     client = await Client.connect(app.proxy_address)
     resp = await client.request("GET", "/echo")
     assert resp.status == 500
-    _, text = await scrape(app.admin_address)
-    m = parse_metrics(text)
+    m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_upstream_errors_total", kind="internal") == 1
     assert metric(m, "infermon_upstream_errors_total", kind="protocol") == 0
     logged = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], TypeError)]
@@ -793,7 +790,7 @@ async def test_request_trailers_are_bounded_like_the_head(make_proxy: ProxyFacto
 async def test_a_slow_request_is_not_cut_by_the_timeout_of_a_pipelined_one(
     make_proxy: ProxyFactory, upstream: str
 ) -> None:
-    from tests.helpers import metric, parse_metrics, scrape
+    from tests.helpers import metric, scrape_metrics
 
     app = await make_proxy(upstream, limits={"header_timeout": 0.3, "body_timeout": 0.3})
     client = await Client.connect(app.proxy_address)
@@ -810,8 +807,7 @@ async def test_a_slow_request_is_not_cut_by_the_timeout_of_a_pipelined_one(
     assert resp.status == 200
     resp = await client.response()
     assert resp.status == 408
-    _, text = await scrape(app.admin_address)
-    assert metric(parse_metrics(text), "infermon_client_aborts_total") == 0
+    assert metric(await scrape_metrics(app.admin_address), "infermon_client_aborts_total") == 0
 
 
 async def test_a_raising_router_is_a_500_and_the_connection_goes_on(make_proxy: ProxyFactory, upstream: str) -> None:

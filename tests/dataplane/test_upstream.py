@@ -17,9 +17,8 @@ from tests.helpers import (
     build_request,
     free_port,
     metric,
-    parse_metrics,
     read_request_head,
-    scrape,
+    scrape_metrics,
     wait_until,
 )
 
@@ -27,8 +26,7 @@ RawFactory = Callable[..., Awaitable[RawUpstream]]
 
 
 async def metrics_of(app: object) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    _, text = await scrape(app.admin_address)  # type: ignore[attr-defined]
-    return parse_metrics(text)
+    return await scrape_metrics(app.admin_address)  # type: ignore[attr-defined]
 
 
 async def test_upstream_down_502_json(make_proxy: ProxyFactory) -> None:

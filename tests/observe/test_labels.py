@@ -4,7 +4,7 @@ budget, and what reaches /metrics and the observers after the metrics."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -26,7 +26,6 @@ from tests.helpers import (
     TIMEOUT,
     Client,
     RawUpstream,
-    bound_socket,
     metric,
     parse_metrics,
     read_request_head,
@@ -451,23 +450,6 @@ def model_server(known: set[str]) -> web.Application:
     app.router.add_route("*", "/v2/models/{model}/infer", infer)
     app.router.add_route("*", "/v2/models/{model}/versions/{version}/infer", infer)
     return app
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
-    runners: list[web.AppRunner] = []
-
-    async def start(app: web.Application) -> str:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        runners.append(runner)
-        sock = bound_socket()
-        await web.SockSite(runner, sock).start()
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 async def test_a_scan_of_404_paths_mints_nothing(
