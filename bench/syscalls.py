@@ -118,6 +118,24 @@ def parse_perf(text: str) -> dict[str, int]:
     return counts
 
 
+def _stop(proc: subprocess.Popen[bytes], out: Path, timeout: float) -> str:
+    """SIGINT to a tracing tool's process group (it detaches and writes its summary), SIGKILL after
+    ``timeout``; then what it wrote to ``out`` ("" when unreadable or binary)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5.0)
+    try:
+        return out.read_text(errors="replace")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 class _Perf:
     """A perf command attached to running processes until `stop` (SIGINT, as Ctrl-C would)."""
 
@@ -135,19 +153,7 @@ class _Perf:
 
     def stop(self, timeout: float = 30.0) -> str:
         """End it and return what it wrote to `out` (empty for a binary file)."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5.0)
-        try:
-            return self.out.read_text(errors="replace")
-        except (OSError, UnicodeDecodeError):
-            return ""
+        return _stop(self.proc, self.out, timeout)
 
     def failure(self) -> str:
         try:
@@ -382,19 +388,7 @@ class Strace:
 
     def stop(self, timeout: float = 30.0) -> str:
         """Detach (SIGINT, as Ctrl-C would) and return what strace wrote to `out`."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5.0)
-        try:
-            return self.out.read_text(errors="replace")
-        except OSError:
-            return ""
+        return _stop(self.proc, self.out, timeout)
 
 
 def counting(pids: list[int], out: Path) -> Strace:
