@@ -294,6 +294,147 @@ class AccessLog(_Section):
     flush_interval: PositiveFloat = 0.2  # the writer wakes this often
 
 
+_STATUS_RULE = re.compile(r"^[1-5](xx|[0-9]{2})$")
+
+
+def _check_status_rule(value: str) -> str:
+    value = value.strip().lower()
+    if not _STATUS_RULE.match(value):
+        raise ValueError(f"{value!r} is not a status (503) or a status class (5xx)")
+    return value
+
+
+StatusRule = Annotated[str, AfterValidator(_check_status_rule)]
+Adapter = Literal["auto", "kserve_v1", "oip_v2", "openai", "tfserving", "mapping", "none"]
+
+
+class SamplingAlways(_Section):
+    """Requests sampled whatever ``sampling.rate`` says."""
+
+    status: list[StatusRule] = Field(default_factory=list)  # "5xx", "429": every response with it
+    variants: list[str] = Field(default_factory=list)  # every request of these variants
+
+
+class Sampling(_Section):
+    """Payload sampling: which requests have their bodies copied to the side path (docs/drift.md)."""
+
+    rate: Annotated[float, Field(ge=0, le=1)] = 0.0  # share of requests sampled; 0: off
+    always: SamplingAlways = Field(default_factory=SamplingAlways)
+    max_body_bytes: Annotated[int, Field(ge=1)] = 262_144  # per body; a larger one is dropped (streams: cut)
+    queue_size: Annotated[int, Field(ge=1)] = 1024  # samples waiting for the side path; full: dropped
+    #: JSON fields removed before a sample leaves the process: a name (anywhere) or a dotted path
+    redact_fields: list[str] = Field(default_factory=list)
+    redact_headers: list[HeaderName] = Field(default_factory=list)  # besides access_log's and the secrets
+    adapter: Adapter = "auto"  # how features and predictions are read from the bodies
+    #: adapter "mapping": feature name -> JSON path ($.a.b, $.rows[*].x; [*] gives one row per element)
+    mapping: dict[str, str] = Field(default_factory=dict)
+    prediction_mapping: dict[str, str] = Field(default_factory=dict)  # the same for predictions
+    max_depth: Annotated[int, Field(ge=1, le=512)] = 64  # JSON nesting; deeper: dropped as hostile
+    max_elements: Annotated[int, Field(ge=1)] = 1_000_000  # values in one body; more: dropped as hostile
+    max_rows: Annotated[int, Field(ge=1)] = 10_000  # instances taken from one batched request
+    max_parse_seconds: PositiveFloat = 0.05  # extraction of one sample; longer: dropped as hostile
+
+    @model_validator(mode="after")
+    def _mapping_given(self) -> Sampling:
+        if self.adapter == "mapping" and not (self.mapping or self.prediction_mapping):
+            raise ValueError("adapter 'mapping' needs sampling.mapping (feature name -> JSON path)")
+        return self
+
+
+DriftMethod = Literal["psi", "jensenshannon", "wasserstein", "ks", "chisquare", "z"]
+
+
+class DriftFeature(_Section):
+    """Per-feature override of the method that decides ``drifted``."""
+
+    method: DriftMethod | None = None  # null: Evidently's default choice
+    threshold: Annotated[float, Field(gt=0)] | None = None  # null: the method's default
+
+
+class Drift(_Section):
+    """Data drift on the side path, from sampled payloads (docs/drift.md)."""
+
+    reference: str | None = None  # a profile from `infermon baseline build`; null: the first samples
+    reference_samples: Annotated[int, Field(ge=10)] = 1000  # rows that become the reference without one
+    reference_bins: Annotated[int, Field(ge=2, le=100)] = 10  # quantile bins of that reference
+    reference_top_k: Annotated[int, Field(ge=1, le=1000)] = 20  # categories of that reference
+    window_size: Annotated[int, Field(ge=1)] = 1000  # rows per feature in the live window
+    window_seconds: PositiveFloat = 3600.0  # and no older than this
+    min_samples: Annotated[int, Field(ge=1)] = 100  # fewer rows in the window: "insufficient data"
+    interval: PositiveFloat = 10.0  # seconds between evaluations
+    psi_warn: PositiveFloat = 0.1
+    psi_drift: PositiveFloat = 0.25
+    features: dict[str, DriftFeature] = Field(default_factory=dict)  # per feature: method, threshold
+    #: features x bins exported as infermon_feature_bin_total (and the reference ratio); over it, the
+    #: last features are not exported (counted), their drift still is
+    max_series: Annotated[int, Field(ge=1)] = 2000
+    max_features: Annotated[int, Field(ge=1)] = 200  # distinct feature names tracked; more: counted, skipped
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_readable(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isfile(value):
+            raise ValueError(
+                f"no profile file at {value!r} (build one with: infermon baseline build DATA --out profile.json)"
+            )
+        return value
+
+
+class JsonlSink(_Section):
+    """One JSON line per instance of each sample (docs/drift.md)."""
+
+    path: str | None = None  # null: off
+    max_bytes: Annotated[int, Field(ge=1024)] = 100 * 1024 * 1024  # rotate when the file reaches this
+    max_files: Annotated[int, Field(ge=1)] = 5  # rotated files kept (path.1 .. path.N); disk <= (N+1) x max
+    queue_size: Annotated[int, Field(ge=1)] = 10_000  # lines waiting for the writer; full: dropped
+
+
+class CloudEventsSink(_Section):
+    """CloudEvents over HTTP, binary mode, as the KServe logger sends them (docs/drift.md)."""
+
+    url: str | None = None  # null: off
+    mode: Literal["binary", "batch"] = "binary"  # batch: application/cloudevents-batch+json
+    source: str = "http://localhost:9081/"  # ce-source
+    inference_service: str = ""  # ce-inferenceservicename
+    namespace: str = ""  # ce-namespace
+    component: str = "predictor"  # ce-component
+    endpoint: str = ""  # ce-endpoint
+    headers: KeyValues = Field(default_factory=dict)  # sent with every event (a secret, masked)
+    queue_size: Annotated[int, Field(ge=1)] = 10_000  # events waiting; full: dropped
+    batch_size: Annotated[int, Field(ge=1)] = 100  # events per batch (batch mode) or sent concurrently
+    timeout: PositiveFloat = 5.0  # per delivery attempt
+    retries: Annotated[int, Field(ge=0)] = 5  # per event (per batch), with exponential backoff
+    backoff: PositiveFloat = 0.5  # first retry delay, doubling, capped at 30 s
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL, for example http://event-display/")
+        return value
+
+
+class Sinks(_Section):
+    """Where samples go besides the drift engine: never blocking, always counting."""
+
+    jsonl: JsonlSink = Field(default_factory=JsonlSink)
+    cloudevents: CloudEventsSink = Field(default_factory=CloudEventsSink)
+
+
+class Llm(_Section):
+    """Token usage on OpenAI-compatible routes, for every request (docs/drift.md)."""
+
+    enabled: bool = True
+    routes: list[str] = Field(
+        default_factory=lambda: ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    )
+    tail_bytes: Annotated[int, Field(ge=256)] = 16_384  # response tail kept to find `usage`
+    model_from_body: bool = True  # the request's (or response's) `model` field names the model label
+    scan_bytes: Annotated[int, Field(ge=64)] = 4096  # the first body bytes searched for `model`
+
+
 def _sdk_disabled(raw: str) -> bool:
     return raw.strip().lower() != "true"  # OTEL_SDK_DISABLED=true switches tracing off
 
@@ -396,7 +537,9 @@ class ProxyConfig(_Section):
     #: a section that may also be written as one string, and the key that string sets
     SHORTHANDS: ClassVar[dict[str, str]] = {"admin": "listen"}
     #: keys whose values config errors never show
-    SECRET_KEYS: ClassVar[frozenset[str]] = frozenset({"admin.token", "tracing.headers"})
+    SECRET_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"admin.token", "tracing.headers", "sinks.cloudevents.headers"}
+    )
 
     listen: HostPort = "0.0.0.0:8080"
     upstream: str = "http://127.0.0.1:8000"
@@ -411,6 +554,10 @@ class ProxyConfig(_Section):
     metrics: Metrics = Field(default_factory=Metrics)
     tracing: Tracing = Field(default_factory=Tracing)
     access_log: AccessLog = Field(default_factory=AccessLog)
+    sampling: Sampling = Field(default_factory=Sampling)
+    drift: Drift = Field(default_factory=Drift)
+    sinks: Sinks = Field(default_factory=Sinks)
+    llm: Llm = Field(default_factory=Llm)
 
     @field_validator("upstream")
     @classmethod
@@ -446,6 +593,9 @@ class ProxyConfig(_Section):
         data["upstream"] = mask_url(self.upstream)
         data["admin"]["token"] = "***" if self.admin.token is not None else None
         data["tracing"]["headers"] = {key: "***" for key in self.tracing.headers}
+        data["sinks"]["cloudevents"]["headers"] = {key: "***" for key in self.sinks.cloudevents.headers}
+        if data["sinks"]["cloudevents"]["url"]:
+            data["sinks"]["cloudevents"]["url"] = mask_url(data["sinks"]["cloudevents"]["url"])
         for key in ("endpoint", "traces_endpoint"):
             if data["tracing"][key]:
                 data["tracing"][key] = mask_url(data["tracing"][key])
