@@ -16,6 +16,7 @@ import contextlib
 import csv
 import gzip
 import io
+import json
 import math
 import os
 import re
@@ -127,7 +128,8 @@ def summary(profile: Profile, written: str) -> str:
     if mismatched:
         names = ", ".join(f"{k}: {v}" for k, v in list(mismatched.items())[:3])
         more = ", ..." if len(mismatched) > 3 else ""
-        text += f"; {sum(mismatched.values())} values of the wrong type ({names}{more})"
+        total = sum(mismatched.values())
+        text += f"; {total} value{'s' if total > 1 else ''} of the wrong type ({names}{more})"
     return f"{text} -> {written}"
 
 
@@ -337,12 +339,21 @@ def _jsonl_rows(raw: IO[bytes], name: str) -> Iterator[dict[str, Any]]:
             try:
                 row = orjson.loads(data)
             except orjson.JSONDecodeError as exc:
-                raise DataError(f"{name} line {line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                row = _lenient(data)  # NaN and Infinity, as Python's json module writes them
+                if row is None:
+                    raise DataError(f"{name} line {line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{name} line {line}: a JSON {type(row).__name__}, not an object (one object a line)")
             yield row
     except (OSError, EOFError) as exc:
         raise DataError(f"{name} line {line + 1}: cannot read: {exc}") from None
+
+
+def _lenient(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
 
 
 def _plain(value: Any) -> Any:

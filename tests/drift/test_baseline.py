@@ -174,6 +174,12 @@ def test_stdin_format_flag_and_stdout(tmp_path: Path) -> None:
     doc = json.loads(result.stdout)
     assert doc["rows"] == 2 and [f["name"] for f in doc["features"]] == ["a", "b"]
     assert result.stderr.decode().strip().endswith("-> <stdout>")
+    # NaN and Infinity as Python's json module writes them: missing, and a type mismatch
+    result = run_build("-", "--out", "-", stdin=b'{"a": NaN}\n{"a": Infinity}\n{"a": 1.5}\n')
+    assert result.returncode == 0, result.stderr.decode()
+    a = json.loads(result.stdout)["features"][0]
+    assert (a["count"], a["missing"]) == (1, 1)
+    assert "; 1 value of the wrong type (a: 1) -> <stdout>" in result.stderr.decode()
     # a CSV whose first cell is "{" is CSV when told so
     result = run_build("-", "--format", "csv", "--out", "-", stdin=b"{x,y\n1,2\n")
     assert result.returncode == 0, result.stderr.decode()
