@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "proxy.dataplane.command",
     "proxy.demo.command",
     "proxy.agent.command",
+    "proxy.drift.baseline",
 )
 
 
