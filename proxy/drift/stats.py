@@ -34,6 +34,7 @@ _F64 = npt.NDArray[np.float64]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _SQRT2 = math.sqrt(2.0)
+_FLOAT_MAX = float(np.finfo(np.float64).max)
 #: log of the smallest normal double: an exponent below this is a probability of 0
 _MIN_LOG = math.log(np.finfo(np.float64).tiny)
 
@@ -130,14 +131,16 @@ def wasserstein(u: Values, v: Values) -> float:
     u_cdf = np.searchsorted(ua, both[:-1], side="right") / ua.size
     v_cdf = np.searchsorted(va, both[:-1], side="right") / va.size
     value = float(np.dot(np.abs(u_cdf - v_cdf), deltas))
-    return value if math.isfinite(value) else 0.0
+    return value if math.isfinite(value) else _FLOAT_MAX
 
 
 def normed_wasserstein(reference: Values, live: Values, reference_std: float) -> float:
     """Wasserstein distance in units of the reference standard deviation (Evidently's normed
-    Wasserstein): ``wasserstein(reference, live) / max(reference_std, 0.001)``."""
+    Wasserstein): ``wasserstein(reference, live) / max(reference_std, 0.001)``, capped at the
+    largest double where that division overflows."""
     std = reference_std if math.isfinite(reference_std) else 0.0
-    return wasserstein(reference, live) / max(std, WASSERSTEIN_STD_FLOOR)
+    value = wasserstein(reference, live) / max(std, WASSERSTEIN_STD_FLOOR)
+    return value if math.isfinite(value) else _FLOAT_MAX
 
 
 # --------------------------------------------------------------------------------------------
