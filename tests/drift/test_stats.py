@@ -345,3 +345,11 @@ def test_nothing_returns_nan_or_inf() -> None:
     results += st.z_test(1e-300, 1.0, 1.0, 1.0)
     results.append(st.psi([1e-300, 1], [1, 1e-300]))
     assert all(math.isfinite(v) for v in results), results
+
+
+def test_ks_statistic_alone_is_the_one_ks_2samp_returns() -> None:
+    rng = np.random.default_rng(RNG_SEED)
+    for n1, n2 in ((100, 70), (1000, 1000), (12_000, 50), (3, 4)):
+        a, b = rng.normal(size=n1).round(1), rng.normal(size=n2).round(1)
+        assert st.ks_statistic(a, b) == st.ks_2samp(a, b)[0]
+    assert st.ks_statistic([], [1.0]) == 0.0

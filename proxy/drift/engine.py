@@ -1,0 +1,672 @@
+"""The drift engine: live windows of every column against the reference, on the side path.
+
+One side-path thread calls :meth:`DriftEngine.add` with the rows the adapters extracted and
+:meth:`DriftEngine.evaluate` every ``drift.interval``; any other thread reads :meth:`report` (the
+``/drift`` JSON) and :meth:`collector` (Prometheus). Those two only ever see the snapshot the last
+evaluation published, swapped in whole under a lock; nothing they return is changed afterwards.
+
+Per column (a feature, or a prediction column) the engine keeps the last ``drift.window_size``
+valid values no older than ``drift.window_seconds``: their reference bin, and for a numeric column
+the value itself. ``add`` costs a bisect and a few appends per value. ``evaluate`` computes, for a
+window of at least ``drift.min_samples`` values, PSI over the reference bins and the method that
+decides ``drifted`` (Evidently's defaults unless ``drift.features`` says otherwise), with the other
+statistics that are cheap beside it. A smaller window is "insufficient data", never "no drift".
+
+Without a profile, the first ``drift.reference_samples`` rows become the reference
+(:func:`proxy.drift.profile.build_profile`); the live window starts after them.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import threading
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy.drift import stats
+from proxy.drift.profile import DISTINCT_CAP, FeatureProfile, Profile, build_profile, category_of, is_missing, number_of
+from proxy.errors import ConfigError
+from proxy.settings import Drift, DriftFeature
+
+ColumnKind = Literal["feature", "prediction"]
+
+#: Evidently's defaults: a reference of more than this many values counts as large ...
+LARGE_REFERENCE = 1000
+#: ... and a numeric column with more than this many distinct values as continuous
+CONTINUOUS_DISTINCT = 5
+#: the default threshold of each method (PSI's is drift.psi_drift)
+DEFAULT_THRESHOLD: dict[str, float] = {
+    "jensenshannon": 0.1,
+    "wasserstein": 0.1,
+    "ks": 0.05,
+    "chisquare": 0.05,
+    "z": 0.05,
+}
+#: methods whose figure is a p-value: drifted when it is below the threshold; the others are
+#: distances: drifted when at or above it
+P_VALUE_METHODS = frozenset({"ks", "chisquare", "z"})
+METHOD_NAMES = {
+    "psi": "population stability index",
+    "jensenshannon": "Jensen-Shannon distance",
+    "wasserstein": "Wasserstein distance in reference standard deviations",
+    "ks": "Kolmogorov-Smirnov test",
+    "chisquare": "chi-squared test",
+    "z": "two-proportion Z-test",
+}
+#: quality problems counted per tracked column, and those counted under feature="other"
+PROBLEMS = ("missing", "type_mismatch", "out_of_range", "unseen_category")
+OTHER_FEATURE = "other"
+OTHER_PROBLEMS = ("unknown_feature", "over_budget")
+
+_ABSENT = object()
+_INF = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The method that decides ``drifted`` for one column, its threshold and why."""
+
+    method: str
+    threshold: float
+    why: str
+
+
+def _distinct_text(fp: FeatureProfile) -> str:
+    return f"more than {DISTINCT_CAP}" if fp.distinct > DISTINCT_CAP else str(fp.distinct)
+
+
+def _applies(method: str, fp: FeatureProfile) -> str | None:
+    """None when ``method`` can decide for this column, else the reason it cannot."""
+    if method in ("ks", "wasserstein"):
+        if fp.kind != "numeric":
+            return f"{method} needs a numeric column and {fp.name!r} is categorical"
+        if not fp.sample:
+            return f"{method} needs the raw reference values and the profile kept no sample of {fp.name!r}"
+    if method == "z" and fp.distinct > 2:
+        return f"z compares two proportions and {fp.name!r} has {_distinct_text(fp)} distinct values"
+    return None
+
+
+def default_choice(fp: FeatureProfile) -> Choice:
+    """Evidently's default method for a column, from the reference alone (Evidently counts distinct
+    values over reference and current data together; the reference alone keeps the choice from
+    changing with the window)."""
+    large = fp.count > LARGE_REFERENCE
+    size = f"a reference of {fp.count} values ({'more than' if large else 'at most'} {LARGE_REFERENCE})"
+    continuous = fp.kind == "numeric" and fp.distinct > CONTINUOUS_DISTINCT
+    if continuous:
+        shape = f"numeric with {_distinct_text(fp)} distinct values (more than {CONTINUOUS_DISTINCT})"
+    elif fp.kind == "numeric":
+        shape = f"numeric with only {fp.distinct} distinct values"
+    else:
+        shape = f"categorical with {_distinct_text(fp)} distinct values"
+    if continuous and not fp.sample:
+        method = "jensenshannon" if large else "chisquare"
+        rest = "; the profile kept no sample of raw values, so the reference bins decide"
+    elif continuous:
+        method = "wasserstein" if large else "ks"
+        rest = ""
+    elif large:
+        method, rest = "jensenshannon", ""
+    else:
+        method, rest = ("chisquare", "") if fp.distinct > 2 else ("z", "")
+    threshold = DEFAULT_THRESHOLD[method]
+    rule = f"p < {threshold}" if method in P_VALUE_METHODS else f"the distance >= {threshold}"
+    return Choice(method, threshold, f"{size}, {shape}: {METHOD_NAMES[method]}, drifted when {rule} "
+                  f"(Evidently's default){rest}")  # fmt: skip
+
+
+def choose(fp: FeatureProfile, override: DriftFeature | None, psi_drift: float) -> tuple[Choice, str | None]:
+    """The deciding method of a column, and the reason an override was not applied (None if it was,
+    or if there was none)."""
+    base = default_choice(fp)
+    if override is None or (override.method is None and override.threshold is None):
+        return base, None
+    key = f"drift.features.{fp.name}"
+    method = override.method or base.method
+    problem = _applies(method, fp)
+    if problem is not None:
+        return base, f"{key}.method: {problem}; {base.method} decides instead"
+    threshold = override.threshold
+    if threshold is None:
+        threshold = psi_drift if method == "psi" else DEFAULT_THRESHOLD[method]
+    rule = f"p < {threshold}" if method in P_VALUE_METHODS else f"the value >= {threshold}"
+    if override.method is None:
+        why = f"{key}.threshold sets {threshold} for the default method ({base.why})"
+    else:
+        set_threshold = f" and threshold {threshold}" if override.threshold is not None else ""
+        why = f"{key} sets method {method}{set_threshold}: {METHOD_NAMES[method]}, drifted when {rule}"
+    return Choice(method, threshold, why), None
+
+
+def _range_labels(edges: list[float]) -> list[str]:
+    if not edges:
+        return ["all values"]
+    out = [f"<= {edges[0]:.6g}"]
+    out += [f"({lo:.6g}, {hi:.6g}]" for lo, hi in itertools.pairwise(edges)]
+    out.append(f"> {edges[-1]:.6g}")
+    return out
+
+
+class _Column:
+    """One tracked column: its live window, its bin counters and its quality counters."""
+
+    __slots__ = (
+        "bin_total",
+        "bins",
+        "choice",
+        "closed",
+        "edges",
+        "exported",
+        "fp",
+        "hi",
+        "index",
+        "kind",
+        "lo",
+        "missing",
+        "name",
+        "numeric",
+        "other",
+        "out_of_range",
+        "override_problem",
+        "ref_sample",
+        "times",
+        "type_mismatch",
+        "unseen_category",
+        "values",
+    )
+
+    def __init__(self, fp: FeatureProfile, kind: ColumnKind, window: int, choice: Choice, problem: str | None) -> None:
+        self.fp = fp
+        self.name = fp.name
+        self.kind = kind
+        self.choice = choice
+        self.override_problem = problem
+        self.numeric = fp.kind == "numeric"
+        self.edges = fp.edges
+        self.index = {c: i for i, c in enumerate(fp.categories)}
+        self.other = len(fp.categories)
+        self.lo = fp.min if fp.min is not None else -_INF
+        self.hi = fp.max if fp.max is not None else _INF
+        # every reference value has a bin of its own: a value outside them was never seen
+        self.closed = fp.kind == "categorical" and fp.count > 0 and fp.counts[-1] == 0
+        self.ref_sample = np.asarray(fp.sample, dtype=np.float64) if self.numeric else np.zeros(0)
+        self.times: deque[float] = deque(maxlen=window)
+        self.bins: deque[int] = deque(maxlen=window)
+        self.values: deque[float] = deque(maxlen=window)
+        self.bin_total = [0] * len(fp.counts)
+        self.missing = self.type_mismatch = self.out_of_range = self.unseen_category = 0
+        self.exported = False
+
+    def add(self, value: Any, t: float) -> None:
+        if self.numeric:
+            if type(value) is float and -_INF < value < _INF:
+                f = value
+            elif value is _ABSENT or is_missing(value):
+                self.missing += 1
+                return
+            else:
+                g = number_of(value)
+                if g is None:
+                    self.type_mismatch += 1
+                    return
+                f = g
+            if f < self.lo or f > self.hi:
+                self.out_of_range += 1
+            b = bisect_left(self.edges, f)
+            self.values.append(f)
+        else:
+            label = None if value is _ABSENT else category_of(value)
+            if label is None:
+                if value is _ABSENT or is_missing(value):
+                    self.missing += 1
+                else:
+                    self.type_mismatch += 1
+                return
+            b = self.index.get(label, self.other)
+            if b == self.other and self.closed:
+                self.unseen_category += 1
+        self.bins.append(b)
+        self.times.append(t)
+        self.bin_total[b] += 1
+
+    def expire(self, cutoff: float) -> None:
+        times, bins, values = self.times, self.bins, self.values
+        while times and times[0] < cutoff:
+            times.popleft()
+            bins.popleft()
+            if self.numeric:
+                values.popleft()
+
+    def quality(self) -> dict[str, int]:
+        return {
+            "missing": self.missing,
+            "type_mismatch": self.type_mismatch,
+            "out_of_range": self.out_of_range,
+            "unseen_category": self.unseen_category,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What one evaluation found for one column."""
+
+    report: dict[str, Any]
+    statistics: dict[str, float]
+    drifted: bool | None
+    rows: int
+
+
+def _evaluate(col: _Column, cfg: Drift) -> _Outcome:
+    fp = col.fp
+    n = len(col.bins)
+    nbins = len(fp.counts)
+    live = np.bincount(np.fromiter(col.bins, dtype=np.int64, count=n), minlength=nbins) if n else np.zeros(nbins)
+    live_counts = [int(c) for c in live]
+    choice = col.choice
+    threshold = choice.threshold
+    report: dict[str, Any] = {
+        "name": col.name,
+        "kind": col.kind,
+        "type": fp.kind,
+        "method": choice.method,
+        "threshold": threshold,
+        "why": choice.why,
+    }
+    if col.override_problem:
+        report["config_problem"] = col.override_problem
+    histogram: dict[str, Any] = {"bins": fp.bins(), "reference": fp.proportions(), "live": live_counts}
+    if col.numeric:
+        histogram["edges"] = list(fp.edges)
+        histogram["ranges"] = _range_labels(fp.edges)
+    statistics: dict[str, float] = {}
+    drifted: bool | None = None
+    if fp.count == 0:
+        status = "no reference data"
+    elif n < cfg.min_samples:
+        status = "insufficient data"
+    else:
+        status = "evaluated"
+        statistics = _statistics(col, live_counts, n)
+        value = statistics[choice.method]
+        drifted = value < threshold if choice.method in P_VALUE_METHODS else value >= threshold
+    report["status"] = status
+    report["drifted"] = drifted
+    report["window_rows"] = n
+    report["min_samples"] = cfg.min_samples
+    report["statistics"] = statistics
+    if "psi" in statistics:
+        value = statistics["psi"]
+        level = "drift" if value >= cfg.psi_drift else "warn" if value >= cfg.psi_warn else "ok"
+        report["psi"] = {"value": value, "warn": cfg.psi_warn, "drift": cfg.psi_drift, "level": level}
+    report["histogram"] = histogram
+    report["quality"] = col.quality()
+    report["bins_exported"] = col.exported
+    return _Outcome(report, statistics, drifted, n)
+
+
+def _statistics(col: _Column, live_counts: list[int], n: int) -> dict[str, float]:
+    """PSI, Jensen-Shannon and chi-squared over the bins; for a numeric column with a reference
+    sample normed Wasserstein and the KS statistic (its p-value only where KS decides: that is the
+    costly one); the Z-test where the reference has at most two values."""
+    fp = col.fp
+    ref = fp.counts
+    out: dict[str, float] = {
+        "psi": stats.psi(ref, live_counts),
+        "jensenshannon": stats.js_distance(ref, live_counts),
+    }
+    chi, p, dof = stats.chi2_contingency(ref, live_counts)
+    out["chisquare_statistic"] = chi
+    out["chisquare"] = p
+    out["chisquare_dof"] = float(dof)
+    values = np.fromiter(col.values, dtype=np.float64, count=n) if col.numeric else None
+    if values is not None and col.ref_sample.size:
+        out["wasserstein"] = stats.normed_wasserstein(col.ref_sample, values, fp.std or 0.0)
+        if col.choice.method == "ks":
+            out["ks_statistic"], out["ks"] = stats.ks_2samp(col.ref_sample, values)
+        else:
+            out["ks_statistic"] = stats.ks_statistic(col.ref_sample, values)
+    if fp.distinct <= 2:
+        # the first reference value against the rest; for a numeric column the value itself, so a
+        # constant reference still tells a live value apart from it
+        numeric = values is not None and fp.min is not None
+        hits = int(np.count_nonzero(values == fp.min)) if numeric else live_counts[0]
+        out["z_statistic"], out["z"] = stats.z_test(ref[0], sum(ref), hits, n)
+    return out
+
+
+def _rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    report: dict[str, Any]
+    families: tuple[Metric, ...]
+
+
+class DriftEngine:
+    """Drift of every feature and prediction column against a reference, per replica."""
+
+    def __init__(self, cfg: Drift, profile: Profile | None) -> None:
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._profile: Profile | None = None
+        self._columns: list[_Column] = []
+        self._features: list[_Column] = []
+        self._predictions: list[_Column] = []
+        self._feature_names: frozenset[str] = frozenset()
+        self._prediction_names: frozenset[str] = frozenset()
+        self._untracked: frozenset[str] = frozenset()  # reference columns beyond drift.max_features
+        self._unknown = 0
+        self._over_budget = 0
+        self._series: dict[str, Any] = {}
+        self._config_problems: list[str] = []
+        # collecting the reference from the first rows
+        self._collect_rows: list[dict[str, Any]] = []
+        self._collect_predictions: list[dict[str, Any]] = []
+        self._collect_names: dict[str, None] = {}  # names admitted so far, features and predictions
+        self._reference: dict[str, Any]
+        self._evaluated_at: float | None = None
+        if profile is not None:
+            self._check_overrides(profile)
+            self._reference = {
+                "source": "profile",
+                "file": cfg.reference,
+                "built_from": profile.source,
+                "created": profile.created,
+                "rows": profile.rows,
+                "status": "ready",
+            }
+            self._install(profile)
+        else:
+            self._reference = self._collecting()
+        self._snapshot = _Snapshot(self._report(()), ())
+
+    # -- the reference --------------------------------------------------------------------------
+
+    def _check_overrides(self, profile: Profile) -> None:
+        names = [f.name for f in (*profile.features, *profile.predictions)]
+        for name, override in self.cfg.features.items():
+            fp = profile.get(name)
+            key = f"drift.features.{name}"
+            if fp is None:
+                shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+                where = self.cfg.reference or profile.source or "given"
+                raise ConfigError(
+                    f"{key}: the reference profile ({where}) has no column {name!r} (its columns: {shown}); "
+                    "fix the name or remove the entry"
+                )
+            if override.method is not None:
+                problem = _applies(override.method, fp)
+                if problem is not None:
+                    raise ConfigError(f"{key}.method: {problem}; choose another method or remove the key")
+
+    def _collecting(self) -> dict[str, Any]:
+        target = self.cfg.reference_samples
+        return {
+            "source": f"first {target} samples",
+            "status": "collecting",
+            "rows": len(self._collect_rows),
+            "target": target,
+            "progress": round(len(self._collect_rows) / target, 4),
+        }
+
+    def _install(self, profile: Profile) -> None:
+        cfg = self.cfg
+        self._profile = profile
+        budget = cfg.max_features
+        tracked: list[_Column] = []
+        untracked: list[str] = []
+        groups: tuple[tuple[ColumnKind, list[FeatureProfile]], ...] = (
+            ("feature", profile.features),
+            ("prediction", profile.predictions),
+        )
+        for kind, group in groups:
+            for fp in group:
+                if len(tracked) >= budget:
+                    untracked.append(fp.name)
+                    continue
+                choice, problem = choose(fp, cfg.features.get(fp.name), cfg.psi_drift)
+                if problem:
+                    self._config_problems.append(problem)
+                tracked.append(_Column(fp, kind, cfg.window_size, choice, problem))
+        known = {f.name for f in (*profile.features, *profile.predictions)}
+        for name in cfg.features:
+            if name not in known:
+                self._config_problems.append(f"drift.features.{name}: the reference has no column {name!r}")
+        # the series budget: the bins of the first columns that fit, in column order
+        used = 0
+        omitted: list[str] = []
+        omitted_series = 0
+        for col in tracked:
+            size = len(col.fp.counts)
+            if not omitted and used + size <= cfg.max_series:
+                col.exported = True
+                used += size
+            else:
+                omitted.append(col.name)
+                omitted_series += size
+        self._series = {
+            "budget": cfg.max_series,
+            "exported": used,
+            "omitted": omitted_series,
+            "omitted_columns": omitted,
+        }
+        self._columns = tracked
+        self._features = [c for c in tracked if c.kind == "feature"]
+        self._predictions = [c for c in tracked if c.kind == "prediction"]
+        self._feature_names = frozenset(c.name for c in self._features)
+        self._prediction_names = frozenset(c.name for c in self._predictions)
+        self._untracked = frozenset(untracked)
+
+    def _admit(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The part of a row the reference is built from: names within drift.max_features."""
+        names = self._collect_names
+        if len(names) >= self.cfg.max_features and names.keys() >= row.keys():
+            return dict(row)
+        out: dict[str, Any] = {}
+        for key, value in row.items():
+            if key not in names:
+                if len(names) >= self.cfg.max_features:
+                    self._over_budget += 1
+                    continue
+                names[key] = None
+            out[key] = value
+        return out
+
+    def _build_reference(self) -> None:
+        cfg = self.cfg
+        features = build_profile(self._collect_rows, bins=cfg.reference_bins, top_k=cfg.reference_top_k,
+                                 source=f"first {len(self._collect_rows)} samples")  # fmt: skip
+        predictions: list[FeatureProfile] = []
+        if self._collect_predictions:
+            predictions = build_profile(self._collect_predictions, bins=cfg.reference_bins,
+                                        top_k=cfg.reference_top_k).features  # fmt: skip
+        profile = Profile(features.features, predictions, features.rows, features.source, features.created)
+        self._collect_rows = []
+        self._collect_predictions = []
+        self._collect_names = {}
+        self._install(profile)
+        reference = {
+            "source": f"first {cfg.reference_samples} samples",
+            "status": "ready",
+            "rows": profile.rows,
+            "target": cfg.reference_samples,
+            "progress": 1.0,
+            "created": profile.created,
+        }
+        with self._lock:
+            self._reference = reference
+
+    # -- the side path --------------------------------------------------------------------------
+
+    def columns(self) -> list[str] | None:
+        """The reference's feature order (rows of bare numbers are named by it); None until there is one."""
+        profile = self._profile
+        return None if profile is None else profile.columns()
+
+    def add(self, rows: list[dict[str, Any]], predictions: list[dict[str, Any]], t: float) -> None:
+        """Take the rows (and predictions) of one sample, seen at wall-clock time ``t``. Side-path
+        thread only."""
+        if self._profile is None:
+            target = self.cfg.reference_samples
+            take = min(len(rows), target - len(self._collect_rows))
+            self._collect_rows.extend(self._admit(r) for r in rows[:take])
+            self._collect_predictions.extend(self._admit(p) for p in predictions[:take])
+            if len(self._collect_rows) < target:
+                progress = self._collecting()
+                with self._lock:
+                    self._reference = progress
+                return
+            self._build_reference()
+            rows, predictions = rows[take:], predictions[take:]
+        self._add_group(rows, self._features, self._feature_names, t)
+        self._add_group(predictions, self._predictions, self._prediction_names, t)
+
+    def _add_group(
+        self, rows: Iterable[Mapping[str, Any]], cols: list[_Column], names: frozenset[str], t: float
+    ) -> None:
+        absent = _ABSENT
+        for row in rows:
+            get = row.get
+            for col in cols:
+                col.add(get(col.name, absent), t)
+            if not names.issuperset(row):
+                for key in row:
+                    if key not in names:
+                        if key in self._untracked:
+                            self._over_budget += 1
+                        else:
+                            self._unknown += 1
+
+    def evaluate(self, now: float) -> None:
+        """Drop what fell out of the time window, compute every column's drift and publish it.
+        Side-path thread only."""
+        cutoff = now - self.cfg.window_seconds
+        outcomes = []
+        for col in self._columns:
+            col.expire(cutoff)
+            outcomes.append(_evaluate(col, self.cfg))
+        self._evaluated_at = now
+        snapshot = _Snapshot(self._report(outcomes), self._families(outcomes))
+        with self._lock:
+            self._snapshot = snapshot
+
+    # -- what other threads read ----------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """The /drift JSON (a copy: any thread)."""
+        with self._lock:
+            snapshot, reference = self._snapshot, self._reference
+        out = copy.deepcopy(snapshot.report)
+        out["reference"] = dict(reference)
+        return out
+
+    def collector(self) -> Collector:
+        return DriftCollector(self)
+
+    def families(self) -> tuple[Metric, ...]:
+        with self._lock:
+            return self._snapshot.families
+
+    def _report(self, outcomes: Iterable[_Outcome]) -> dict[str, Any]:
+        cfg = self.cfg
+        columns = [o.report for o in outcomes]
+        if not columns:  # before the first evaluation: the columns, nothing measured yet
+            columns = [_evaluate(col, cfg).report for col in self._columns]
+        return {
+            "reference": {},
+            "window": {
+                "size": cfg.window_size,
+                "seconds": cfg.window_seconds,
+                "min_samples": cfg.min_samples,
+                "interval": cfg.interval,
+            },
+            "evaluated_at": None if self._evaluated_at is None else _rfc3339(self._evaluated_at),
+            "drifted": [c["name"] for c in columns if c["drifted"]],
+            "insufficient": [c["name"] for c in columns if c["status"] == "insufficient data"],
+            "series": dict(self._series),
+            "untracked_columns": sorted(self._untracked),
+            "other": {"unknown_feature": self._unknown, "over_budget": self._over_budget},
+            "config_problems": list(self._config_problems),
+            "columns": columns,
+        }
+
+    def _families(self, outcomes: list[_Outcome]) -> tuple[Metric, ...]:
+        drift = GaugeMetricFamily(
+            "infermon_feature_drift",
+            "Drift statistic of a feature or prediction column, live window against the reference "
+            "(method: psi, jensenshannon, wasserstein, ks, chisquare, z: p-values for the tests; "
+            "ks_statistic, chisquare_statistic, z_statistic: their statistics).",
+            labels=("feature", "method"),
+        )
+        drifted = GaugeMetricFamily(
+            "infermon_feature_drifted",
+            "1 when the column's deciding method flags drift, 0 when not; absent while the window "
+            "holds fewer than drift.min_samples values.",
+            labels=("feature",),
+        )
+        rows = GaugeMetricFamily(
+            "infermon_drift_window_rows", "Values of the column in its live window.", labels=("feature",)
+        )
+        quality = CounterMetricFamily(
+            "infermon_feature_quality",
+            "Live values with a data quality problem (missing, type_mismatch, out_of_range, unseen_category); "
+            'feature="other": values of columns not tracked (unknown_feature, over_budget).',
+            labels=("feature", "problem"),
+        )
+        bins = CounterMetricFamily(
+            "infermon_feature_bin",
+            "Live values per reference bin, every value ever seen (sum across replicas for a fleet PSI).",
+            labels=("feature", "bin"),
+        )
+        ratio = GaugeMetricFamily(
+            "infermon_feature_reference_ratio",
+            "The reference proportion of each bin.",
+            labels=("feature", "bin"),
+        )
+        omitted = GaugeMetricFamily(
+            "infermon_drift_bin_series_omitted",
+            "Bin series (infermon_feature_bin_total, infermon_feature_reference_ratio) left out by drift.max_series.",
+            value=float(self._series.get("omitted", 0)),
+        )
+        for col, outcome in zip(self._columns, outcomes, strict=True):
+            name = col.name
+            for method, value in outcome.statistics.items():
+                if method != "chisquare_dof" and math.isfinite(value):
+                    drift.add_metric((name, method), value)
+            if outcome.drifted is not None:
+                drifted.add_metric((name,), 1.0 if outcome.drifted else 0.0)
+            rows.add_metric((name,), float(outcome.rows))
+            for problem, count in col.quality().items():
+                quality.add_metric((name, problem), float(count))
+            if col.exported:
+                labels = col.fp.bins()
+                for label, count, share in zip(labels, col.bin_total, col.fp.proportions(), strict=True):
+                    bins.add_metric((name, label), float(count))
+                    if math.isfinite(share):
+                        ratio.add_metric((name, label), share)
+        quality.add_metric((OTHER_FEATURE, "unknown_feature"), float(self._unknown))
+        quality.add_metric((OTHER_FEATURE, "over_budget"), float(self._over_budget))
+        return (drift, drifted, rows, quality, bins, ratio, omitted)
+
+
+class DriftCollector(Collector):
+    """The drift engine's metrics, from its last published snapshot."""
+
+    def __init__(self, engine: DriftEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.engine.families()

@@ -1,0 +1,488 @@
+"""The drift engine: method choice, thresholds, windows, the auto reference, data quality, the series
+budget, the Prometheus exposition, and drift scenarios on data scikit-learn ships."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from sklearn.datasets import load_breast_cancer, make_classification
+
+from proxy.drift import stats
+from proxy.drift.engine import DriftEngine
+from proxy.drift.profile import Profile, build_profile
+from proxy.errors import ConfigError
+from proxy.settings import Drift
+
+SEED = 7
+
+
+def drift_cfg(**kw: Any) -> Drift:
+    return Drift.model_validate(kw)
+
+
+def rows_of(columns: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    names = list(columns)
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+def one_column_profile(values: Sequence[Any], name: str = "x", **kw: Any) -> Profile:
+    return build_profile(rows_of({name: values}), **kw)
+
+
+def column(report: dict[str, Any], name: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [c for c in report["columns"] if c["name"] == name]
+    assert len(found) == 1, [c["name"] for c in report["columns"]]
+    return found[0]
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(engine: DriftEngine) -> tuple[str, Samples]:
+    registry = CollectorRegistry()
+    registry.register(engine.collector())
+    text = generate_latest(registry).decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return text, samples
+
+
+def sample_value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+# --------------------------------------------------------------------------------------------
+# which method decides
+
+
+def normal(n: int, seed: int = SEED, loc: float = 0.0, scale: float = 1.0) -> list[float]:
+    return [float(v) for v in np.random.default_rng(seed).normal(loc, scale, size=n)]
+
+
+def cycle(values: Sequence[Any], n: int) -> list[Any]:
+    return [values[i % len(values)] for i in range(n)]
+
+
+METHOD_TABLE: list[tuple[str, list[Any], str, float]] = [
+    # more than 1,000 reference values: continuous numeric -> normed Wasserstein, others -> JS
+    ("continuous, 1001 values", normal(1001), "wasserstein", 0.1),
+    ("numeric with 5 values, 1500", cycle([0, 1, 2, 3, 4], 1500), "jensenshannon", 0.1),
+    ("categorical, 1500", cycle(["a", "b", "c", "d"], 1500), "jensenshannon", 0.1),
+    ("binary, 1500", cycle([0, 1], 1500), "jensenshannon", 0.1),
+    # at most 1,000: continuous -> KS; others chi-squared, or Z when binary (or constant)
+    ("continuous, exactly 1000 values", normal(1000), "ks", 0.05),
+    ("numeric with 6 values, 600", cycle([0, 1, 2, 3, 4, 5], 600), "ks", 0.05),
+    ("numeric with 5 values, 600", cycle([0, 1, 2, 3, 4], 600), "chisquare", 0.05),
+    ("categorical with 3 values, 600", cycle(["a", "b", "c"], 600), "chisquare", 0.05),
+    ("binary numeric, 600", cycle([0, 1], 600), "z", 0.05),
+    ("binary categorical, 600", cycle(["yes", "no"], 600), "z", 0.05),
+    ("constant, 600", [7.0] * 600, "z", 0.05),
+]
+
+
+@pytest.mark.parametrize(("case", "values", "method", "threshold"), METHOD_TABLE, ids=[c[0] for c in METHOD_TABLE])
+def test_default_method_follows_evidently(case: str, values: list[Any], method: str, threshold: float) -> None:
+    engine = DriftEngine(drift_cfg(), one_column_profile(values))
+    col = column(engine.report(), "x")
+    assert (col["method"], col["threshold"]) == (method, threshold), case
+    assert "Evidently's default" in col["why"]
+    assert f"reference of {len(values)} values" in col["why"]
+
+
+def test_a_profile_without_a_sample_decides_on_its_bins() -> None:
+    engine = DriftEngine(drift_cfg(), one_column_profile(normal(500), sample_size=0))
+    col = column(engine.report(), "x")
+    assert col["method"] == "chisquare"
+    assert "no sample" in col["why"]
+
+
+def test_overrides_set_method_and_threshold() -> None:
+    profile = build_profile(rows_of({"a": normal(600), "b": normal(600, seed=2), "c": cycle(["u", "v", "w"], 600)}))
+    cfg = drift_cfg(
+        features={"a": {"method": "psi"}, "b": {"threshold": 0.01}, "c": {"method": "jensenshannon", "threshold": 0.2}}
+    )
+    report = DriftEngine(cfg, profile).report()
+    a, b, c = (column(report, n) for n in "abc")
+    assert (a["method"], a["threshold"]) == ("psi", cfg.psi_drift)
+    assert (b["method"], b["threshold"]) == ("ks", 0.01)
+    assert (c["method"], c["threshold"]) == ("jensenshannon", 0.2)
+    assert a["why"].startswith("drift.features.a sets method psi")
+    assert "drift.features.b.threshold sets 0.01" in b["why"]
+
+
+def test_bad_overrides_are_config_errors_naming_the_key() -> None:
+    profile = build_profile(rows_of({"a": normal(100), "c": cycle(["u", "v", "w"], 100)}))
+    with pytest.raises(ConfigError, match=r"drift\.features\.c\.method: ks needs a numeric column"):
+        DriftEngine(drift_cfg(features={"c": {"method": "ks"}}), profile)
+    with pytest.raises(ConfigError, match=r"drift\.features\.a\.method: z compares two proportions"):
+        DriftEngine(drift_cfg(features={"a": {"method": "z"}}), profile)
+    with pytest.raises(ConfigError, match=r"drift\.features\.nope: .* has no column 'nope' \(its columns: a, c\)"):
+        DriftEngine(drift_cfg(features={"nope": {"method": "psi"}}), profile)
+
+
+# --------------------------------------------------------------------------------------------
+# thresholds and decisions
+
+
+def test_p_value_methods_flag_below_the_threshold_distances_at_or_above() -> None:
+    reference = normal(600)
+    live = normal(200, seed=3, loc=0.2)
+    profile = one_column_profile(reference)
+    fp = profile.features[0]
+    sample = [float(v) for v in fp.sample]
+    _, p = stats.ks_2samp(sample, live)
+    wd = stats.normed_wasserstein(sample, live, fp.std or 0.0)
+    live_bins = np.bincount(np.searchsorted(fp.edges, live, side="left"), minlength=len(fp.counts))
+    psi = stats.psi(fp.counts, [float(c) for c in live_bins])
+
+    def decide(method: str, threshold: float) -> dict[str, Any]:
+        engine = DriftEngine(drift_cfg(features={"x": {"method": method, "threshold": threshold}}), profile)
+        engine.add([{"x": v} for v in live], [], t=0.0)
+        engine.evaluate(now=1.0)
+        return column(engine.report(), "x")
+
+    at_p = decide("ks", p)
+    assert at_p["statistics"]["ks"] == pytest.approx(p, rel=1e-12)
+    assert at_p["drifted"] is False  # p < p is false
+    assert decide("ks", p * (1 + 1e-9))["drifted"] is True
+    assert decide("wasserstein", wd)["drifted"] is True  # wd >= wd
+    assert decide("wasserstein", wd * (1 + 1e-9))["drifted"] is False
+    at_psi = decide("psi", psi)
+    assert at_psi["drifted"] is True
+    assert at_psi["statistics"]["psi"] == pytest.approx(psi, rel=1e-12)
+
+
+def test_psi_levels_use_warn_and_drift() -> None:
+    profile = one_column_profile(normal(1000))
+    for shift, level in ((0.0, "ok"), (0.25, "warn"), (1.0, "drift")):  # PSI 0.046, 0.11, 1.18
+        engine = DriftEngine(drift_cfg(), profile)
+        engine.add([{"x": v} for v in normal(1000, seed=11, loc=shift)], [], t=0.0)
+        engine.evaluate(now=0.0)
+        assert column(engine.report(), "x")["psi"]["level"] == level, shift
+
+
+def test_insufficient_data_is_never_no_drift() -> None:
+    engine = DriftEngine(drift_cfg(min_samples=50), one_column_profile(normal(600)))
+    engine.add([{"x": v} for v in normal(49, seed=5, loc=3.0)], [], t=0.0)
+    engine.evaluate(now=1.0)
+    col = column(engine.report(), "x")
+    assert col["status"] == "insufficient data"
+    assert col["drifted"] is None
+    assert col["statistics"] == {}
+    assert (col["window_rows"], col["min_samples"]) == (49, 50)
+    assert sum(col["histogram"]["live"]) == 49
+    assert engine.report()["insufficient"] == ["x"]
+    _, samples = scrape(engine)
+    assert sample_value(samples, "infermon_feature_drifted", feature="x") is None
+    assert sample_value(samples, "infermon_feature_drift", feature="x", method="psi") is None
+    assert sample_value(samples, "infermon_drift_window_rows", feature="x") == 49
+    engine.add([{"x": 3.0}], [], t=0.5)
+    engine.evaluate(now=1.0)
+    col = column(engine.report(), "x")
+    assert (col["status"], col["drifted"]) == ("evaluated", True)
+    _, samples = scrape(engine)
+    assert sample_value(samples, "infermon_feature_drifted", feature="x") == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# windows
+
+
+def test_time_window_expires_old_values() -> None:
+    engine = DriftEngine(drift_cfg(window_seconds=60, min_samples=1), one_column_profile(normal(600)))
+    engine.add([{"x": 0.1}] * 30, [], t=1000.0)
+    engine.add([{"x": 0.2}] * 20, [], t=1050.0)
+    engine.evaluate(now=1059.0)
+    assert column(engine.report(), "x")["window_rows"] == 50
+    engine.evaluate(now=1060.5)  # the first 30 are now older than 60 s
+    assert column(engine.report(), "x")["window_rows"] == 20
+    engine.evaluate(now=1200.0)
+    col = column(engine.report(), "x")
+    assert (col["window_rows"], col["status"]) == (0, "insufficient data")
+
+
+def test_count_window_keeps_the_last_values_and_bin_counters_keep_all() -> None:
+    engine = DriftEngine(drift_cfg(window_size=40, min_samples=10), one_column_profile(normal(600)))
+    engine.add([{"x": v} for v in normal(100, seed=9)], [], t=0.0)
+    engine.evaluate(now=0.0)
+    col = column(engine.report(), "x")
+    assert col["window_rows"] == 40
+    assert sum(col["histogram"]["live"]) == 40
+    _, samples = scrape(engine)
+    bins = [v for (name, labels), v in samples.items() if name == "infermon_feature_bin_total"]
+    assert sum(bins) == 100
+
+
+# --------------------------------------------------------------------------------------------
+# the reference from the first samples
+
+
+def test_the_first_samples_become_the_reference() -> None:
+    engine = DriftEngine(drift_cfg(reference_samples=100, min_samples=10), None)
+    assert engine.columns() is None
+    first = [{"a": v, "b": "u" if v > 0 else "w"} for v in normal(160, seed=4)]
+    engine.add(first[:60], [{"prediction": 1.0}] * 60, t=0.0)
+    ref = engine.report()["reference"]
+    assert (ref["source"], ref["status"], ref["rows"], ref["target"], ref["progress"]) == (
+        "first 100 samples",
+        "collecting",
+        60,
+        100,
+        0.6,
+    )
+    assert engine.columns() is None
+    engine.add(first[60:], [{"prediction": 1.0}] * 100, t=1.0)
+    assert engine.columns() == ["a", "b"]
+    engine.evaluate(now=2.0)
+    report = engine.report()
+    assert report["reference"]["status"] == "ready"
+    assert report["reference"]["rows"] == 100
+    a = column(report, "a")
+    assert a["window_rows"] == 60  # the rows after the first 100
+    assert a["method"] == "ks"
+    pred = column(report, "prediction")
+    assert (pred["kind"], pred["window_rows"]) == ("prediction", 60)
+    # the same reference as build_profile makes of the same rows
+    expected = build_profile(first[:100], bins=10, top_k=20)
+    assert a["histogram"]["reference"] == expected.features[0].proportions()
+
+
+def test_auto_reference_keeps_to_max_features_and_reports_bad_overrides() -> None:
+    cfg = drift_cfg(reference_samples=20, max_features=2, features={"c": {"method": "ks"}, "zz": {"method": "psi"}})
+    engine = DriftEngine(cfg, None)
+    rows = [{"a": float(i), "c": "u" if i % 2 else "v", "d": 1.0} for i in range(30)]
+    engine.add(rows, [], t=0.0)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert [c["name"] for c in report["columns"]] == ["a", "c"]
+    assert report["other"]["over_budget"] == 20 + 0  # "d" in the 20 reference rows
+    assert report["other"]["unknown_feature"] == 10  # "d" after them: not in the reference
+    c = column(report, "c")
+    assert c["method"] == "z"
+    assert "drift.features.c.method: ks needs a numeric column" in c["config_problem"]
+    assert any("drift.features.zz" in p for p in report["config_problems"])
+
+
+# --------------------------------------------------------------------------------------------
+# data quality
+
+
+def quality_profile() -> Profile:
+    n = 200
+    return build_profile(
+        rows_of(
+            {
+                "x": [float(i % 11) for i in range(n)],  # 0 .. 10
+                "c": cycle(["a", "b", "c"], n),  # every value kept: a closed set
+                "d": [f"v{i % 30}" for i in range(n)],  # 30 values, top 5 kept: others exist
+            }
+        ),
+        top_k=5,
+    )
+
+
+def test_quality_counters() -> None:
+    engine = DriftEngine(drift_cfg(), quality_profile())
+    live: list[dict[str, Any]] = [
+        {"x": None, "c": "a", "d": "v1"},  # x missing
+        {"x": "", "c": "", "d": None},  # all three missing
+        {"x": math.nan, "c": "b", "d": "v2"},  # x missing
+        {},  # all three missing (absent)
+        {"x": "abc", "c": [1], "d": {"k": 1}},  # all three type mismatches
+        {"x": True, "c": "a", "d": "v1"},  # a bool is not a number
+        {"x": math.inf, "c": "a", "d": "v1"},
+        {"x": -1, "c": "zzz", "d": "zzz"},  # x out of range; c unseen; d: not counted (others exist)
+        {"x": 10.5, "c": 1, "d": "v3"},  # x out of range; c unseen ("1")
+        {"x": 10, "c": "c", "d": "v4", "extra": 1, "more": "x"},  # in range; two unknown names
+    ]
+    engine.add(live, [], t=0.0)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    expected = {
+        "x": {"missing": 4, "type_mismatch": 3, "out_of_range": 2, "unseen_category": 0},
+        "c": {"missing": 2, "type_mismatch": 1, "out_of_range": 0, "unseen_category": 2},
+        "d": {"missing": 2, "type_mismatch": 1, "out_of_range": 0, "unseen_category": 0},
+    }
+    for name, counts in expected.items():
+        assert column(report, name)["quality"] == counts, name
+    assert report["other"] == {"unknown_feature": 2, "over_budget": 0}
+    _, samples = scrape(engine)
+    for name, counts in expected.items():
+        for problem, count in counts.items():
+            assert sample_value(samples, "infermon_feature_quality_total", feature=name, problem=problem) == count
+    assert sample_value(samples, "infermon_feature_quality_total", feature="other", problem="unknown_feature") == 2
+    # out-of-range values are still binned (first and last bin), so the bin counters see every valid value
+    bins = [v for (n, labels), v in samples.items() if n == "infermon_feature_bin_total" and ("feature", "x") in labels]
+    assert sum(bins) == 3  # -1, 10.5 and 10
+
+
+def test_with_a_profile_only_its_columns_are_tracked_within_max_features() -> None:
+    profile = build_profile(rows_of({"a": normal(50), "b": normal(50, seed=1), "c": normal(50, seed=2)}))
+    engine = DriftEngine(drift_cfg(max_features=2), profile)
+    engine.add([{"a": 0.0, "b": 0.0, "c": 0.0, "new": 1}], [], t=0.0)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert [c["name"] for c in report["columns"]] == ["a", "b"]
+    assert report["untracked_columns"] == ["c"]
+    assert report["other"] == {"unknown_feature": 1, "over_budget": 1}
+    assert engine.columns() == ["a", "b", "c"]  # the profile's order still names bare rows
+
+
+# --------------------------------------------------------------------------------------------
+# series budget and exposition
+
+
+def test_series_budget_exports_the_bins_of_the_first_columns_that_fit() -> None:
+    profile = quality_profile()
+    x_bins = len(profile.features[0].counts)
+    engine = DriftEngine(drift_cfg(max_series=x_bins + 1, min_samples=5), profile)
+    engine.add([{"x": float(i % 11), "c": "a", "d": "v1"} for i in range(20)], [], t=0.0)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert report["series"] == {
+        "budget": x_bins + 1,
+        "exported": x_bins,
+        "omitted": 4 + 6,  # c: 3 categories + other; d: 5 + other
+        "omitted_columns": ["c", "d"],
+    }
+    assert [column(report, n)["bins_exported"] for n in "xcd"] == [True, False, False]
+    assert column(report, "c")["statistics"]["chisquare"] < 0.05  # its drift is still computed
+    _, samples = scrape(engine)
+    exported = {dict(labels)["feature"] for (n, labels) in samples if n == "infermon_feature_bin_total"}
+    assert exported == {"x"}
+    ratios = {dict(labels)["feature"] for (n, labels) in samples if n == "infermon_feature_reference_ratio"}
+    assert ratios == {"x"}
+    assert sample_value(samples, "infermon_drift_bin_series_omitted") == 10
+    assert sample_value(samples, "infermon_feature_drift", feature="c", method="psi") is not None
+
+
+def test_exposition_has_every_metric_and_never_nan() -> None:
+    profile = build_profile(
+        rows_of({"num": normal(300), "cat": cycle(["a", "b"], 300), "const": [1.0] * 300}),
+        predictions=[],
+    )
+    engine = DriftEngine(drift_cfg(min_samples=10), profile)
+    _, samples = scrape(engine)  # before any evaluation: nothing measured, nothing broken
+    assert not any(name == "infermon_feature_drift" for name, _ in samples)
+    engine.add([{"num": v, "cat": "a", "const": 1.0} for v in normal(50, seed=8)], [], t=0.0)
+    engine.evaluate(now=0.0)
+    text, samples = scrape(engine)
+    assert "NaN" not in text and "Inf" not in text
+    names = {name for name, _ in samples}
+    for wanted in (
+        "infermon_feature_drift",
+        "infermon_feature_drifted",
+        "infermon_drift_window_rows",
+        "infermon_feature_quality_total",
+        "infermon_feature_bin_total",
+        "infermon_feature_reference_ratio",
+        "infermon_drift_bin_series_omitted",
+    ):
+        assert wanted in names, wanted
+    methods = {dict(labels)["method"] for n, labels in samples if n == "infermon_feature_drift"}
+    assert {"psi", "jensenshannon", "chisquare", "wasserstein", "ks", "ks_statistic", "z"} <= methods
+    # the constant column: every statistic finite, PSI 0
+    assert sample_value(samples, "infermon_feature_drift", feature="const", method="psi") == 0.0
+    assert sample_value(samples, "infermon_feature_drifted", feature="const") == 0.0
+    cat = [
+        v
+        for (n, labels), v in samples.items()
+        if n == "infermon_feature_reference_ratio" and ("feature", "cat") in labels
+    ]
+    ratio = sum(cat)
+    assert ratio == pytest.approx(1.0)
+    report = engine.report()
+    assert report["evaluated_at"] == "1970-01-01T00:00:00.000000Z"
+    assert report["window"] == {"size": 1000, "seconds": 3600.0, "min_samples": 10, "interval": 10.0}
+    num = column(report, "num")
+    assert num["histogram"]["ranges"][0].startswith("<= ")
+    assert len(num["histogram"]["ranges"]) == len(num["histogram"]["bins"]) == len(num["histogram"]["reference"])
+
+
+def test_report_and_collector_from_other_threads() -> None:
+    engine = DriftEngine(drift_cfg(min_samples=5, window_size=50), one_column_profile(normal(300)))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                report = engine.report()
+                report["columns"].clear()  # a copy: the engine's snapshot is untouched
+                scrape(engine)
+        except BaseException as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        values = normal(800, seed=12)
+        for i in range(0, 800, 20):
+            engine.add([{"x": v} for v in values[i : i + 20]], [], t=float(i))
+            engine.evaluate(now=float(i))
+    finally:
+        stop.set()
+        reader.join(timeout=10)
+    assert not errors
+    assert column(engine.report(), "x")["window_rows"] == 50
+
+
+# --------------------------------------------------------------------------------------------
+# scenarios
+
+
+def shifted_scenario(
+    x: np.ndarray[Any, Any], names: list[str], cfg: Drift, sample_size: int = 1000
+) -> tuple[set[str], dict[str, Any]]:
+    """Reference from a seeded half of the rows, the other half with two features shifted by one
+    reference std and one rescaled by 1.5; the names flagged, and the report."""
+    order = np.random.default_rng(0).permutation(len(x))
+    half = len(x) // 2
+    ref, live = x[order[:half]].copy(), x[order[half:]].copy()
+    shift = [names[1], names[5]]
+    scale = names[9]
+    for name in shift:
+        j = names.index(name)
+        live[:, j] += ref[:, j].std()
+    live[:, names.index(scale)] *= 1.5
+    profile = build_profile(rows_of({n: ref[:, j].tolist() for j, n in enumerate(names)}), sample_size=sample_size)
+    engine = DriftEngine(cfg, profile)
+    batch = [dict(zip(names, row, strict=True)) for row in live.tolist()]
+    for i in range(0, len(batch), 32):  # as samples arrive, 32 rows a second
+        engine.add(batch[i : i + 32], [], t=i / 32)
+    engine.evaluate(now=len(batch) / 32)
+    report = engine.report()
+    return set(report["drifted"]), report
+
+
+def test_breast_cancer_shifted_and_rescaled_features_are_flagged_and_only_those() -> None:
+    data = load_breast_cancer()
+    names = [str(n) for n in data.feature_names]
+    flagged, report = shifted_scenario(np.asarray(data.data, dtype=np.float64), names, drift_cfg())
+    assert flagged == {names[1], names[5], names[9]}
+    # a reference of 284 rows: KS decides every (continuous) feature
+    assert {c["method"] for c in report["columns"]} == {"ks"}
+    for name in flagged:
+        assert column(report, name)["statistics"]["ks"] < 1e-6
+
+
+def test_large_reference_scenario_uses_normed_wasserstein() -> None:
+    x, _ = make_classification(n_samples=8000, n_features=12, n_informative=6, random_state=3)
+    names = [f"f{j}" for j in range(x.shape[1])]
+    # the whole live half in the window, and a reference sample as large: a normed Wasserstein
+    # distance between two samples of 1,000 already wanders near 0.1 by chance
+    cfg = drift_cfg(window_size=4000)
+    flagged, report = shifted_scenario(np.asarray(x, dtype=np.float64), names, cfg, sample_size=4000)
+    assert flagged == {"f1", "f5", "f9"}
+    assert {c["method"] for c in report["columns"]} == {"wasserstein"}
+    quiet = [column(report, n)["statistics"]["wasserstein"] for n in names if n not in flagged]
+    assert max(quiet) < 0.1
