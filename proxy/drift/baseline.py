@@ -33,8 +33,8 @@ from proxy.drift.profile import Profile, ProfileError, build_profile
 FORMATS = ("csv", "jsonl", "parquet")
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
                ".pq": "parquet"}  # fmt: skip
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)")
+#: a CSV cell that is a number: an integer when none of the groups (fraction, exponent) took part
+_NUMBER = re.compile(r"[+-]?(?:\d+(\.\d*)?|(\.\d+))([eE][+-]?\d+)?", re.ASCII)
 _SPECIAL = {"nan": math.nan, "-nan": math.nan, "+nan": math.nan, "inf": math.inf, "+inf": math.inf,
             "-inf": -math.inf, "infinity": math.inf, "+infinity": math.inf, "-infinity": -math.inf}  # fmt: skip
 PARQUET_HINT = "pip install 'infermon[parquet]'"
@@ -50,10 +50,9 @@ def cell(text: str) -> Any:
     s = text.strip()
     if not s:
         return None
-    if _INT.fullmatch(s):
-        return int(s)
-    if _FLOAT.fullmatch(s):
-        return float(s)
+    m = _NUMBER.fullmatch(s)
+    if m is not None:
+        return int(s) if m.lastindex is None else float(s)
     special = _SPECIAL.get(s.lower())
     return text if special is None else special
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import random
+import sys
 from array import array
 from bisect import bisect_left
 from collections import Counter
@@ -50,6 +51,7 @@ _EXACT_INT = float(2**53)
 #: above this magnitude mean, std and quantiles are computed on values scaled by a power of two
 _SCALE_ABOVE = 1e150
 _ABSENT = object()
+_BELOW_ONE = 1.0 - 2.0**-53
 
 
 class ProfileError(Exception):
@@ -400,7 +402,9 @@ class _Column:
     """One column while the rows stream by: numbers in a float64 array while it is numeric, a
     counter of labels once it is categorical, a reservoir of raw values either way."""
 
-    __slots__ = ("counter", "mismatched", "name", "reservoir", "rng", "seen", "size", "valid", "values")
+    __slots__ = (
+        "counter", "mismatched", "name", "next", "reservoir", "rng", "seen", "size", "valid", "values", "w",
+    )  # fmt: skip
 
     def __init__(self, name: str, categorical: bool, size: int, seed: int) -> None:
         self.name = name
@@ -412,6 +416,8 @@ class _Column:
         self.size = size
         self.reservoir: list[Any] = []
         self.rng = random.Random(seed)
+        self.next = 0 if size > 0 else sys.maxsize  # the index of the next value the reservoir takes
+        self.w = 0.0
 
     def add(self, value: Any) -> None:
         t = type(value)
@@ -421,38 +427,36 @@ class _Column:
             if value == _INF or value == -_INF:
                 self.mismatched += 1
                 return
-            self._number(value)
+        elif t is int:
+            try:
+                value = float(value)
+            except OverflowError:
+                self.mismatched += 1
+                return
         elif t is str:
             if value:
                 self._label(value)
+            return
         elif value is None:
             return
         elif t is bool:
             self._label("true" if value else "false")
+            return
         else:
-            f = number_of(value)
-            if f is None:
+            value = number_of(value)
+            if value is None:
                 self.mismatched += 1
-            else:
-                self._number(f)
-
-    def _keep(self, value: Any) -> None:
+                return
+        # a finite float
+        values = self.values
+        if values is not None:
+            values.append(value)
+        else:
+            self.counter[_float_category(value)] += 1  # type: ignore[index]
         n = self.valid
         self.valid = n + 1
-        if n < self.size:
-            self.reservoir.append(value)
-        else:
-            j = int(self.rng.random() * (n + 1))
-            if j < self.size:
-                self.reservoir[j] = value
-
-    def _number(self, f: float) -> None:
-        if self.values is not None:
-            self.values.append(f)
-        else:
-            assert self.counter is not None
-            self.counter[_float_category(f)] += 1
-        self._keep(f)
+        if n >= self.next:
+            self._sample(n, value)
 
     def _label(self, label: str) -> None:
         if self.counter is None:  # the first non-number: the column is categorical from now on
@@ -460,7 +464,26 @@ class _Column:
             self.counter = Counter(_float_category(f) for f in self.values)
             self.values = None
         self.counter[label] += 1
-        self._keep(label)
+        n = self.valid
+        self.valid = n + 1
+        if n >= self.next:
+            self._sample(n, label)
+
+    def _sample(self, n: int, value: Any) -> None:
+        """Value number ``n`` goes into the reservoir: Li's algorithm L, which draws how many values to
+        skip instead of a random number per value."""
+        k = self.size
+        if n < k:
+            self.reservoir.append(value)
+            if n + 1 < k:
+                self.next = n + 1
+                return
+            self.w = 1.0
+        else:
+            self.reservoir[int(self.rng.random() * k)] = value
+        rng = self.rng
+        self.w = min(self.w * math.exp(math.log(1.0 - rng.random()) / k), _BELOW_ONE)
+        self.next = n + 1 + int(math.log(1.0 - rng.random()) / math.log1p(-self.w))
 
     def profile(self, rows: int, bins: int, top_k: int) -> FeatureProfile:
         missing = rows - self.valid - self.mismatched
