@@ -59,6 +59,12 @@ class LogLimiter:
         self._lock = threading.Lock()
 
     def error(self, msg: str, *args: object) -> None:
+        self.log(logging.ERROR, msg, *args)
+
+    def warning(self, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, msg, *args)
+
+    def log(self, level: int, msg: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._last < self.interval:
@@ -68,7 +74,7 @@ class LogLimiter:
         if held:
             msg += " (%d more like it in the last minute, not logged)"
             args = (*args, held)
-        self.logger.error(msg, *args)
+        self.logger.log(level, msg, *args)
 
 
 class SinkStats:

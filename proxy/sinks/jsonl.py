@@ -14,10 +14,11 @@ NaN and infinite values are written as ``null``. ``pandas.read_json(path, lines=
 
 Writing. ``offer`` (side-path thread) encodes the lines of a sample and appends them to a bounded
 deque: all of them or, when they do not fit in ``queue_size``, none (counted ``queue_full``). The
-writer thread takes what is queued and writes it with one ``write`` per batch (two when the batch
-crosses a rotation). Nothing waits on a write: a full disk or a removed directory costs the lines of
-that batch (``write_error``, logged at most once a minute, the file cut back to its last whole line
-when it can be) and the next batch tries again, reopening the file.
+writer thread wakes on an offer, waits ``LINGER`` (50 ms) for more, then writes what is queued with
+one ``write`` per batch (two when the batch crosses a rotation). Nothing waits on a write: a full
+disk or a removed directory costs the lines of that batch (``write_error``, logged at most once a
+minute, the file cut back to its last whole line when it can be) and the next batch tries again,
+reopening the file.
 
 Rotation. Before a batch would take the file past ``max_bytes``, ``path`` becomes ``path.1``, ``path.1``
 becomes ``path.2`` ..., ``path.<max_files>`` is removed, and a new ``path`` is started, so the files
@@ -51,6 +52,7 @@ METADATA = ("request_id", "instance", "timestamp", "model", "version", "variant"
 _METADATA = frozenset(METADATA)
 CLOSE_TIMEOUT = 5.0  # seconds aclose waits for the writer by default
 MAX_BATCH_LINES = 10_000  # lines taken from the queue for one batch (bounds the writer's memory)
+LINGER = 0.05  # seconds the writer waits after a wake-up for more lines: at most ~20 writes a second
 
 
 def _plain(value: Any) -> Any:
@@ -133,6 +135,8 @@ class JsonlSink(Sink):
         self._closed = False
         self._thread: threading.Thread | None = None
         self._errors = LogLimiter(log)
+        self._full = LogLimiter(log)
+        self._closing = threading.Event()  # cuts the writer's linger short
 
     # -- side path ----------------------------------------------------------------------------
 
@@ -144,6 +148,7 @@ class JsonlSink(Sink):
                 return
             if len(self.queue) + n > self.queue_size:
                 self.stats.drop("queue_full", n)
+                self._full.warning("jsonl sink: queue full (%d lines): dropping", self.queue_size)
                 return
             try:
                 lines = lines_of(sample, extracted)
@@ -180,6 +185,7 @@ class JsonlSink(Sink):
             return
         self._closed = True
         self._stop = True
+        self._closing.set()
         self._wake.set()
         thread = self._thread
         if thread is not None:
@@ -201,6 +207,7 @@ class JsonlSink(Sink):
     def _run(self) -> None:
         while True:
             self._wake.wait()
+            self._closing.wait(LINGER)  # what comes meanwhile goes in the same write
             self._wake.clear()
             while self.queue and not self._abandon:
                 try:

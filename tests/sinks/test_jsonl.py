@@ -227,14 +227,16 @@ async def test_a_line_longer_than_max_bytes_is_dropped_not_written(tmp_path: Pat
 async def test_a_full_queue_drops_whole_samples_and_offer_returns_at_once(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
     sink = JsonlSink(config(path, queue_size=10))  # not started: nothing takes from the queue yet
-    worst = 0.0
-    for i in range(20):
+    times = []
+    for i in range(200):
         t = time.perf_counter()
         sink.offer(make_sample(f"r{i}"), extracted([{"x": i}, {"x": -i}, {"x": 0}]))  # 3 lines each
-        worst = max(worst, time.perf_counter() - t)
+        times.append(time.perf_counter() - t)
     assert sink.queued() == 9  # 3 whole samples; the 4th would not fit
-    assert sink.stats.dropped["queue_full"] == 17 * 3
-    assert worst < 0.001
+    assert sink.stats.dropped["queue_full"] == 197 * 3
+    times.sort()  # the 99th percentile: one call may lose the CPU to another process on a shared machine
+    assert times[100] < 0.0001, f"median offer {times[100] * 1e6:.0f} us"
+    assert times[198] < 0.001, f"99th percentile offer {times[198] * 1e6:.0f} us"
     await sink.start()
     await sink.aclose()
     assert [line["request_id"] for line in read_lines(path)] == ["r0"] * 3 + ["r1"] * 3 + ["r2"] * 3
