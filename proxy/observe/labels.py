@@ -2,7 +2,9 @@
 
 Precedence, per label: a configured response header (read at the upstream head) > the request path
 (KServe v1 ``/v1/models/{m}:predict``, Open Inference Protocol v2
-``/v2/models/{m}[/versions/{v}]/...``) > the configured value.
+``/v2/models/{m}[/versions/{v}]/...``) > on the OpenAI-compatible routes (``llm.routes``), the
+``model`` field of the request body (a bounded byte scan of its first ``llm.scan_bytes``, no JSON
+parse), or of the response body when the request names none > the configured value.
 
 Two bounds keep the series count finite whatever the traffic:
 
@@ -18,7 +20,8 @@ answers mints neither a label value nor a budget slot; such a request reads ``ot
 labels. Admitted values and triples stay admitted for the life of the process and keep their labels
 for any status. The configured defaults always pass, and so does the all-``other`` triple.
 
-Labels are final from ``on_upstream_head`` on (or ``on_complete``, when no upstream head came); until
+Labels are final from ``on_upstream_head`` on (or ``on_complete``, when no upstream head came; or, on
+an OpenAI-compatible route whose request named no model, the first response body bytes); until
 then a request that still waits for its answer reads ``other``. Every request whose labels read
 ``other`` for one of these reasons is counted in :attr:`Labeler.overflow`, by reason.
 """
@@ -33,7 +36,8 @@ from prometheus_client.registry import Collector
 
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.hooks import Observer
-from proxy.settings import Labels
+from proxy.sampling.llm import scan_model
+from proxy.settings import Labels, Llm
 
 OTHER = "other"
 MAX_LABEL_LENGTH = 128
@@ -111,12 +115,17 @@ class _Pending:
     """A request whose labels wait for the upstream's answer: each label's admitted value, or the
     not yet admitted traffic value (``raw`` names which: bit 0 model, 1 version, 2 variant)."""
 
-    __slots__ = ("labels", "raw", "reason")
+    __slots__ = ("headed", "labels", "llm", "named", "raw", "reason", "scan")
 
     def __init__(self, labels: list[str], raw: int, reason: str | None) -> None:
         self.labels = labels
         self.raw = raw
         self.reason = reason  # the first refusal seen on the way (a capped or invalid value)
+        #: OpenAI-compatible route: the body bytes scanned so far for ``model`` (None: not scanning)
+        self.scan: bytearray | None = None
+        self.llm = False  # on an OpenAI-compatible route
+        self.named = False  # a body named the model
+        self.headed = False  # the upstream head came; settling waits for the response body
 
 
 class Labeler(Observer):
@@ -124,8 +133,14 @@ class Labeler(Observer):
 
     name = "labels"
 
-    def __init__(self, cfg: Labels) -> None:
+    def __init__(self, cfg: Labels, llm: Llm | None = None) -> None:
         self.cfg = cfg
+        #: OpenAI-compatible routes whose body names the model
+        self.llm_routes = frozenset(llm.routes) if llm is not None and llm.enabled and llm.model_from_body else None
+        self.scan_bytes = llm.scan_bytes if llm is not None else 0
+        if self.llm_routes is None:  # no body scan: the body hooks stay out of the chain
+            self.on_request_body = None  # type: ignore[assignment]
+            self.on_response_body = None  # type: ignore[assignment]
         self.defaults = (cfg.model, cfg.version, cfg.variant)
         self.caps = (
             LabelCap(cfg.allow.model, cfg.max_values),
@@ -152,6 +167,13 @@ class Labeler(Observer):
         cfg = self.cfg
         model, version, variant = self.defaults
         if not (cfg.from_path and ex.path.startswith(("/v1/models/", "/v2/models/"))):
+            routes = self.llm_routes
+            if routes is not None and ex.path in routes:  # the model comes from the body, if it says
+                ex.model = ex.version = ex.variant = OTHER
+                pending = self._pend(ex, [model, version, variant], 0, None)
+                pending.scan = bytearray()
+                pending.llm = True
+                return
             ex.model, ex.version, ex.variant = model, version, variant
             return
         raw_model, raw_version = labels_from_path(ex.path)
@@ -186,16 +208,71 @@ class Labeler(Observer):
             ex.model = ex.version = ex.variant = OTHER
         self._pend(ex, [model, version, variant], raw, reason)
 
+    def on_request_body(self, ex: Exchange, chunk: bytes) -> None:
+        extra = ex.extra
+        pending: _Pending | None = extra.get(_EXTRA_KEY) if extra else None
+        if pending is not None and pending.scan is not None:
+            self._scan(pending, chunk)
+
+    def on_response_body(self, ex: Exchange, chunk: bytes) -> None:
+        extra = ex.extra
+        pending: _Pending | None = extra.get(_EXTRA_KEY) if extra else None
+        if pending is None or not pending.headed:
+            return
+        if pending.scan is not None:
+            self._scan(pending, chunk)
+        if pending.scan is None:  # named, or nothing in the first bytes: the labels are final now
+            extra.pop(_EXTRA_KEY, None)  # type: ignore[union-attr]
+            self._settle(ex, pending, 200 <= ex.status < 300)
+
+    def _scan(self, pending: _Pending, chunk: bytes) -> None:
+        """Look for ``"model": "..."`` in the first ``scan_bytes`` of a body."""
+        buf = pending.scan
+        assert buf is not None
+        room = self.scan_bytes - len(buf)
+        buf += chunk[:room] if len(chunk) > room else chunk
+        name = scan_model(bytes(buf))
+        if name is not None:
+            pending.scan = None
+            pending.named = True
+            found = self.cap_model.lookup(name)
+            if found is None:
+                pending.labels[0] = name
+                pending.raw |= 1
+            else:
+                pending.labels[0] = found
+                pending.raw &= ~1
+                if found == OTHER and pending.reason is None:
+                    pending.reason = self.cap_model.refusal(name)
+        elif len(buf) >= self.scan_bytes:
+            pending.scan = None
+
     def on_upstream_head(self, ex: Exchange) -> None:
         extra = ex.extra
         pending: _Pending | None = extra.pop(_EXTRA_KEY, None) if extra else None
+        if pending is not None and pending.llm:
+            pending.scan = None  # the request body is over
+            body_follows = 200 <= ex.status < 300 and ex.status != 204 and ex.method != "HEAD"
+            if not pending.named and body_follows and not self._headers(ex, pending) & 1:
+                # the request named no model: the response's first bytes may (settled there)
+                pending.scan = bytearray()
+                pending.headed = True
+                extra[_EXTRA_KEY] = pending  # type: ignore[index]
+                return
         if not self.headers:
             if pending is not None:
                 self._settle(ex, pending, 200 <= ex.status < 300)
             return
         if pending is None:
             pending = _Pending([ex.model, ex.version, ex.variant], 0, None)
+        self._headers(ex, pending)
+        self._settle(ex, pending, 200 <= ex.status < 300)
+
+    def _headers(self, ex: Exchange, pending: _Pending) -> int:
+        """Labels from the configured response headers (they win over the path and the body);
+        returns which were set (bit 0 model, 1 version, 2 variant)."""
         labels = pending.labels
+        found_bits = 0
         for name, index in self.headers:
             value = ex.response_header(name)
             if value is None:
@@ -203,6 +280,7 @@ class Labeler(Observer):
             text = value.decode("latin-1").strip()
             if not text:  # an empty header names nothing: the path or default label stays
                 continue
+            found_bits |= 1 << index
             cap = self.caps[index]
             found = cap.lookup(text)
             if found is None:
@@ -213,26 +291,27 @@ class Labeler(Observer):
                 pending.raw &= ~(1 << index)
                 if found == OTHER and pending.reason is None:
                     pending.reason = cap.refusal(text)
-        self._settle(ex, pending, 200 <= ex.status < 300)
+        return found_bits
 
     def on_complete(self, ex: Exchange) -> None:
         extra = ex.extra
         if extra:
             pending: _Pending | None = extra.pop(_EXTRA_KEY, None)
-            if pending is not None:  # no upstream head came: nothing is admitted
-                self._settle(ex, pending, False)
+            if pending is not None:  # no upstream head came (nothing is admitted), or no body after it
+                self._settle(ex, pending, pending.headed and 200 <= ex.status < 300)
 
     # -- decisions ----------------------------------------------------------------------------
 
     def _known(self, combo: tuple[str, str, str]) -> bool:
         return combo in self.combinations or combo == self.defaults or combo == _ALL_OTHER
 
-    def _pend(self, ex: Exchange, labels: list[str], raw: int, reason: str | None) -> None:
+    def _pend(self, ex: Exchange, labels: list[str], raw: int, reason: str | None) -> _Pending:
         pending = _Pending(labels, raw, reason)
         if ex.extra is None:
             ex.extra = {_EXTRA_KEY: pending}
         else:
             ex.extra[_EXTRA_KEY] = pending
+        return pending
 
     def _settle(self, ex: Exchange, pending: _Pending, ok: bool) -> None:
         """Final labels: admit what a 2xx answer confirms and the budget allows, else all ``other``."""

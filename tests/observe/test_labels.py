@@ -20,8 +20,8 @@ from proxy.observe.labels import (
     labels_from_path,
     method_label,
 )
-from proxy.settings import Labels
-from tests.conftest import ProxyFactory
+from proxy.settings import Labels, Llm
+from tests.conftest import ProxyFactory, Serve
 from tests.helpers import (
     TIMEOUT,
     Client,
@@ -588,3 +588,114 @@ async def test_method_and_code_labels_are_bounded_and_so_is_every_dict(
     assert {key[3] for key in app.metrics.series} == {"GET", "other"}
     assert {key[4] for key in app.metrics.series} == {200, 0}
     assert len(app.metrics.series) == 3
+
+
+# -- the model named by an OpenAI-compatible request or response body ------------------------------
+
+
+def llm_exchange(
+    labeler: Labeler,
+    request: bytes,
+    status: int,
+    response: bytes = b"",
+    path: str = "/v1/chat/completions",
+    chunks: int = 1,
+) -> Exchange:
+    """Head, the request body in `chunks` pieces, the upstream head, the response body, the end."""
+    ex = exchange(path)
+    labeler.on_request_head(ex)
+    step = max(1, -(-len(request) // chunks))
+    scans = labeler.on_request_body is not None  # None: the hook is out of the chain
+    for i in range(0, len(request), step):
+        if scans:
+            labeler.on_request_body(ex, request[i : i + step])
+    ex.status = status
+    labeler.on_upstream_head(ex)
+    if response and scans:
+        labeler.on_response_body(ex, response)
+    labeler.on_complete(ex)
+    return ex
+
+
+def test_model_label_from_the_request_body() -> None:
+    labeler = Labeler(Labels(), Llm())
+    body = b'{"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}]}'
+    assert triple(llm_exchange(labeler, body, 200)) == ("llama-3-8b", "unknown", "stable")
+    # split across reads: still found
+    assert triple(llm_exchange(labeler, b'{"messages": [], "model": "mistral-7b"}', 200, chunks=5)) == (
+        "mistral-7b",
+        "unknown",
+        "stable",
+    )
+
+
+def test_model_from_the_body_waits_for_a_2xx_like_a_path() -> None:
+    labeler = Labeler(Labels(), Llm())
+    assert triple(llm_exchange(labeler, b'{"model": "probe-1"}', 404)) == (OTHER, OTHER, OTHER)
+    assert labeler.cap_model.admitted == {}
+    assert labeler.overflow["unconfirmed"] == 1
+
+
+def test_model_from_the_body_is_capped_by_the_label_budget() -> None:
+    labeler = Labeler(Labels(max_values=2), Llm())
+    got = [llm_exchange(labeler, b'{"model": "m%d"}' % i, 200).model for i in range(4)]
+    assert got == ["m0", "m1", OTHER, OTHER]
+    assert labeler.overflow["max_values"] == 2
+
+
+def test_model_from_the_response_when_the_request_names_none() -> None:
+    labeler = Labeler(Labels(), Llm())
+    response = b'{"id": "x", "object": "chat.completion", "model": "served-model", "choices": []}'
+    assert triple(llm_exchange(labeler, b'{"messages": []}', 200, response)) == ("served-model", "unknown", "stable")
+    stream = b'data: {"id": "c", "object": "chat.completion.chunk", "model": "streamed", "choices": []}\n\n'
+    assert llm_exchange(labeler, b'{"prompt": "x"}', 200, stream, path="/v1/completions").model == "streamed"
+    # no model anywhere: the configured default
+    assert llm_exchange(labeler, b'{"prompt": "x"}', 200, b'{"choices": []}', path="/v1/completions").model == (
+        "unknown"
+    )
+
+
+def test_model_beyond_the_scan_bytes_is_not_looked_for() -> None:
+    labeler = Labeler(Labels(), Llm(scan_bytes=64))
+    body = b'{"messages": [{"role": "user", "content": "' + b"x" * 100 + b'"}], "model": "late"}'
+    assert llm_exchange(labeler, body, 200).model == "unknown"
+
+
+def test_response_header_wins_over_the_body() -> None:
+    labeler = Labeler(Labels(model_header="x-model"), Llm())
+    ex = exchange("/v1/chat/completions")
+    labeler.on_request_head(ex)
+    labeler.on_request_body(ex, b'{"model": "from-body"}')
+    ex.status = 200
+    ex.response_headers = [(b"x-model", b"from-header")]
+    labeler.on_upstream_head(ex)
+    labeler.on_complete(ex)
+    assert ex.model == "from-header"
+
+
+def test_body_scan_off_leaves_the_hooks_out() -> None:
+    from proxy.dataplane.hooks import Hooks
+
+    hooks = Hooks([Labeler(Labels(), Llm(model_from_body=False))])
+    assert not hooks.request_body and not hooks.response_body
+    assert llm_exchange(Labeler(Labels(), Llm(enabled=False)), b'{"model": "x"}', 200).model == "unknown"
+
+
+async def test_llm_requests_are_split_by_model_in_metrics(make_proxy: ProxyFactory, serve: Serve) -> None:
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({"model": body.get("model"), "choices": [], "usage": {"total_tokens": 1}})
+
+    app_ = web.Application()
+    app_.router.add_post("/v1/chat/completions", chat)
+    app = await make_proxy(await serve(app_))
+    client = await Client.connect(app.proxy_address)
+    for model in ("gpt-a", "gpt-b", "gpt-a"):
+        body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}' % model.encode()
+        resp = await client.request(
+            "POST", "/v1/chat/completions", headers={"Content-Type": "application/json"}, body=body
+        )
+        assert resp.status == 200
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_requests_total", model="gpt-a", code="200") == 2
+    assert metric(m, "infermon_requests_total", model="gpt-b", code="200") == 1
