@@ -25,6 +25,7 @@ from proxy.dataplane.hooks import Hooks, Observer
 from proxy.observe.labels import Labeler
 from proxy.observe.metrics import RequestMetrics, build_registry
 from proxy.readiness import Readiness, UpstreamProbe
+from proxy.sampling.setup import Sampling
 from proxy.settings import ProxyConfig, split_host_port
 
 if TYPE_CHECKING:
@@ -54,8 +55,11 @@ class ProxyApp:
 
             self.access_log = AccessLog(cfg.access_log, cfg.labels)
             extra.append(self.access_log)
+        #: payload sampling, drift, sinks and LLM usage (docs/drift.md); its observer reads final labels
+        self.sampling = Sampling(cfg)
+        extra.append(self.sampling.sampler)
         #: every observer, in hook order; each gets start / collector / aclose, passed-in ones too
-        self.observers: list[Observer] = [Labeler(cfg.labels), self.metrics, *extra, *observers]
+        self.observers: list[Observer] = [Labeler(cfg.labels, cfg.llm), self.metrics, *extra, *observers]
         self.hooks = Hooks(self.observers)
         self.metrics.hooks = self.hooks
         self.readiness = Readiness()
@@ -70,6 +74,7 @@ class ProxyApp:
         if token is not None and len(token) < 16:
             log.warning("admin.token is shorter than 16 characters: easy to guess (openssl rand -hex 32 makes one)")
         self.admin_app = build_admin_app(self.registry, self.readiness, cfg.public_dict, token=token)
+        self.sampling.add_routes(self.admin_app)
         self.plane: DataPlane | None = None
         self.probes: list[UpstreamProbe] = []
         self._started: list[Observer] = []

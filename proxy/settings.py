@@ -322,6 +322,7 @@ class Sampling(_Section):
     always: SamplingAlways = Field(default_factory=SamplingAlways)
     max_body_bytes: Annotated[int, Field(ge=1)] = 262_144  # per body; a larger one is dropped (streams: cut)
     queue_size: Annotated[int, Field(ge=1)] = 1024  # samples waiting for the side path; full: dropped
+    max_queue_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024  # body bytes those samples hold
     #: JSON fields removed before a sample leaves the process: a name (anywhere) or a dotted path
     redact_fields: list[str] = Field(default_factory=list)
     redact_headers: list[HeaderName] = Field(default_factory=list)  # besides access_log's and the secrets
@@ -332,7 +333,27 @@ class Sampling(_Section):
     max_depth: Annotated[int, Field(ge=1, le=512)] = 64  # JSON nesting; deeper: dropped as hostile
     max_elements: Annotated[int, Field(ge=1)] = 1_000_000  # values in one body; more: dropped as hostile
     max_rows: Annotated[int, Field(ge=1)] = 10_000  # instances taken from one batched request
-    max_parse_seconds: PositiveFloat = 0.05  # extraction of one sample; longer: dropped as hostile
+    max_parse_seconds: PositiveFloat = 0.25  # extraction of one sample; longer: dropped as hostile
+
+    @field_validator("mapping", "prediction_mapping")
+    @classmethod
+    def _json_paths(cls, value: dict[str, str]) -> dict[str, str]:
+        from proxy.sampling.extract import parse_path
+
+        for name, path in value.items():
+            try:
+                parse_path(path)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return value
+
+    @field_validator("redact_fields")
+    @classmethod
+    def _redact_fields(cls, value: list[str]) -> list[str]:
+        from proxy.sampling.redact import Redactor
+
+        Redactor(value)  # raises ValueError naming the bad entry
+        return value
 
     @model_validator(mode="after")
     def _mapping_given(self) -> Sampling:

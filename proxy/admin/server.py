@@ -131,7 +131,8 @@ def build_admin_app(
         return json_response(config())
 
     async def index(request: web.Request) -> web.Response:
-        return json_response({"endpoints": ["/metrics", "/healthz", "/readyz", "/config"]})
+        paths = {route.resource.canonical for route in app.router.routes() if route.resource is not None}
+        return json_response({"endpoints": sorted(paths - {"/"})})
 
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

@@ -32,6 +32,17 @@ def register(subparsers: Any) -> None:
         help="bearer token for the state-changing admin endpoints (prefer INFERMON_ADMIN__TOKEN or "
         "admin.token_file: a flag shows in the process list)",
     )
+    p.add_argument(
+        "--sample-rate",
+        metavar="RATE",
+        type=float,
+        help="share of requests whose payloads are sampled for drift, 0 to 1 (default 0: off)",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="PROFILE",
+        help="reference profile for drift (infermon baseline build); default: the first samples",
+    )
     p.add_argument("--config", metavar="FILE", help="YAML configuration file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
@@ -47,9 +58,16 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
             "upstream": args.upstream,
             "admin.listen": args.admin,
             "admin.token": args.admin_token,
+            "sampling.rate": args.sample_rate,
+            "drift.reference": args.reference,
             "log_level": args.log_level,
         },
-        flag_names={"admin.listen": "admin", "admin.token": "admin-token"},
+        flag_names={
+            "admin.listen": "admin",
+            "admin.token": "admin-token",
+            "sampling.rate": "sample-rate",
+            "drift.reference": "reference",
+        },
     )
 
 

@@ -447,11 +447,19 @@ def test_jsonpath_outside_the_subset_is_refused(text: str) -> None:
         parse_path(text)
 
 
-def test_bad_mapping_path_names_the_key() -> None:
-    with pytest.raises(ValueError, match=r"sampling\.mapping\.age"):
-        extractor(adapter="mapping", mapping={"age": "rows[*].age"})
-    with pytest.raises(ValueError, match=r"sampling\.prediction_mapping\.p"):
-        extractor(adapter="mapping", mapping={"a": "$.a"}, prediction_mapping={"p": "$..p"})
+def test_bad_mapping_path_is_a_config_error_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy import config
+    from proxy.errors import ConfigError
+    from proxy.settings import ProxyConfig
+
+    monkeypatch.setenv("INFERMON_SAMPLING__ADAPTER", "mapping")
+    monkeypatch.setenv("INFERMON_SAMPLING__MAPPING", '{"age": "rows[*].age"}')
+    with pytest.raises(ConfigError, match=r"sampling\.mapping[\s\S]*age: JSON path 'rows\[\*\]\.age' must start"):
+        config.load(ProxyConfig)
+    monkeypatch.setenv("INFERMON_SAMPLING__MAPPING", '{"a": "$.a"}')
+    monkeypatch.setenv("INFERMON_SAMPLING__PREDICTION_MAPPING", '{"p": "$..p"}')
+    with pytest.raises(ConfigError, match=r"sampling\.prediction_mapping[\s\S]*p: JSON path"):
+        config.load(ProxyConfig)
 
 
 # -- none, empty and non-JSON bodies

@@ -1,0 +1,282 @@
+"""Payload sampling on the request path: a coin flip and capped copies into a bounded queue.
+
+The :class:`Sampler` observer decides once per request, at its head: ``sampling.rate`` flips a coin,
+and when ``sampling.always`` has rules, every request is held as a candidate until its status is
+known (a status or variant rule then keeps it or lets it go). Bodies are kept by reference (the
+``bytes`` objects the data plane read; no copy, no parse) up to ``sampling.max_body_bytes``:
+
+- a request or response body over the cap drops the sample (``oversized``);
+- an event stream (``text/event-stream``) is kept event by event up to the cap, then cut at an
+  event boundary; its last ``llm.tail_bytes`` are kept as well, so the final ``usage`` event of an
+  OpenAI-style stream is never lost;
+- on the OpenAI-compatible routes (``llm.routes``) every response's tail is kept, sampled or not,
+  for token usage.
+
+At the end of the exchange one tuple goes into a deque, unless the deque holds
+``sampling.queue_size`` items or ``sampling.max_queue_bytes`` body bytes already (``queue_full``).
+The side path (:mod:`proxy.sampling.worker`) takes it from there; nothing here ever waits.
+Counted: ``infermon_samples_dropped_total{reason}`` (reasons of this module: oversized, incomplete,
+queue_full).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from random import random
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from proxy.dataplane.exchange import Exchange
+from proxy.dataplane.hooks import Observer
+from proxy.settings import Llm, Sampling
+
+if TYPE_CHECKING:
+    from proxy.sampling.worker import SidePath
+    from proxy.sinks.base import Sink
+
+log = logging.getLogger("infermon.sampling")
+
+_KEY = "sample"
+_SSE = b"text/event-stream"
+
+#: job kinds in the queue
+SAMPLE = 0  # a sampled exchange: bodies for extraction, drift and sinks
+USAGE = 1  # an OpenAI-route exchange that was not sampled: its response tail, for token usage
+
+#: a queued job: (kind, exchange, wall time, request chunks, response chunks, event stream, cut, tail, bytes)
+Job = tuple[int, Exchange, float, list[bytes], list[bytes], bool, bool, bytes, int]
+
+
+class _Capture:
+    __slots__ = ("cut", "keep", "over", "req", "req_n", "resp", "resp_n", "sampling", "sse", "tail")
+
+    def __init__(self, keep: bool, sampling: bool, tail: bytearray | None) -> None:
+        self.keep = keep  # sampled for sure (coin or a rule matched); False: a candidate
+        self.sampling = sampling  # bodies are being kept
+        self.req: list[bytes] = []
+        self.req_n = 0
+        self.resp: list[bytes] = []
+        self.resp_n = 0
+        self.sse = False
+        self.cut = False  # an event stream went over the cap: later events only reach the tail
+        self.over = False  # a body went over the cap: the sample is dropped
+        self.tail = tail  # the response's last bytes (usage), or None
+
+
+def status_matcher(rules: list[str]) -> tuple[frozenset[int], frozenset[int]]:
+    """``["5xx", "429"]`` -> (classes {5}, statuses {429})."""
+    classes = frozenset(int(r[0]) for r in rules if r.endswith("xx"))
+    codes = frozenset(int(r) for r in rules if not r.endswith("xx"))
+    return classes, codes
+
+
+class Sampler(Observer):
+    name = "sampling"
+
+    def __init__(self, cfg: Sampling, llm: Llm) -> None:
+        self.cfg = cfg
+        self.rate = cfg.rate
+        self.max_body = cfg.max_body_bytes
+        self.max_queue = cfg.queue_size
+        self.max_queue_bytes = cfg.max_queue_bytes
+        self.classes, self.codes = status_matcher(cfg.always.status)
+        self.variants = frozenset(cfg.always.variants)
+        #: a rule may keep a request whose coin said no: every request is then a candidate
+        self.rules = bool(self.classes or self.codes or self.variants)
+        self.sampling_on = self.rate > 0 or self.rules
+        self.llm_routes = frozenset(llm.routes) if llm.enabled else frozenset()
+        self.tail_bytes = llm.tail_bytes
+        self.queue: deque[Job] = deque()
+        #: body bytes put into the queue (written here) and taken out (written by the side path)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        #: drops decided on the request path, by reason (this thread writes, the collector reads)
+        self.dropped: dict[str, int] = {"oversized": 0, "incomplete": 0, "queue_full": 0}
+        self.usage_dropped = 0  # usage-only jobs that found the queue full
+        self.enqueued = 0  # jobs put into the queue
+        #: the side path, its sinks and the extra collectors (drift engine): set up by ProxyApp
+        self.side: SidePath | None = None
+        self.sinks: list[Sink] = []
+        self.collectors: list[Collector] = []
+        if not self.sampling_on and not self.llm_routes:  # nothing to do: no hook at all
+            for hook in ("on_request_head", "on_upstream_head", "on_response_body", "on_complete"):
+                setattr(self, hook, None)
+        if not self.sampling_on:
+            self.on_request_body = None  # type: ignore[assignment]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for sink in self.sinks:
+            try:
+                await sink.start()
+            except Exception:  # a broken sink is logged; samples still feed drift
+                log.exception("sink %s failed to start", sink.name)
+        if self.side is not None:
+            self.side.start()
+
+    async def aclose(self) -> None:
+        if self.side is not None:
+            await asyncio.to_thread(self.side.stop)  # what is queued still reaches drift and the sinks
+        for sink in self.sinks:
+            try:
+                await sink.aclose()
+            except Exception:
+                log.exception("sink %s failed to close", sink.name)
+
+    def collector(self) -> Collector:
+        return _Collectors(self.collectors)
+
+    # -- hot path -----------------------------------------------------------------------------
+
+    def on_request_head(self, ex: Exchange) -> None:
+        rate = self.rate
+        keep = rate > 0 and random() < rate
+        llm = ex.path in self.llm_routes
+        if not (keep or self.rules or llm):
+            return
+        cap = _Capture(keep, keep or self.rules, bytearray() if llm else None)
+        if cap.sampling:
+            length = ex.header(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                cap.over = True
+        if ex.extra is None:
+            ex.extra = {_KEY: cap}
+        else:
+            ex.extra[_KEY] = cap
+
+    def on_request_body(self, ex: Exchange, chunk: bytes) -> None:
+        extra = ex.extra
+        if extra is None:
+            return
+        cap: _Capture | None = extra.get(_KEY)
+        if cap is None or not cap.sampling or cap.over:
+            return
+        n = cap.req_n + len(chunk)
+        if n > self.max_body:
+            cap.over = True
+            cap.req = []
+            return
+        cap.req.append(chunk)
+        cap.req_n = n
+
+    def on_upstream_head(self, ex: Exchange) -> None:
+        extra = ex.extra
+        if extra is None:
+            return
+        cap: _Capture | None = extra.get(_KEY)
+        if cap is None:
+            return
+        if cap.sampling and not cap.keep:
+            if self._rule(ex):
+                cap.keep = True
+            elif cap.tail is None:
+                del extra[_KEY]
+                return
+            else:
+                cap.sampling = False
+                cap.req = []
+        ctype = ex.response_header(b"content-type")
+        cap.sse = ctype is not None and ctype.lstrip().lower().startswith(_SSE)
+
+    def on_response_body(self, ex: Exchange, chunk: bytes) -> None:
+        extra = ex.extra
+        if extra is None:
+            return
+        cap: _Capture | None = extra.get(_KEY)
+        if cap is None:
+            return
+        if cap.sampling and not cap.over and not cap.cut:
+            n = cap.resp_n + len(chunk)
+            if n <= self.max_body:
+                cap.resp.append(chunk)
+                cap.resp_n = n
+            elif cap.sse:
+                self._cut(cap, chunk)
+            else:
+                cap.over = True
+                cap.resp = []
+        tail = cap.tail
+        if tail is not None or cap.cut:
+            if tail is None:
+                tail = cap.tail = bytearray()
+            tail += chunk
+            if len(tail) > self.tail_bytes:
+                del tail[: len(tail) - self.tail_bytes]
+
+    def on_complete(self, ex: Exchange) -> None:
+        extra = ex.extra
+        if extra is None:
+            return
+        cap: _Capture | None = extra.pop(_KEY, None)
+        if cap is None:
+            return
+        if cap.sampling and not cap.keep and not (ex.t_upstream_head == 0.0 and self._rule(ex)):
+            cap.sampling = False  # a candidate no rule kept (the status is the proxy's own here)
+        tail = bytes(cap.tail) if cap.tail is not None else b""
+        if cap.sampling:
+            dropped = self.dropped
+            if cap.over:
+                dropped["oversized"] += 1
+                return
+            if ex.aborted or (ex.error is not None and ex.t_first_byte):
+                dropped["incomplete"] += 1  # a body cut short cannot be read as what was sent
+                return
+            size = cap.req_n + cap.resp_n + len(tail)
+            if len(self.queue) >= self.max_queue or self.bytes_in - self.bytes_out + size > self.max_queue_bytes:
+                dropped["queue_full"] += 1
+                return
+            self.bytes_in += size
+            self.enqueued += 1
+            self.queue.append((SAMPLE, ex, time.time(), cap.req, cap.resp, cap.sse, cap.cut, tail, size))
+            return
+        if cap.tail is None or not (200 <= ex.status < 300) or ex.aborted:
+            return  # no usage to read from a failed or cut response
+        size = len(tail)
+        if len(self.queue) >= self.max_queue or self.bytes_in - self.bytes_out + size > self.max_queue_bytes:
+            self.usage_dropped += 1
+            return
+        self.bytes_in += size
+        self.enqueued += 1
+        self.queue.append((USAGE, ex, time.time(), [], [], cap.sse, False, tail, size))
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _rule(self, ex: Exchange) -> bool:
+        status = ex.status
+        return status // 100 in self.classes or status in self.codes or ex.variant in self.variants
+
+    def _cut(self, cap: _Capture, chunk: bytes) -> None:
+        """An event stream reached the cap: keep whole events up to it; the rest goes to the tail."""
+        room = self.max_body - cap.resp_n
+        head = chunk[:room]
+        end = max(head.rfind(b"\n\n"), head.rfind(b"\r\n\r\n"))
+        if end >= 0:
+            stop = end + (4 if head.startswith(b"\r\n\r\n", end) else 2)
+            cap.resp.append(chunk[:stop])
+            cap.resp_n += stop
+        else:  # no boundary in this piece: the kept chunks may end mid-event; trim to the last one
+            joined = b"".join(cap.resp)
+            end = max(joined.rfind(b"\n\n"), joined.rfind(b"\r\n\r\n"))
+            stop = end + (4 if joined.startswith(b"\r\n\r\n", end) else 2) if end >= 0 else 0
+            cap.resp = [joined[:stop]] if stop else []
+            cap.resp_n = stop
+        cap.cut = True
+
+    def stats(self) -> dict[str, Any]:
+        return {"queued": len(self.queue), "queued_bytes": self.bytes_in - self.bytes_out}
+
+
+class _Collectors(Collector):
+    def __init__(self, collectors: list[Collector]) -> None:
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self.collectors:
+            yield from collector.collect()
