@@ -7,7 +7,7 @@ NATIVE := $(VENV)/.native
 # the data plane's hot modules, compiled with mypyc where a C compiler is there (setup.py)
 COMPILED := $(addprefix proxy/dataplane/,exchange.py heads.py http.py server.py timer.py upstream.py)
 
-.PHONY: demo test test-compiled test-python bench bench-compare bench-tracing bench-agent clean
+.PHONY: demo test test-compiled test-python bench bench-compare bench-tracing bench-agent bench-sampling clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -47,6 +47,9 @@ bench-compare: $(NATIVE)
 
 bench-tracing: $(NATIVE)
 	$(BIN)/python -m bench.tracing
+
+bench-sampling: $(NATIVE)
+	$(BIN)/python -m bench.sampling $(ARGS)
 
 bench-agent: $(STAMP)
 	$(BIN)/python -m bench.agent_cpu
