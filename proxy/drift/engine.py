@@ -66,7 +66,10 @@ METHOD_NAMES = {
 #: quality problems counted per tracked column, and those counted under feature="other"
 PROBLEMS = ("missing", "type_mismatch", "out_of_range", "unseen_category")
 OTHER_FEATURE = "other"
-OTHER_PROBLEMS = ("unknown_feature", "over_budget")
+OTHER_PROBLEMS = ("unknown_feature", "over_budget", "invalid_name")
+#: a column name from traffic longer than this, or holding control characters, is never tracked
+#: (it would become a label value of every drift series)
+MAX_NAME_LENGTH = 128
 
 _ABSENT = object()
 _INF = math.inf
@@ -355,6 +358,11 @@ class _Snapshot:
     families: tuple[Metric, ...]
 
 
+def valid_name(name: str) -> bool:
+    """A column name that may become a label value: at most 128 printable characters."""
+    return 0 < len(name) <= MAX_NAME_LENGTH and name.isprintable()
+
+
 class DriftEngine:
     """Drift of every feature and prediction column against a reference, per replica."""
 
@@ -370,6 +378,7 @@ class DriftEngine:
         self._untracked: frozenset[str] = frozenset()  # reference columns beyond drift.max_features
         self._unknown = 0
         self._over_budget = 0
+        self._invalid_names = 0
         self._series: dict[str, Any] = {}
         self._config_problems: list[str] = []
         # collecting the reference from the first rows
@@ -478,6 +487,9 @@ class DriftEngine:
         out: dict[str, Any] = {}
         for key, value in row.items():
             if key not in names:
+                if not valid_name(key):
+                    self._invalid_names += 1
+                    continue
                 if len(names) >= self.cfg.max_features:
                     self._over_budget += 1
                     continue
@@ -598,7 +610,11 @@ class DriftEngine:
             "insufficient": [c["name"] for c in columns if c["status"] == "insufficient data"],
             "series": dict(self._series),
             "untracked_columns": sorted(self._untracked),
-            "other": {"unknown_feature": self._unknown, "over_budget": self._over_budget},
+            "other": {
+                "unknown_feature": self._unknown,
+                "over_budget": self._over_budget,
+                "invalid_name": self._invalid_names,
+            },
             "config_problems": list(self._config_problems),
             "columns": columns,
         }
@@ -623,7 +639,8 @@ class DriftEngine:
         quality = CounterMetricFamily(
             "infermon_feature_quality",
             "Live values with a data quality problem (missing, type_mismatch, out_of_range, unseen_category); "
-            'feature="other": values of columns not tracked (unknown_feature, over_budget).',
+            'feature="other": values of columns not tracked (unknown_feature, over_budget, invalid_name: '
+            "a name longer than 128 characters or with control characters).",
             labels=("feature", "problem"),
         )
         bins = CounterMetricFamily(
@@ -659,6 +676,7 @@ class DriftEngine:
                         ratio.add_metric((name, label), share)
         quality.add_metric((OTHER_FEATURE, "unknown_feature"), float(self._unknown))
         quality.add_metric((OTHER_FEATURE, "over_budget"), float(self._over_budget))
+        quality.add_metric((OTHER_FEATURE, "invalid_name"), float(self._invalid_names))
         return (drift, drifted, rows, quality, bins, ratio, omitted)
 
 

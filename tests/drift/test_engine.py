@@ -256,6 +256,19 @@ def test_the_first_samples_become_the_reference() -> None:
     assert a["histogram"]["reference"] == expected.features[0].proportions()
 
 
+def test_names_that_cannot_be_labels_are_never_tracked() -> None:
+    engine = DriftEngine(drift_cfg(reference_samples=10), None)
+    long_name = "x" * 129
+    rows = [{"a": float(i), long_name: 1.0, "bad\nname": 2.0, "": 3.0} for i in range(10)]
+    engine.add(rows, [], t=0.0)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert [c["name"] for c in report["columns"]] == ["a"]
+    assert report["other"]["invalid_name"] == 30
+    text, _ = scrape(engine)
+    assert long_name not in text and "bad\\nname" not in text
+
+
 def test_auto_reference_keeps_to_max_features_and_reports_bad_overrides() -> None:
     cfg = drift_cfg(reference_samples=20, max_features=2, features={"c": {"method": "ks"}, "zz": {"method": "psi"}})
     engine = DriftEngine(cfg, None)
@@ -314,7 +327,7 @@ def test_quality_counters() -> None:
     }
     for name, counts in expected.items():
         assert column(report, name)["quality"] == counts, name
-    assert report["other"] == {"unknown_feature": 2, "over_budget": 0}
+    assert report["other"] == {"unknown_feature": 2, "over_budget": 0, "invalid_name": 0}
     _, samples = scrape(engine)
     for name, counts in expected.items():
         for problem, count in counts.items():
@@ -333,7 +346,7 @@ def test_with_a_profile_only_its_columns_are_tracked_within_max_features() -> No
     report = engine.report()
     assert [c["name"] for c in report["columns"]] == ["a", "b"]
     assert report["untracked_columns"] == ["c"]
-    assert report["other"] == {"unknown_feature": 1, "over_budget": 1}
+    assert report["other"] == {"unknown_feature": 1, "over_budget": 1, "invalid_name": 0}
     assert engine.columns() == ["a", "b", "c"]  # the profile's order still names bare rows
 
 
