@@ -210,8 +210,8 @@ class JsonlSink(Sink):
             while self.queue and not self._abandon:
                 try:
                     self._write_batch(self._take())
-                except Exception:  # the writer never dies
-                    log.exception("jsonl sink: writer error")
+                except Exception as exc:  # the writer never dies
+                    self._errors.error("jsonl sink: writer error: %r", exc)
             if self._stop or self._abandon:
                 break
         if not self._abandon:
