@@ -42,10 +42,18 @@ __all__ = ["LATENCY_BUCKETS", "LogLimiter", "Sink", "SinkStats", "SinksCollector
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+_SECONDS: dict[int, str] = {}  # whole seconds already formatted (strftime is most of the cost)
+
+
 def rfc3339(ts: float) -> str:
     """UTC with milliseconds: ``2026-11-25T16:22:39.123Z`` (the access log's form)."""
-    ms = int(ts * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    seconds, ms = divmod(int(ts * 1000), 1000)
+    prefix = _SECONDS.get(seconds)
+    if prefix is None:
+        if len(_SECONDS) >= 64:
+            _SECONDS.clear()
+        prefix = _SECONDS[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{prefix}.{ms:03d}Z"
 
 
 class LogLimiter:

@@ -66,11 +66,16 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _put(record: dict[str, Any], prefix: str, name: str, value: Any) -> None:
-    key = name
-    while key in _METADATA or key in record:
-        key = prefix + key
-    record[key] = value
+def _add(record: dict[str, Any], values: dict[str, Any], prefix: str) -> None:
+    """``values`` into ``record``; a name already there (a metadata key, a feature) gets ``prefix``."""
+    if record.keys().isdisjoint(values):  # the usual case: one C-level update
+        record.update(values)
+        return
+    for name, value in values.items():
+        key = name
+        while key in record or key in _METADATA:
+            key = prefix + key
+        record[key] = value
 
 
 def lines_of(sample: Sample, extracted: Extracted) -> list[bytes]:
@@ -93,17 +98,9 @@ def lines_of(sample: Sample, extracted: Extracted) -> list[bytes]:
         record = base.copy()
         record["instance"] = i
         if i < len(rows):
-            for name, value in rows[i].items():
-                if name in _METADATA or name in record:
-                    _put(record, "feature.", name, value)
-                else:
-                    record[name] = value
+            _add(record, rows[i], "feature.")
         if i < len(predictions):
-            for name, value in predictions[i].items():
-                if name in _METADATA or name in record:
-                    _put(record, "prediction.", name, value)
-                else:
-                    record[name] = value
+            _add(record, predictions[i], "prediction.")
         try:
             out.append(orjson.dumps(record, default=str))
         except (TypeError, orjson.JSONEncodeError):  # an int beyond 64 bits
@@ -158,7 +155,8 @@ class JsonlSink(Sink):
                 return
             now = time.monotonic()
             self.queue.extend([(now, line) for line in lines])
-            self._wake.set()
+            if not self._wake.is_set():  # set until the writer takes the batch: a read, not a lock
+                self._wake.set()
         except Exception:  # never into the worker
             log.exception("jsonl sink: offer failed")
 
@@ -212,8 +210,8 @@ class JsonlSink(Sink):
             while self.queue and not self._abandon:
                 try:
                     self._write_batch(self._take())
-                except Exception:  # the writer never dies
-                    log.exception("jsonl sink: writer error")
+                except Exception as exc:  # the writer never dies
+                    self._errors.error("jsonl sink: writer error: %r", exc)
             if self._stop or self._abandon:
                 break
         if not self._abandon:
