@@ -409,6 +409,20 @@ class JsonlSink(_Section):
     max_files: Annotated[int, Field(ge=1)] = 5  # rotated files kept (path.1 .. path.N); disk <= (N+1) x max
     queue_size: Annotated[int, Field(ge=1)] = 10_000  # lines waiting for the writer; full: dropped
 
+    @field_validator("path")
+    @classmethod
+    def _writable(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        folder = os.path.dirname(os.path.abspath(value))
+        if os.path.isdir(value):
+            raise ValueError("names a directory: name a file in it, for example /var/lib/infermon/samples.jsonl")
+        if not os.path.isdir(folder):
+            raise ValueError(f"the directory {folder!r} does not exist: create it or name a file in another one")
+        if not os.access(folder, os.W_OK) or (os.path.exists(value) and not os.access(value, os.W_OK)):
+            raise ValueError(f"cannot write there ({value!r} or its directory is not writable)")
+        return value
+
 
 class CloudEventsSink(_Section):
     """CloudEvents over HTTP, binary mode, as the KServe logger sends them (docs/drift.md)."""

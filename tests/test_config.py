@@ -441,3 +441,32 @@ def test_admin_token_is_masked_in_public_config() -> None:
     assert public["admin"]["token"] == "***"
     assert TOKEN not in repr(public) and TOKEN not in repr(cfg)
     assert _load().public_dict()["admin"]["token"] is None
+
+
+# -- sampling, drift and sinks ----------------------------------------------------------------
+
+
+def test_sample_rate_flag_is_checked_and_named() -> None:
+    assert _load(flags={"sampling.rate": 0.25}).sampling.rate == 0.25
+    message = _error(env={"INFERMON_SAMPLING__RATE": "1.5"})
+    assert "sampling.rate" in message and "INFERMON_SAMPLING__RATE" in message
+
+
+def test_a_missing_reference_profile_says_how_to_build_one(tmp_path: Path) -> None:
+    message = _error(env={"INFERMON_DRIFT__REFERENCE": str(tmp_path / "nope.json")})
+    assert "drift.reference" in message and "infermon baseline build" in message
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [("{tmp}/missing/samples.jsonl", "does not exist"), ("{tmp}", "names a directory")],
+)
+def test_jsonl_sink_path_must_be_writable(tmp_path: Path, path: str, says: str) -> None:
+    message = _error(env={"INFERMON_SINKS__JSONL__PATH": path.format(tmp=tmp_path)})
+    assert "sinks.jsonl.path" in message and says in message
+
+
+def test_status_rules_are_statuses_or_classes() -> None:
+    assert _load(env={"INFERMON_SAMPLING__ALWAYS__STATUS": '["5xx", "429"]'}).sampling.always.status == ["5xx", "429"]
+    message = _error(env={"INFERMON_SAMPLING__ALWAYS__STATUS": '["5x"]'})
+    assert "sampling.always.status" in message and "status class" in message
