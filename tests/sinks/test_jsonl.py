@@ -279,8 +279,14 @@ async def test_disk_full_is_counted_and_kills_nothing() -> None:
     assert sink.stats.dropped["write_error"] == 6
 
 
-async def test_an_unwritable_path_is_a_config_error_at_start(tmp_path: Path) -> None:
-    sink = JsonlSink(config(tmp_path / "missing-dir" / "s.jsonl"))
+async def test_an_unwritable_path_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        config(tmp_path / "missing-dir" / "s.jsonl")
+    # valid when the config was read, gone by the time the sink starts
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    sink = JsonlSink(config(folder / "s.jsonl"))
+    folder.rmdir()
     with pytest.raises(ConfigError, match=r"sinks\.jsonl\.path"):
         await sink.start()
     await sink.aclose()
