@@ -391,6 +391,21 @@ class Drift(_Section):
     max_series: Annotated[int, Field(ge=1)] = 2000
     max_features: Annotated[int, Field(ge=1)] = 200  # distinct feature names tracked; more: counted, skipped
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Drift:
+        if self.window_size < self.min_samples:
+            raise ValueError(
+                f"drift.window_size ({self.window_size}) is below drift.min_samples ({self.min_samples}): the "
+                "window could never hold enough rows and every feature would read 'insufficient data'; "
+                "raise window_size or lower min_samples"
+            )
+        if self.psi_warn >= self.psi_drift:
+            raise ValueError(
+                f"drift.psi_warn ({self.psi_warn}) must be below drift.psi_drift ({self.psi_drift}): "
+                "the warning level comes before the drift level"
+            )
+        return self
+
     @field_validator("reference")
     @classmethod
     def _reference_readable(cls, value: str | None) -> str | None:
@@ -429,7 +444,8 @@ class CloudEventsSink(_Section):
 
     url: str | None = None  # null: off
     mode: Literal["binary", "batch"] = "binary"  # batch: application/cloudevents-batch+json
-    source: str = "http://localhost:9081/"  # ce-source
+    #: ce-source: CloudEvents requires a non-empty URI-reference
+    source: Annotated[str, Field(min_length=1)] = "http://localhost:9081/"
     inference_service: str = ""  # ce-inferenceservicename
     namespace: str = ""  # ce-namespace
     component: str = "predictor"  # ce-component

@@ -470,3 +470,29 @@ def test_status_rules_are_statuses_or_classes() -> None:
     assert _load(env={"INFERMON_SAMPLING__ALWAYS__STATUS": '["5xx", "429"]'}).sampling.always.status == ["5xx", "429"]
     message = _error(env={"INFERMON_SAMPLING__ALWAYS__STATUS": '["5x"]'})
     assert "sampling.always.status" in message and "status class" in message
+
+
+# -- review findings (issue 8) ------------------------------------------------------------------
+
+
+def test_a_drift_window_smaller_than_min_samples_is_a_config_error(tmp_path: Path) -> None:
+    """drift.window_size 50 with drift.min_samples 100 (its default) can never hold enough rows:
+    every feature reads "insufficient data" forever and no drift is ever flagged, silently. The
+    working rule: bad config is a config error naming the key and the fix."""
+    message = _error(_file(tmp_path, "upstream: http://127.0.0.1:8000\ndrift:\n  window_size: 50\n"))
+    assert "drift.window_size" in message and "min_samples" in message
+
+
+def test_psi_warn_above_psi_drift_is_a_config_error(tmp_path: Path) -> None:
+    """drift.psi_warn 0.5 with psi_drift 0.25: /drift's level never reads "warn" (drift wins first)."""
+    message = _error(_file(tmp_path, "upstream: http://127.0.0.1:8000\ndrift:\n  psi_warn: 0.5\n"))
+    assert "drift.psi_warn" in message
+
+
+def test_an_empty_cloudevents_source_is_a_config_error(tmp_path: Path) -> None:
+    """CloudEvents 1.0: source is REQUIRED and "MUST be a non-empty URI-reference"; an empty
+    sinks.cloudevents.source goes out as an empty ce-source on every event, which SDK receivers
+    refuse."""
+    text = "upstream: http://127.0.0.1:8000\nsinks:\n  cloudevents:\n    url: http://127.0.0.1:9/\n    source: ''\n"
+    message = _error(_file(tmp_path, text))
+    assert "sinks.cloudevents.source" in message

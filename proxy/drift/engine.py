@@ -19,6 +19,7 @@ Without a profile, the first ``drift.reference_samples`` rows become the referen
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import threading
@@ -174,6 +175,7 @@ class _Column:
         "fp",
         "hi",
         "index",
+        "key",
         "kind",
         "lo",
         "missing",
@@ -189,9 +191,18 @@ class _Column:
         "values",
     )
 
-    def __init__(self, fp: FeatureProfile, kind: ColumnKind, window: int, choice: Choice, problem: str | None) -> None:
+    def __init__(
+        self,
+        fp: FeatureProfile,
+        kind: ColumnKind,
+        window: int,
+        choice: Choice,
+        problem: str | None,
+        key: str | None = None,
+    ) -> None:
         self.fp = fp
         self.name = fp.name
+        self.key = key if key is not None else fp.name  # the row's key (the name, unless renamed)
         self.kind = kind
         self.choice = choice
         self.override_problem = problem
@@ -377,6 +388,8 @@ class DriftEngine:
         self._prediction_names: frozenset[str] = frozenset()
         self._untracked: frozenset[str] = frozenset()  # reference columns beyond drift.max_features
         self._unknown = 0
+        #: auto reference: exported prediction name -> its key in the prediction rows
+        self._renamed: dict[str, str] = {}
         self._over_budget = 0
         self._invalid_names = 0
         self._series: dict[str, Any] = {}
@@ -449,7 +462,8 @@ class DriftEngine:
                 choice, problem = choose(fp, cfg.features.get(fp.name), cfg.psi_drift)
                 if problem:
                     self._config_problems.append(problem)
-                tracked.append(_Column(fp, kind, cfg.window_size, choice, problem))
+                key = self._renamed.get(fp.name) if kind == "prediction" else None
+                tracked.append(_Column(fp, kind, cfg.window_size, choice, problem, key))
         known = {f.name for f in (*profile.features, *profile.predictions)}
         for name in cfg.features:
             if name not in known:
@@ -476,7 +490,7 @@ class DriftEngine:
         self._features = [c for c in tracked if c.kind == "feature"]
         self._predictions = [c for c in tracked if c.kind == "prediction"]
         self._feature_names = frozenset(c.name for c in self._features)
-        self._prediction_names = frozenset(c.name for c in self._predictions)
+        self._prediction_names = frozenset(c.key for c in self._predictions)
         self._untracked = frozenset(untracked)
 
     def _admit(self, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -505,6 +519,17 @@ class DriftEngine:
         if self._collect_predictions:
             predictions = build_profile(self._collect_predictions, bins=cfg.reference_bins,
                                         top_k=cfg.reference_top_k).features  # fmt: skip
+        # a name seen as a feature in some samples and as a prediction in others: the prediction is
+        # exported as prediction.<name>, so no series is written twice
+        taken = {f.name for f in features.features}
+        for i, fp in enumerate(predictions):
+            if fp.name in taken:
+                name = "prediction." + fp.name
+                while name in taken:
+                    name = "prediction." + name
+                self._renamed[name] = fp.name
+                predictions[i] = dataclasses.replace(fp, name=name)
+                taken.add(name)
         profile = Profile(features.features, predictions, features.rows, features.source, features.created)
         self._collect_rows = []
         self._collect_predictions = []
@@ -553,7 +578,7 @@ class DriftEngine:
         for row in rows:
             get = row.get
             for col in cols:
-                col.add(get(col.name, absent), t)
+                col.add(get(col.key, absent), t)
             if not names.issuperset(row):
                 for key in row:
                     if key not in names:

@@ -245,8 +245,9 @@ def _plain_tail(tail: bytes) -> tuple[dict[str, int] | None, str | None]:
 
 
 def _stream_tail(tail: bytes) -> tuple[dict[str, int] | None, str | None]:
-    # line ends first: the end of the line (or event) before the cut
-    tail = tail.lstrip(b"\r\n")
+    # a stream's first bytes may be a UTF-8 byte order mark (the event stream format allows one);
+    # then line ends: the end of the line (or event) before the cut
+    tail = tail.removeprefix(b"\xef\xbb\xbf").lstrip(b"\r\n")
     if not tail.startswith(_FIELD_START):
         # the tail starts inside an event: skip to the end of that event (the first empty line)
         tail = tail.replace(b"\r\n", b"\n").replace(b"\r", b"\n")

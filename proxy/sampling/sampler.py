@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -54,7 +55,7 @@ Job = tuple[int, Exchange, float, list[bytes], list[bytes], bool, bool, bytes, i
 
 
 class _Capture:
-    __slots__ = ("cut", "keep", "over", "req", "req_n", "resp", "resp_n", "sampling", "sse", "tail")
+    __slots__ = ("cut", "full", "keep", "over", "req", "req_n", "resp", "resp_n", "sampling", "sse", "tail")
 
     def __init__(self, keep: bool, sampling: bool, tail: bytearray | None) -> None:
         self.keep = keep  # sampled for sure (coin or a rule matched); False: a candidate
@@ -66,7 +67,30 @@ class _Capture:
         self.sse = False
         self.cut = False  # an event stream went over the cap: later events only reach the tail
         self.over = False  # a body went over the cap: the sample is dropped
+        self.full = False  # the byte budget had no room for a body: the sample is dropped (queue_full)
         self.tail = tail  # the response's last bytes (usage), or None
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def last_event_end(data: bytes) -> int:
+    """Where the last complete event of an event stream ends in ``data`` (0: none yet).
+
+    An event ends with an empty line; lines end with CRLF, LF or CR (the WHATWG event stream
+    format), so a blank line is two line ends in a row. A CR as the very last byte may be the
+    first half of a CRLF and is not taken as a line end.
+    """
+    end = 0
+    previous = -1  # where the last line end finished
+    for m in _LINE_END.finditer(data):
+        start, stop = m.span()
+        if stop == len(data) and m.group() == b"\r":
+            break
+        if start == previous:
+            end = stop
+        previous = stop
+    return end
 
 
 def status_matcher(rules: list[str]) -> tuple[frozenset[int], frozenset[int]]:
@@ -96,6 +120,9 @@ class Sampler(Observer):
         #: body bytes put into the queue (written here) and taken out (written by the side path)
         self.bytes_in = 0
         self.bytes_out = 0
+        #: body bytes held by exchanges still in flight (candidates of a status rule included);
+        #: with the queued ones they stay within sampling.max_queue_bytes
+        self.held = 0
         #: drops decided on the request path, by reason (this thread writes, the collector reads)
         self.dropped: dict[str, int] = {"oversized": 0, "incomplete": 0, "queue_full": 0}
         self.usage_dropped = 0  # usage-only jobs that found the queue full
@@ -156,15 +183,20 @@ class Sampler(Observer):
         if extra is None:
             return
         cap: _Capture | None = extra.get(_KEY)
-        if cap is None or not cap.sampling or cap.over:
+        if cap is None or not cap.sampling or cap.over or cap.full:
             return
         n = cap.req_n + len(chunk)
         if n > self.max_body:
             cap.over = True
-            cap.req = []
+            self._release(cap)
+            return
+        if self._no_room(len(chunk)):
+            cap.full = True
+            self._release(cap)
             return
         cap.req.append(chunk)
         cap.req_n = n
+        self.held += len(chunk)
 
     def on_upstream_head(self, ex: Exchange) -> None:
         extra = ex.extra
@@ -177,11 +209,12 @@ class Sampler(Observer):
             if self._rule(ex):
                 cap.keep = True
             elif cap.tail is None:
+                self._release(cap)
                 del extra[_KEY]
                 return
             else:
+                self._release(cap)
                 cap.sampling = False
-                cap.req = []
         ctype = ex.response_header(b"content-type")
         cap.sse = ctype is not None and ctype.lstrip().lower().startswith(_SSE)
 
@@ -192,23 +225,32 @@ class Sampler(Observer):
         cap: _Capture | None = extra.get(_KEY)
         if cap is None:
             return
-        if cap.sampling and not cap.over and not cap.cut:
+        if cap.sampling and not cap.over and not cap.cut and not cap.full:
             n = cap.resp_n + len(chunk)
-            if n <= self.max_body:
+            if n > self.max_body:
+                if cap.sse:
+                    self._cut(cap, chunk)
+                else:
+                    cap.over = True
+                    self._release(cap)
+            elif self._no_room(len(chunk)):
+                cap.full = True
+                self._release(cap)
+            else:
                 cap.resp.append(chunk)
                 cap.resp_n = n
-            elif cap.sse:
-                self._cut(cap, chunk)
-            else:
-                cap.over = True
-                cap.resp = []
+                self.held += len(chunk)
         tail = cap.tail
         if tail is not None or cap.cut:
             if tail is None:
                 tail = cap.tail = bytearray()
-            tail += chunk
-            if len(tail) > self.tail_bytes:
-                del tail[: len(tail) - self.tail_bytes]
+            keep = self.tail_bytes
+            if len(chunk) >= keep:
+                tail[:] = chunk[-keep:]  # only the last bytes are ever copied
+            else:
+                tail += chunk
+                if len(tail) > keep:
+                    del tail[: len(tail) - keep]
 
     def on_complete(self, ex: Exchange) -> None:
         extra = ex.extra
@@ -220,26 +262,29 @@ class Sampler(Observer):
         if cap.sampling and not cap.keep and not (ex.t_upstream_head == 0.0 and self._rule(ex)):
             cap.sampling = False  # a candidate no rule kept (the status is the proxy's own here)
         tail = bytes(cap.tail) if cap.tail is not None else b""
+        held = cap.req_n + cap.resp_n
+        self.held -= held  # from here on the bytes are queued (bytes_in) or let go
         if cap.sampling:
-            dropped = self.dropped
             if cap.over:
-                dropped["oversized"] += 1
-                return
-            if ex.aborted or (ex.error is not None and ex.t_first_byte):
-                dropped["incomplete"] += 1  # a body cut short cannot be read as what was sent
-                return
-            size = cap.req_n + cap.resp_n + len(tail)
-            if len(self.queue) >= self.max_queue or self.bytes_in - self.bytes_out + size > self.max_queue_bytes:
-                dropped["queue_full"] += 1
-                return
-            self.bytes_in += size
-            self.enqueued += 1
-            self.queue.append((SAMPLE, ex, time.time(), cap.req, cap.resp, cap.sse, cap.cut, tail, size))
-            return
-        if cap.tail is None or not (200 <= ex.status < 300) or ex.aborted:
+                reason = "oversized"
+            elif cap.full:
+                reason = "queue_full"
+            elif ex.aborted or (ex.error is not None and ex.t_first_byte):
+                reason = "incomplete"  # a body cut short cannot be read as what was sent
+            else:
+                size = held + len(tail)
+                if len(self.queue) < self.max_queue and not self._no_room(size):
+                    self.bytes_in += size
+                    self.enqueued += 1
+                    self.queue.append((SAMPLE, ex, time.time(), cap.req, cap.resp, cap.sse, cap.cut, tail, size))
+                    return
+                reason = "queue_full"
+            self.dropped[reason] += 1
+            # the sample is lost, its token usage need not be: on an OpenAI route it goes on alone
+        if cap.tail is None or not (200 <= ex.status < 300) or ex.aborted or ex.error is not None:
             return  # no usage to read from a failed or cut response
         size = len(tail)
-        if len(self.queue) >= self.max_queue or self.bytes_in - self.bytes_out + size > self.max_queue_bytes:
+        if len(self.queue) >= self.max_queue or self._no_room(size):
             self.usage_dropped += 1
             return
         self.bytes_in += size
@@ -252,21 +297,24 @@ class Sampler(Observer):
         status = ex.status
         return status // 100 in self.classes or status in self.codes or ex.variant in self.variants
 
+    def _no_room(self, n: int) -> bool:
+        """Would ``n`` more bytes take what samples hold (in flight and queued) past the budget?"""
+        return self.held + self.bytes_in - self.bytes_out + n > self.max_queue_bytes
+
+    def _release(self, cap: _Capture) -> None:
+        """Let go of a capture's bodies (and of their place in the byte budget)."""
+        self.held -= cap.req_n + cap.resp_n
+        cap.req = []
+        cap.resp = []
+        cap.req_n = cap.resp_n = 0
+
     def _cut(self, cap: _Capture, chunk: bytes) -> None:
         """An event stream reached the cap: keep whole events up to it; the rest goes to the tail."""
-        room = self.max_body - cap.resp_n
-        head = chunk[:room]
-        end = max(head.rfind(b"\n\n"), head.rfind(b"\r\n\r\n"))
-        if end >= 0:
-            stop = end + (4 if head.startswith(b"\r\n\r\n", end) else 2)
-            cap.resp.append(chunk[:stop])
-            cap.resp_n += stop
-        else:  # no boundary in this piece: the kept chunks may end mid-event; trim to the last one
-            joined = b"".join(cap.resp)
-            end = max(joined.rfind(b"\n\n"), joined.rfind(b"\r\n\r\n"))
-            stop = end + (4 if joined.startswith(b"\r\n\r\n", end) else 2) if end >= 0 else 0
-            cap.resp = [joined[:stop]] if stop else []
-            cap.resp_n = stop
+        kept = b"".join(cap.resp) + chunk[: self.max_body - cap.resp_n]
+        stop = last_event_end(kept)
+        self.held += stop - cap.resp_n
+        cap.resp = [kept[:stop]] if stop else []
+        cap.resp_n = stop
         cap.cut = True
 
     def stats(self) -> dict[str, Any]:

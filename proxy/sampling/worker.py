@@ -29,7 +29,7 @@ from proxy.drift.engine import DriftEngine
 from proxy.sampling.extract import Dropped, Extractor
 from proxy.sampling.llm import usage_from_tail
 from proxy.sampling.redact import Redactor
-from proxy.sampling.sample import Sample
+from proxy.sampling.sample import Extracted, Sample
 from proxy.sampling.sampler import SAMPLE, Job, Sampler
 from proxy.sinks.base import Sink
 
@@ -169,21 +169,23 @@ class SidePath:
             error=ex.error,
             trace_id=ex.trace_id,
         )
+        extracted: Extracted | None = None
         try:
             extracted = self.extractor.extract(sample)
         except Dropped as exc:
             self.dropped[exc.reason] = self.dropped.get(exc.reason, 0) + 1
-            return
-        self.samples += 1
-        self.rows += len(extracted.rows)
-        if self.engine is not None and (extracted.rows or extracted.predictions):
-            self.engine.add(extracted.rows, extracted.predictions, wall)
-        for sink in self.sinks:
-            sink.offer(sample, extracted)
-        if extracted.usage is not None and ex.path in self.sampler.llm_routes and 200 <= ex.status < 300:
-            self._usage(labels, extracted.usage, ex, sse)
-        elif ex.path in self.sampler.llm_routes and 200 <= ex.status < 300 and tail:
-            usage, _ = usage_from_tail(tail, sse)
+        if extracted is not None:
+            self.samples += 1
+            self.rows += len(extracted.rows)
+            if self.engine is not None and (extracted.rows or extracted.predictions):
+                self.engine.add(extracted.rows, extracted.predictions, wall)
+            for sink in self.sinks:
+                sink.offer(sample, extracted)
+        if ex.path in self.sampler.llm_routes and 200 <= ex.status < 300:
+            # token usage counts for every OpenAI-route response, whether or not the sample was read
+            usage = extracted.usage if extracted is not None else None
+            if usage is None and tail:
+                usage, _ = usage_from_tail(tail, sse)
             if usage is not None:
                 self._usage(labels, usage, ex, sse)
 

@@ -499,3 +499,41 @@ def test_large_reference_scenario_uses_normed_wasserstein() -> None:
     assert {c["method"] for c in report["columns"]} == {"wasserstein"}
     quiet = [column(report, n)["statistics"]["wasserstein"] for n in names if n not in flagged]
     assert max(quiet) < 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# review findings (issue 8)
+
+
+def test_feature_names_from_traffic_are_bounded_in_length_too() -> None:
+    """Issue 8: every traffic-fed series stays bounded. Without a profile the first samples name the
+    features, and a KServe v1 instance keyed by feature name takes the request's keys as they came:
+    one client early on makes a 100,000-character feature name, and it becomes the ``feature`` label
+    of every series of that column (bins, ratios, methods, quality) and a key of /drift. The count
+    of names is capped (drift.max_features), their length is not (the labels cap theirs at 128,
+    string values are clipped at 256)."""
+    long_name = "k" * 100_000
+    engine = DriftEngine(drift_cfg(reference_samples=20, min_samples=5), None)
+    rows = [{long_name: float(i % 7), "age": float(i)} for i in range(40)]
+    engine.add(rows, [], t=0.0)
+    engine.evaluate(now=0.0)
+    text, samples = scrape(engine)
+    longest = max(len(dict(labels).get("feature", "")) for _, labels in samples)
+    assert longest <= 256, f"a feature label of {longest} characters; the exposition is {len(text)} bytes"
+
+
+def test_auto_reference_never_exports_a_feature_and_a_prediction_under_one_name() -> None:
+    """Without a profile, feature and prediction columns are collected under one name budget but
+    profiled apart, so a name seen as a feature in some samples and as a prediction in others (an
+    optional field, a mapping adapter whose request lacks it) becomes two columns of one name: every
+    series of it is written twice (``infermon_feature_drift{feature="score",method="psi"}`` ...),
+    which the exposition format forbids. A loaded profile refuses the same name twice."""
+    engine = DriftEngine(drift_cfg(reference_samples=10, min_samples=2), None)
+    for i in range(20):
+        row = {"age": float(i)} if i % 2 else {"score": float(i)}
+        engine.add([row], [{"score": 0.1 * i}], t=0.0)
+    engine.evaluate(now=0.0)
+    text, _ = scrape(engine)
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")]
+    duplicated = sorted({s for s in series if series.count(s) > 1})
+    assert duplicated == [], duplicated[:3]

@@ -9,10 +9,11 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import web
 
 from proxy.app import ProxyApp
-from proxy.sampling.sampler import SAMPLE, USAGE, Job, Sampler
+from proxy.sampling.sampler import SAMPLE, USAGE, Job, Sampler, last_event_end
 from tests.conftest import ProxyFactory, Serve
 from tests.helpers import Client, free_port, wait_until
 
@@ -177,3 +178,166 @@ async def test_client_abort_mid_response_is_incomplete(make_proxy: ProxyFactory,
 
     await wait_until(dropped)
     assert _jobs(app) == []
+
+
+# -- review findings (issue 8) ------------------------------------------------------------------
+
+
+async def _chat_upstream(serve: Serve, pad: int) -> str:
+    """/v1/chat/completions answering a plain JSON completion with usage, ``pad`` bytes of content."""
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        usage = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+        choice = {"index": 0, "message": {"role": "assistant", "content": "x" * pad}, "finish_reason": "stop"}
+        return web.json_response({"id": "c1", "model": "llama", "choices": [choice], "usage": usage})
+
+    app_ = web.Application()
+    app_.router.add_post("/v1/chat/completions", chat)
+    return await serve(app_)
+
+
+async def test_token_usage_is_counted_when_a_sampled_llm_exchange_is_dropped(
+    make_proxy: ProxyFactory, serve: Serve
+) -> None:
+    """Issue 8: "token usage is counted for every request, not only sampled ones". A sampled
+    exchange whose body is over sampling.max_body_bytes is dropped as a sample (oversized), but its
+    response tail was kept all the same: its usage must still be counted, as it is with sampling off.
+    Today on_complete returns before queueing anything, so the tokens of every large sampled LLM
+    exchange (long prompts, images, batched embeddings) are lost."""
+    from tests.helpers import metric, scrape_metrics
+
+    upstream = await _chat_upstream(serve, pad=4000)  # a response over the cap below
+    app = await make_proxy(upstream, sampling={"rate": 1.0, "max_body_bytes": 1024})
+    small = orjson.dumps({"model": "llama", "messages": [{"role": "user", "content": "hi"}]})
+    large = orjson.dumps({"model": "llama", "messages": [{"role": "user", "content": "y" * 4000}]})
+    for body in (small, large):
+        assert await _post(app, "/v1/chat/completions", body) == 200
+    side = app.sampling.side
+    assert side is not None
+    assert await asyncio.to_thread(side.wait_idle, 10.0)
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_samples_dropped_total", reason="oversized") == 2
+    # both exchanges were answered 200 with usage 11 + 5: both count
+    assert metric(m, "infermon_llm_tokens_total", kind="prompt") == 22
+    assert metric(m, "infermon_llm_tokens_total", kind="completion") == 10
+
+
+async def test_token_usage_is_counted_when_the_configured_adapter_does_not_read_the_llm_body(
+    make_proxy: ProxyFactory, serve: Serve
+) -> None:
+    """The same promise with a configured adapter: a proxy in front of a server that serves KServe v1
+    and OpenAI routes, sampling.adapter kserve_v1. The chat sample is dropped as unparsable by the
+    side path (the body is not what kserve_v1 reads), and its usage goes with it: worker._sample
+    returns on Dropped before counting tokens."""
+    from tests.helpers import metric, scrape_metrics
+
+    upstream = await _chat_upstream(serve, pad=10)
+    app = await make_proxy(upstream, sampling={"rate": 1.0, "adapter": "kserve_v1"})
+    body = orjson.dumps({"model": "llama", "messages": [{"role": "user", "content": "hi"}]})
+    assert await _post(app, "/v1/chat/completions", body) == 200
+    side = app.sampling.side
+    assert side is not None
+    assert await asyncio.to_thread(side.wait_idle, 10.0)
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_samples_dropped_total", reason="unparsable") == 1
+    assert metric(m, "infermon_llm_tokens_total", kind="prompt") == 11
+
+
+async def test_event_stream_with_cr_line_ends_is_cut_at_an_event_boundary(
+    make_proxy: ProxyFactory, serve: Serve
+) -> None:
+    """Issue 8: "SSE responses are captured event by event up to the cap". The SSE grammar (WHATWG
+    HTML, 9.2.5) ends lines in CRLF, LF or CR alone, so "\\r\\r" ends an event as "\\n\\n" does.
+    Sampler._cut looks only for "\\n\\n" and "\\r\\n\\r\\n": a CR-only stream over the cap keeps no
+    event at all."""
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"".join(b'data: {"i": %d}\r\r' % i for i in range(40)))  # one piece, past the cap
+        await resp.write_eof()
+        return resp
+
+    app_ = web.Application()
+    app_.router.add_get("/sse", sse)
+    app = await _frozen(make_proxy, await serve(app_), sampling={"rate": 1.0, "max_body_bytes": 100})
+    client = await Client.connect(app.proxy_address)
+    resp = await client.request("GET", "/sse")
+    assert resp.status == 200
+    (job,) = _jobs(app)
+    _, _, _, _, out, sse_, cut, _, _ = job
+    kept = b"".join(out)
+    assert sse_ and cut
+    assert kept.startswith(b'data: {"i": 0}\r\r')  # the whole events that fit in 100 bytes
+    assert kept.endswith(b"\r\r") and len(kept) <= 100
+
+
+@pytest.mark.parametrize(
+    ("data", "end"),
+    [
+        (b"data: a\n\ndata: b\n\n", 18),
+        (b"data: a\r\rdata: b", 9),
+        (b"data: a\r\n\r\ndata", 11),
+        (b"data: a\n\r\n", 10),
+        (b"data: a\r\r\n", 10),
+        (b": comment\n\n", 11),
+        (b"data: a\r\n", 0),  # one line end: the event is not over
+        (b"data: a\n\r", 0),  # a last CR may be half of a CRLF
+        (b"", 0),
+    ],
+)
+def test_last_event_end_follows_the_event_stream_line_ends(data: bytes, end: int) -> None:
+    assert last_event_end(data) == end
+
+
+async def test_the_byte_budget_is_given_back_whatever_became_of_the_sample(
+    make_proxy: ProxyFactory, upstream: str
+) -> None:
+    app = await _frozen(
+        make_proxy,
+        upstream,
+        sampling={"rate": 0.5, "always": {"status": ["5xx"]}, "max_body_bytes": 300, "queue_size": 2},
+    )
+    client = await Client.connect(app.proxy_address)
+    for i in range(12):
+        await client.request("POST", "/echo", body=b"x" * (50 + 40 * i))  # some over the cap
+        await client.request("POST", "/status/503", body=b"{}")
+        await client.request("GET", "/sse?events=30&delay=0")  # cut at the cap
+    sampler = _sampler(app)
+    assert sampler.held == 0  # nothing in flight holds a byte of the budget
+    queued = sum(job[8] for job in _jobs(app))
+    assert sampler.bytes_in - sampler.bytes_out == queued
+
+
+async def test_candidates_of_a_status_rule_share_the_byte_budget(make_proxy: ProxyFactory, serve: Serve) -> None:
+    release = asyncio.Event()
+    arrived: list[int] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.append(len(await request.read()))
+        await release.wait()
+        return web.json_response({"ok": True})
+
+    app_ = web.Application()
+    app_.router.add_post("/slow", slow)
+    app = await _frozen(
+        make_proxy,
+        await serve(app_),
+        sampling={"always": {"status": ["5xx"]}, "max_body_bytes": 4096, "max_queue_bytes": 5000},
+    )
+    sampler = _sampler(app)
+    clients = [await Client.connect(app.proxy_address) for _ in range(3)]
+    for c in clients:  # three requests in flight, each holding 2 KB until its status is known
+        await c.send(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n\r\n" + b"y" * 2000)
+
+    async def all_arrived() -> bool:
+        return len(arrived) == 3
+
+    await wait_until(all_arrived)
+    assert sampler.held == 4000  # the third body did not fit: it went upstream, not into the budget
+    release.set()
+    for c in clients:
+        assert (await c.response()).status == 200
+    assert sampler.held == 0
+    assert _jobs(app) == []  # 200s: no rule kept them
