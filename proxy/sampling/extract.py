@@ -138,6 +138,15 @@ def _load(body: bytes | str, max_depth: int, budget: _Budget) -> Any:
             raise Dropped("hostile", f"nested deeper than {max_depth}") from None
         except ValueError:
             return _NOT_JSON
+    if type(obj) is dict or type(obj) is list:
+        size = len(body)
+        # nesting needs an opening bracket per level, and every value takes at least one byte: a
+        # body with few brackets and room for all its bytes cannot pass either bound, so the walk
+        # is skipped (counting the body as one value per byte, an upper bound)
+        raw_bytes = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
+        if budget.elements + size <= budget.max_elements and raw_bytes.count(b"[") + raw_bytes.count(b"{") <= max_depth:
+            budget.elements += size
+            return obj
     _check(obj, max_depth, budget)
     return obj
 
