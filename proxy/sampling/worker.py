@@ -20,18 +20,20 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.drift.engine import DriftEngine
 from proxy.sampling.extract import Dropped, Extractor
 from proxy.sampling.llm import usage_from_tail
 from proxy.sampling.redact import Redactor
 from proxy.sampling.sample import Extracted, Sample
 from proxy.sampling.sampler import SAMPLE, Job, Sampler
-from proxy.sinks.base import Sink
+
+if TYPE_CHECKING:  # numpy comes with the drift engine: imported only when sampling is on
+    from proxy.drift.engine import DriftEngine
+    from proxy.sinks.base import Sink
 
 log = logging.getLogger("infermon.sampling")
 

@@ -246,3 +246,21 @@ async def test_sampling_rate_is_honoured(make_proxy: ProxyFactory, serve: Serve,
     got = metric(m, "infermon_samples_total")
     # binomial(600, 0.1): mean 60, sd 7.3; 6 sd either side
     assert 16 <= got <= 104
+
+
+def test_a_proxy_without_sampling_never_loads_numpy() -> None:
+    """numpy (and the drift engine) cost ~15 MB of RSS: only a proxy that samples loads them."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from proxy.app import ProxyApp\n"
+        "from proxy.settings import ProxyConfig\n"
+        "ProxyApp(ProxyConfig())\n"
+        "assert 'numpy' not in sys.modules, 'numpy loaded'\n"
+        "assert 'proxy.drift.engine' not in sys.modules\n"
+        "ProxyApp(ProxyConfig.model_validate({'sampling': {'rate': 0.5}}))\n"
+        "assert 'numpy' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
