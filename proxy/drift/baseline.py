@@ -24,11 +24,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from decimal import Decimal
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.drift.profile import Profile, ProfileError, build_profile
+if TYPE_CHECKING:
+    from proxy.drift.profile import Profile
 
 FORMATS = ("csv", "jsonl", "parquet")
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
@@ -104,6 +105,9 @@ def register(subparsers: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # numpy comes with the profile module: loaded when a profile is built, not by every command
+    from proxy.drift.profile import ProfileError
+
     try:
         profile, written = run(args)
     except (DataError, ProfileError) as exc:
@@ -134,6 +138,8 @@ def summary(profile: Profile, written: str) -> str:
 
 def run(args: argparse.Namespace) -> tuple[Profile, str]:
     """Read, profile, write; raises DataError or ProfileError."""
+    from proxy.drift.profile import build_profile
+
     name = "<stdin>" if args.data == "-" else args.data
     out = _Output(args.out)  # a directory that is not there fails before the data is read
     try:

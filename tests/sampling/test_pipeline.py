@@ -254,6 +254,8 @@ def test_a_proxy_without_sampling_never_loads_numpy() -> None:
 
     code = (
         "import sys\n"
+        "from proxy import cli\n"
+        "cli.build_parser()\n"
         "from proxy.app import ProxyApp\n"
         "from proxy.settings import ProxyConfig\n"
         "ProxyApp(ProxyConfig())\n"
