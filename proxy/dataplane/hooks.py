@@ -10,7 +10,9 @@ Hook points, in request order:
 - ``on_request_head(ex)``: request head parsed, before it is sent upstream. May add headers
   (``ex.request_headers`` is the list that will be sent) and set labels. Requests the proxy answers
   itself after reading their head (limits, invalid fields) get it too, just before ``on_complete``.
-- ``on_request_body(ex, chunk)``: each request body piece, as received.
+- ``on_request_body(ex, chunk)``: each request body piece, as received, always after
+  ``on_request_head`` (a pipelined request's pieces read ahead of its turn are held, then handed
+  over right after its head).
 - ``on_upstream_head(ex)``: final response head received, before it is sent to the client;
   ``ex.response_headers`` may be read or changed; labels from response headers are set here.
 - ``on_first_byte(ex)``: the first response body byte (time to first token for streams).

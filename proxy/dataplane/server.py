@@ -103,6 +103,7 @@ class _Request:
         "chunked_in",
         "chunked_out",
         "close_after",
+        "early",
         "error",
         "ex",
         "head",
@@ -128,6 +129,9 @@ class _Request:
         self.head: RequestHead | None = None
         self.wire = b""  # the request head as sent upstream
         self.headed = False  # on_request_head has run
+        #: body pieces read before on_request_head ran (a pipelined request's, read ahead of its
+        #: turn): handed to on_request_body right after it, so observers see them in order
+        self.early: list[bytes] | None = None
         self.head_only = False  # HEAD: the response has no body whatever its fields say
         self.chunked_in = False  # the request body comes chunked and goes up chunked
         self.chunked_out = False  # the response body goes to the client chunked
@@ -386,7 +390,12 @@ class ClientConnection(asyncio.Protocol):
         if self.deadline_kind == T_BODY and self.deadline.when is not None:  # armed: the active body
             self.deadline.set_in(self.limits.body_timeout)
         if self.hooks.request_body:
-            self.hooks.call(self.hooks.request_body, "on_request_body", ex, body)
+            if req.headed:
+                self.hooks.call(self.hooks.request_body, "on_request_body", ex, body)
+            elif req.early is None:
+                req.early = [body]
+            else:
+                req.early.append(body)
         if req.chunked_in:
             self._send_up(req, b"%x\r\n" % len(body))
             self._send_up(req, body)
@@ -449,6 +458,11 @@ class ClientConnection(asyncio.Protocol):
         hooks = self.hooks
         if hooks.request_head:
             hooks.call(hooks.request_head, "on_request_head", ex)
+        early = req.early
+        if early is not None:  # what was read of its body before its turn, in order
+            req.early = None
+            for piece in early:
+                hooks.call(hooks.request_body, "on_request_body", ex, piece)
         # routing comes before serialization: the chosen upstream supplies a missing Host, and the
         # router (like any observer before it) may still add to ex.request_headers
         pool = req.pool = plane.route(ex)

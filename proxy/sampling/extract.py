@@ -382,7 +382,8 @@ def _tensors(items: Any, ctx: _Context) -> list[_Tensor]:
     """The well-formed tensors of an ``inputs`` or ``outputs`` list; redacted ones leave the list.
 
     A tensor is left out when its shape is not a list of non-negative ints or its data does not hold
-    exactly the shape's number of values.
+    exactly the shape's number of values (a BYTES tensor may give its strings' length as its last
+    dimension, as MLServer's string codec does: that dimension is then not a feature axis).
     """
     if type(items) is not list:
         return []
@@ -402,6 +403,12 @@ def _tensors(items: Any, ctx: _Context) -> list[_Tensor]:
             continue
         values = _flatten(data, ctx.budget)
         size = math.prod(shape)
+        # BYTES may count bytes in the last dimension (MLServer's string codec: ["hello", "bye"] with
+        # shape [2, 11]): one string per element of the other dimensions
+        bytes_length_last = item.get("datatype") == "BYTES" and len(shape) >= 2
+        if size != len(values) and bytes_length_last and math.prod(shape[:-1]) == len(values):
+            shape = shape[:-1]
+            size = len(values)
         if size != len(values):
             continue
         n = shape[0] if shape else 1

@@ -17,6 +17,7 @@ from tests.helpers import (
     Client,
     RawUpstream,
     bound_socket,
+    build_request,
     metric,
     read_request_head,
     scrape_metrics,
@@ -363,3 +364,39 @@ async def test_on_complete_once_for_an_upgraded_tunnel(
     assert metric(m, "infermon_requests_total", code="101") == 1
     assert metric(m, "infermon_client_aborts_total") == 0
     assert metric(m, "infermon_requests_in_flight") == 0
+
+
+class Order(Observer):
+    """Records the hook calls of every exchange, in order."""
+
+    name = "order"
+
+    def __init__(self) -> None:
+        self.calls: dict[int, list[str]] = {}
+        self.bodies: dict[int, bytes] = {}
+
+    def on_request_head(self, ex: Exchange) -> None:
+        self.calls.setdefault(id(ex), []).append("head")
+
+    def on_request_body(self, ex: Exchange, chunk: bytes) -> None:
+        self.calls.setdefault(id(ex), []).append("body")
+        self.bodies[id(ex)] = self.bodies.get(id(ex), b"") + chunk
+
+    def on_complete(self, ex: Exchange) -> None:
+        self.calls.setdefault(id(ex), []).append("complete")
+
+
+async def test_pipelined_bodies_reach_observers_after_their_head(make_proxy: ProxyFactory, upstream: str) -> None:
+    """A pipelined request's body is read before its turn; its pieces wait for its on_request_head."""
+    order = Order()
+    app = await make_proxy(upstream, observers=(order,))
+    client = await Client.connect(app.proxy_address)
+    bodies = [b"first-body", b"second-body-" * 20, b"third"]
+    await client.send(b"".join(build_request("POST", "/echo", body=b) for b in bodies))
+    for _ in bodies:
+        assert (await client.response()).status == 200
+    calls = list(order.calls.values())
+    assert len(calls) == 3
+    for seen in calls:
+        assert seen[0] == "head" and seen[-1] == "complete" and "body" in seen
+    assert sorted(order.bodies.values()) == sorted(bodies)

@@ -868,3 +868,22 @@ def test_random_json_only_ever_raises_dropped() -> None:
         ex = extractors[(rng.choice(adapters), rng.random() < 0.5)]
         outcomes[attempt(ex, sample)] += 1
     assert outcomes["ok"] > 500 and outcomes["unparsable"] > 50
+
+
+def test_mlserver_bytes_tensor_with_the_string_length_in_its_shape_is_one_categorical_column() -> None:
+    """MLServer's content-type example (its docs, examples/content-type) sends a BYTES input of two
+    strings with shape [2, 11]: the trailing dimension is the string length, not a feature axis.
+    The column is categorical and must not be left out (one row per instance, BYTES categorical)."""
+    request = {
+        "inputs": [
+            {"name": "parameters-np", "datatype": "INT32", "shape": [2, 2], "data": [1, 2, 3, 4],
+             "parameters": {"content_type": "np"}},
+            {"name": "parameters-str", "datatype": "BYTES", "shape": [2, 11],
+             "data": ["hello world 😁", "bye bye 😁"], "parameters": {"content_type": "str"}},
+        ],
+        "parameters": {"content_type": "pd"},
+    }  # fmt: skip
+    out = run(make("/v2/models/content-type-example/infer", orjson.dumps(request)))
+    assert out.adapter == "oip_v2"
+    assert [row.get("parameters-str") for row in out.rows] == ["hello world 😁", "bye bye 😁"]
+    assert [row["parameters-np[1]"] for row in out.rows] == [2, 4]

@@ -341,3 +341,23 @@ async def test_candidates_of_a_status_rule_share_the_byte_budget(make_proxy: Pro
         assert (await c.response()).status == 200
     assert sampler.held == 0
     assert _jobs(app) == []  # 200s: no rule kept them
+
+
+async def test_pipelined_requests_each_keep_their_own_body(make_proxy: ProxyFactory, upstream: str) -> None:
+    """Two requests written in one segment (HTTP/1.1 pipelining): the second one's body is parsed
+    before its turn; its sample must still hold its bytes, not an empty body."""
+    from tests.helpers import build_request
+
+    app = await _frozen(make_proxy, upstream, sampling={"rate": 1.0})
+    first = orjson.dumps({"instances": [[1.0]]})
+    second = orjson.dumps({"instances": [[2.0, 3.0]]})
+    client = await Client.connect(app.proxy_address)
+    await client.send(
+        build_request("POST", "/v1/models/a:predict", body=first)
+        + build_request("POST", "/v1/models/b:predict", body=second)
+    )
+    one, two = await client.response(), await client.response()
+    assert one.status == two.status == 200
+    assert orjson.loads(two.body)["length"] == len(second)  # the upstream got it
+    bodies = {job[1].path: b"".join(job[3]) for job in _jobs(app)}
+    assert bodies == {"/v1/models/a:predict": first, "/v1/models/b:predict": second}
