@@ -14,7 +14,7 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -31,6 +31,7 @@ from proxy.settings import ProxyConfig, split_host_port
 if TYPE_CHECKING:
     from proxy.observe.accesslog import AccessLog
     from proxy.observe.tracing import TracingObserver
+    from proxy.routing.split import Splitter
 
 log = logging.getLogger("infermon")
 
@@ -58,8 +59,18 @@ class ProxyApp:
         #: payload sampling, drift, sinks and LLM usage (docs/drift.md); its observer reads final labels
         self.sampling = Sampling(cfg)
         extra.append(self.sampling.sampler)
+        #: canary / A-B split between named upstreams (docs/canary.md): first, it sets ex.variant
+        self.splitter: Splitter | None = None
+        first: list[Observer] = []
+        labeler = Labeler(cfg.labels, cfg.llm)
+        if cfg.upstreams:
+            from proxy.routing import split
+
+            self.splitter = split.Splitter(cfg)
+            first.append(self.splitter)
+            labeler.admit_variants(cfg.variants())
         #: every observer, in hook order; each gets start / collector / aclose, passed-in ones too
-        self.observers: list[Observer] = [Labeler(cfg.labels, cfg.llm), self.metrics, *extra, *observers]
+        self.observers: list[Observer] = [*first, labeler, self.metrics, *extra, *observers]
         self.hooks = Hooks(self.observers)
         self.metrics.hooks = self.hooks
         self.readiness = Readiness()
@@ -75,6 +86,10 @@ class ProxyApp:
             log.warning("admin.token is shorter than 16 characters: easy to guess (openssl rand -hex 32 makes one)")
         self.admin_app = build_admin_app(self.registry, self.readiness, cfg.public_dict, token=token)
         self.sampling.add_routes(self.admin_app)
+        if self.splitter is not None:
+            from proxy.routing.admin import add_split_routes
+
+            add_split_routes(self.admin_app, self.splitter)
         self.plane: DataPlane | None = None
         self.probes: list[UpstreamProbe] = []
         self._started: list[Observer] = []
@@ -96,6 +111,11 @@ class ProxyApp:
                 log.exception("observer %s failed to start", obs.name)
             self._started.append(obs)
         plane = self.plane = DataPlane(cfg, self.hooks)
+        for name, url in sorted(cfg.upstreams.items()):
+            plane.add_upstream(name, url)
+        if self.splitter is not None:
+            self.splitter.pools = plane.upstreams
+            plane.router = self.splitter.route
         self.metrics.in_flight = lambda: plane.in_flight
         self.registry.register(plane.collector())
         await plane.start(listen)
@@ -104,6 +124,10 @@ class ProxyApp:
             probe = UpstreamProbe(self.readiness, pool, cfg.readiness)
             probe.start()
             self.probes.append(probe)
+        if self.splitter is not None:
+            health = {p.pool.name: p for p in self.probes}
+            # not probed yet counts as up: the first probe round decides
+            self.splitter.healthy = lambda name: health[name].healthy is not False if name in health else True
         self._runner = web.AppRunner(self.admin_app, access_log=None, handle_signals=False)
         await self._runner.setup()
         if admin is not None:
@@ -124,10 +148,38 @@ class ProxyApp:
         name = self._runner.addresses[0]
         return name[0], name[1]
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self, reload: Callable[[], ProxyConfig] | None = None) -> None:
+        """SIGTERM / SIGINT drain and stop; SIGHUP calls ``reload`` (it reads the configuration
+        again) and applies what can change while running: the split weights."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signalled, sig)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._reload, reload)
+
+    def _reload(self, reload: Callable[[], ProxyConfig]) -> None:
+        try:
+            cfg = reload()
+        except Exception as exc:  # a bad file keeps what runs: logged, never fatal
+            log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
+            return
+        self.apply(cfg, "SIGHUP")
+
+    def apply(self, cfg: ProxyConfig, source: str) -> None:
+        """Apply the run-time changeable part of a new configuration (the split weights)."""
+        if self.splitter is None:
+            log.info("%s: configuration read; nothing to change at run time (no split configured)", source)
+            return
+        if cfg.variants() != self.cfg.variants():
+            log.warning("%s: upstreams changed in the file: they take effect at the next start", source)
+        weights = cfg.split.weights or {"stable": 1.0}
+        try:
+            checked = self.splitter.check_weights(weights)
+        except ValueError as exc:
+            log.error("%s: split.weights not applied: %s", source, exc)
+            return
+        if checked != self.splitter.table.weights:
+            self.splitter.set_weights(checked, source)
 
     def _signalled(self, sig: signal.Signals) -> None:
         log.info("%s received: draining", sig.name)

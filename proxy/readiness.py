@@ -24,32 +24,45 @@ log = logging.getLogger("infermon.readiness")
 
 
 class Readiness:
+    """Gates that decide /readyz, and reports shown beside them that do not (a canary's upstream)."""
+
     def __init__(self) -> None:
         self.gates: dict[str, tuple[bool, str, float]] = {}
+        #: shown in /readyz under "reports", never making it false
+        self.reports: dict[str, tuple[bool, str, float]] = {}
 
-    def set(self, gate: str, ok: bool, reason: str = "") -> None:
-        previous = self.gates.get(gate)
+    def set(self, gate: str, ok: bool, reason: str = "", gating: bool = True) -> None:
+        table = self.gates if gating else self.reports
+        previous = table.get(gate)
         if previous is None or previous[0] != ok:
-            log.info("readiness gate %s is now %s%s", gate, "open" if ok else "closed", f": {reason}" if reason else "")
-        self.gates[gate] = (ok, reason, time.time())
+            what = "readiness gate" if gating else "readiness report"
+            log.info("%s %s is now %s%s", what, gate, "open" if ok else "closed", f": {reason}" if reason else "")
+        table[gate] = (ok, reason, time.time())
 
     @property
     def ready(self) -> bool:
         return bool(self.gates) and all(ok for ok, _, _ in self.gates.values())
 
     def snapshot(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "ready": self.ready,
             "gates": {name: {"ok": ok, "reason": reason} for name, (ok, reason, _) in sorted(self.gates.items())},
         }
+        if self.reports:
+            out["reports"] = {
+                name: {"ok": ok, "reason": reason} for name, (ok, reason, _) in sorted(self.reports.items())
+            }
+        return out
 
 
 class UpstreamProbe:
     """Checks one upstream pool every ``interval``: a GET of ``path`` expecting 2xx, or a TCP connect.
 
-    The gate is ``upstream`` for the default upstream (``stable``) and ``upstream:NAME`` for the
-    others. An upstream that cannot be reached is logged once at WARNING with the reason (refused,
-    DNS failure, timeout ...), and again when it answers: not once per probe.
+    The gate is ``upstream`` for the default upstream (``stable``); the others (the variants of a
+    split) are reported as ``upstream:NAME`` without gating /readyz: a canary that is down must not
+    take the pod, and its stable traffic, out of its Service. An upstream that cannot be reached is
+    logged once at WARNING with the reason (refused, DNS failure, timeout ...), and again when it
+    answers: not once per probe.
     """
 
     def __init__(self, readiness: Readiness, pool: UpstreamPool, cfg: ReadinessConfig) -> None:
@@ -61,11 +74,12 @@ class UpstreamProbe:
         self.cfg = cfg
         #: for an https:// upstream: the probe then connects with TLS (as the data plane does)
         self.tls = pool.ssl
-        self.gate = "upstream" if pool.name == "stable" else f"upstream:{pool.name}"
+        self.gating = pool.name == "stable"
+        self.gate = "upstream" if self.gating else f"upstream:{pool.name}"
         self.healthy: bool | None = None  # None: not probed yet
         self.rounds = 0  # checks made so far
         self._task: asyncio.Task[None] | None = None
-        readiness.set(self.gate, False, "not probed yet")
+        readiness.set(self.gate, False, "not probed yet", self.gating)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -112,7 +126,7 @@ class UpstreamProbe:
             log.warning("%s is ready again: %s", where, reason)
         self.healthy = ok
         self.rounds += 1
-        self.readiness.set(self.gate, ok, reason)
+        self.readiness.set(self.gate, ok, reason, self.gating)
 
     async def _run(self) -> None:
         last_error = ""

@@ -64,6 +64,26 @@ def _check_header_name(value: str) -> str:
 HeaderName = Annotated[str, AfterValidator(_check_header_name)]
 
 
+_VARIANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_upstream_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL, for example http://127.0.0.1:8000")
+    if not parts.hostname:
+        raise ValueError("has no host, for example http://127.0.0.1:8000")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            "must not carry a path, query or fragment: requests keep their own path (write http://host:port)"
+        )
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -486,6 +506,32 @@ class Llm(_Section):
     scan_bytes: Annotated[int, Field(ge=64)] = 4096  # the first body bytes searched for `model`
 
 
+_STICKY = re.compile(r"^(header|cookie):([!#$%&'*+.^_`|~0-9A-Za-z-]+)$")
+
+
+def _check_sticky(value: str | None) -> str | None:
+    if value is None:
+        return None
+    m = _STICKY.match(value.strip())
+    if not m:
+        raise ValueError("must be header:NAME or cookie:NAME, for example header:x-user-id or cookie:session")
+    kind, name = m.groups()
+    return f"{kind}:{name.lower()}" if kind == "header" else f"{kind}:{name}"
+
+
+class Split(_Section):
+    """Weighted, sticky splitting of client traffic between the named upstreams (docs/canary.md)."""
+
+    #: variant -> weight (shares, any scale); empty: every request goes to stable
+    weights: Annotated[dict[str, Annotated[float, Field(ge=0)]], BeforeValidator(_parse_kv_list)] = Field(
+        default_factory=dict
+    )
+    #: header:NAME or cookie:NAME: requests with the same key always get the same variant
+    sticky: Annotated[str | None, AfterValidator(_check_sticky)] = None
+    force_header: HeaderName | None = None  # a request header naming a variant sends it there (tests); off
+    failover: bool = False  # a variant whose upstream is down gives its share to the others
+
+
 def _sdk_disabled(raw: str) -> bool:
     return raw.strip().lower() != "true"  # OTEL_SDK_DISABLED=true switches tracing off
 
@@ -594,6 +640,9 @@ class ProxyConfig(_Section):
 
     listen: HostPort = "0.0.0.0:8080"
     upstream: str = "http://127.0.0.1:8000"
+    #: more named upstreams (variants) beside ``upstream`` (named stable): name -> URL
+    upstreams: dict[str, str] = Field(default_factory=dict)
+    split: Split = Field(default_factory=Split)
     admin: Annotated[Admin, BeforeValidator(_admin_shorthand)] = Field(default_factory=Admin)
     request_id_header: HeaderName = "x-request-id"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -613,21 +662,50 @@ class ProxyConfig(_Section):
     @field_validator("upstream")
     @classmethod
     def _upstream_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https"):
-            raise ValueError("must be an http:// or https:// URL, for example http://127.0.0.1:8000")
-        if not parts.hostname:
-            raise ValueError("has no host, for example http://127.0.0.1:8000")
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ValueError("has an invalid port") from None
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(
-                "must not carry a path, query or fragment: requests keep their own path "
-                "(write http://host:port)"
-            )
+        return check_upstream_url(value)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstream_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, url in value.items():
+            if not _VARIANT.match(name):
+                raise ValueError(
+                    f"{name!r} is not an upstream name: letters, digits, '_', '.', '-', at most 64 "
+                    "(it becomes the variant label)"
+                )
+            try:
+                check_upstream_url(url)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stable_in_upstreams(cls, data: Any) -> Any:
+        """``upstreams: {stable: URL}`` (or ``--upstream stable=URL``) is ``upstream: URL``."""
+        if isinstance(data, dict) and isinstance(data.get("upstreams"), dict) and "stable" in data["upstreams"]:
+            data = dict(data)
+            upstreams = dict(data["upstreams"])
+            data["upstream"] = upstreams.pop("stable")
+            data["upstreams"] = upstreams
+        return data
+
+    @model_validator(mode="after")
+    def _split_names_known(self) -> ProxyConfig:
+        known = {"stable", *self.upstreams}
+        unknown = [n for n in self.split.weights if n not in known]
+        if unknown:
+            raise ValueError(
+                f"split.weights names {', '.join(map(repr, unknown))}, not an upstream (known: "
+                f"{', '.join(sorted(known))}); add it with --upstream NAME=URL or upstreams.NAME"
+            )
+        if self.split.weights and not any(w > 0 for w in self.split.weights.values()):
+            raise ValueError("split.weights: every weight is 0; give at least one variant a weight above 0")
+        return self
+
+    def variants(self) -> list[str]:
+        """Every upstream name, ``stable`` first."""
+        return ["stable", *sorted(self.upstreams)]
 
     def upstream_target(self) -> tuple[str, str, int]:
         """(scheme, host, port) of the upstream URL."""

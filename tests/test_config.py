@@ -135,9 +135,9 @@ def test_unknown_key_in_file(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_key_in_file(tmp_path: Path) -> None:
-    path = _file(tmp_path, "listen: 127.0.0.1:1\nupstreams: http://x\n")
+    path = _file(tmp_path, "listen: 127.0.0.1:1\nupstrem: http://x\n")
     message = _error(path)
-    assert "unknown key upstreams" in message
+    assert "unknown key upstrem" in message
     assert "listen" not in message
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from proxy import _compiled, config, loop
 from proxy.app import ProxyApp
-from proxy.errors import ListenError
+from proxy.errors import ConfigError, ListenError
 from proxy.settings import ProxyConfig
 
 log = logging.getLogger("infermon")
@@ -24,7 +25,23 @@ def register(subparsers: Any) -> None:
         "flags win over the environment, which wins over the file.",
     )
     p.add_argument("--listen", metavar="HOST:PORT", help="where clients connect (default 0.0.0.0:8080)")
-    p.add_argument("--upstream", metavar="URL", help="the model server (default http://127.0.0.1:8000)")
+    p.add_argument(
+        "--upstream",
+        metavar="[NAME=]URL",
+        action="append",
+        help="the model server (default http://127.0.0.1:8000); repeat with NAME=URL for variants "
+        "(--upstream stable=URL --upstream canary=URL); a bare URL is named stable",
+    )
+    p.add_argument(
+        "--split",
+        metavar="NAME=WEIGHT,...",
+        help="how client traffic is shared between the upstreams, for example stable=95,canary=5",
+    )
+    p.add_argument(
+        "--sticky",
+        metavar="header:NAME|cookie:NAME",
+        help="keep each user on one variant by hashing this request header or cookie",
+    )
     p.add_argument("--admin", metavar="HOST:PORT", help="admin server for /metrics (default 0.0.0.0:9464)")
     p.add_argument(
         "--admin-token",
@@ -48,14 +65,44 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _upstreams(values: list[str] | None) -> tuple[str | None, dict[str, str] | None]:
+    """``--upstream`` values: (the bare or ``stable=`` URL, the named ones)."""
+    if not values:
+        return None, None
+    bare: str | None = None
+    named: dict[str, str] = {}
+    for value in values:
+        name, sep, url = value.partition("=")
+        if sep and "://" not in name:
+            if name in named or (name == "stable" and bare is not None):
+                raise ConfigError(f"config error: --upstream names {name!r} twice: give each variant one URL")
+            named[name] = url
+        else:
+            if bare is not None:
+                raise ConfigError(
+                    "config error: --upstream given twice without a name: name the variants, for example "
+                    "--upstream stable=http://127.0.0.1:8000 --upstream canary=http://127.0.0.1:8001"
+                )
+            bare = value
+    if "stable" in named:
+        if bare is not None:
+            raise ConfigError("config error: --upstream gives stable twice (a bare URL is named stable)")
+        bare = named.pop("stable")
+    return bare, named or None
+
+
 def load_config(args: argparse.Namespace) -> ProxyConfig:
+    upstream, upstreams = _upstreams(args.upstream)
     return config.load(
         ProxyConfig,
         file=args.config,
         ignore_env_prefixes=("INFERMON_AGENT_",),
         flags={
             "listen": args.listen,
-            "upstream": args.upstream,
+            "upstream": upstream,
+            "upstreams": upstreams,
+            "split.weights": args.split,
+            "split.sticky": args.sticky,
             "admin.listen": args.admin,
             "admin.token": args.admin_token,
             "sampling.rate": args.sample_rate,
@@ -67,6 +114,8 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
             "admin.token": "admin-token",
             "sampling.rate": "sample-rate",
             "drift.reference": "reference",
+            "upstreams": "upstream",
+            "split.weights": "split",
         },
     )
 
@@ -82,10 +131,10 @@ def setup_logging(level: str) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     setup_logging(cfg.log_level)
-    return loop.run(serve(cfg))
+    return loop.run(serve(cfg, reload=lambda: load_config(args)))
 
 
-async def serve(cfg: ProxyConfig) -> int:
+async def serve(cfg: ProxyConfig, reload: Callable[[], ProxyConfig] | None = None) -> int:
     app = ProxyApp(cfg)
     try:
         await app.start()
@@ -94,7 +143,7 @@ async def serve(cfg: ProxyConfig) -> int:
         key, address = ("admin", cfg.admin.listen) if admin else ("listen", cfg.listen)
         await app.shutdown()  # observers were started and maybe the data plane: they end cleanly
         raise ListenError(address, exc, f"change {key} or --{key}") from None
-    app.install_signal_handlers()
+    app.install_signal_handlers(reload)
     log.info(
         "infermon proxy on %s -> %s; metrics on http://%s/metrics (%s, %s data plane)",
         cfg.listen,
@@ -103,6 +152,14 @@ async def serve(cfg: ProxyConfig) -> int:
         loop.loop_name(),
         _compiled.mode(),
     )
+    if app.splitter is not None:
+        state = app.splitter.state()
+        log.info(
+            "split between %s; shares %s%s",
+            ", ".join(f"{n} ({config.mask_url(cfg.upstreams[n])})" for n in sorted(cfg.upstreams)) + " and stable",
+            state["shares"],
+            f", sticky on {state['sticky']}" if state["sticky"] else "",
+        )
     await app.wait_for_signal()
     await app.shutdown()
     return 0

@@ -58,6 +58,7 @@ class Exchange:
         "target",
         "trace_id",
         "upgraded",
+        "upstream",
         "variant",
         "version",
     )
@@ -85,6 +86,8 @@ class Exchange:
         self.model = ""
         self.version = ""
         self.variant = ""
+        #: the named upstream a split chose (its name is also the variant label); "" without a split
+        self.upstream = ""
         #: upstream error kind (connect, timeout, reset, protocol) or a client-side reason
         self.error: str | None = None
         self.aborted = False  # the client went away before the response was complete

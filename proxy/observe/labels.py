@@ -161,11 +161,22 @@ class Labeler(Observer):
     def collector(self) -> Collector:
         return LabelCollector(self)
 
+    def admit_variants(self, names: list[str]) -> None:
+        """The variants of a split (configured upstream names): admitted from the start, each with
+        the default model and version, so their first requests need no 2xx to be labelled."""
+        model, version, _ = self.defaults
+        for name in names:
+            variant = self.cap_variant.admit(name)
+            if variant != OTHER:
+                self.combinations.add((model, version, variant))
+
     # -- hooks --------------------------------------------------------------------------------
 
     def on_request_head(self, ex: Exchange) -> None:
         cfg = self.cfg
         model, version, variant = self.defaults
+        if ex.variant:  # a split chose the variant (the upstream's name, from the configuration)
+            variant = ex.variant
         if not (cfg.from_path and ex.path.startswith(("/v1/models/", "/v2/models/"))):
             routes = self.llm_routes
             if routes is not None and ex.path in routes:  # the model comes from the body, if it says
