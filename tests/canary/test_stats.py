@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import scipy.stats as ss
 
@@ -18,7 +19,7 @@ def rel_err(ours: float, theirs: float) -> float:
     return abs(ours - theirs) / max(abs(theirs), 1e-300)
 
 
-def _samples(rng: np.random.Generator, trial: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[type-arg]
+def _samples(rng: np.random.Generator, trial: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     n1 = int(rng.integers(1, 40))
     n2 = int(rng.integers(1, 40))
     kind = trial % 4
