@@ -29,6 +29,7 @@ from proxy.sampling.setup import Sampling
 from proxy.settings import ProxyConfig, split_host_port
 
 if TYPE_CHECKING:
+    from proxy.canary.observer import CanaryObserver
     from proxy.observe.accesslog import AccessLog
     from proxy.observe.tracing import TracingObserver
     from proxy.routing.split import Splitter
@@ -69,6 +70,15 @@ class ProxyApp:
             self.splitter = split.Splitter(cfg)
             first.append(self.splitter)
             labeler.admit_variants(cfg.variants())
+        #: the automated canary analysis: with a split, or when a mesh names the variant
+        self.canary: CanaryObserver | None = None
+        if cfg.canary.enabled and (cfg.upstreams or cfg.labels.variant_header):
+            from proxy.canary.observer import CanaryObserver
+
+            self.canary = CanaryObserver(cfg)
+            extra.append(self.canary)
+            if self.sampling.side is not None:
+                self.sampling.side.predictions = self.canary.predictions
         #: every observer, in hook order; each gets start / collector / aclose, passed-in ones too
         self.observers: list[Observer] = [*first, labeler, self.metrics, *extra, *observers]
         self.hooks = Hooks(self.observers)
@@ -90,6 +100,8 @@ class ProxyApp:
             from proxy.routing.admin import add_split_routes
 
             add_split_routes(self.admin_app, self.splitter)
+        if self.canary is not None:
+            self.canary.add_routes(self.admin_app)
         self.plane: DataPlane | None = None
         self.probes: list[UpstreamProbe] = []
         self._started: list[Observer] = []

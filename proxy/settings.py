@@ -532,6 +532,31 @@ class Split(_Section):
     failover: bool = False  # a variant whose upstream is down gives its share to the others
 
 
+class Canary(_Section):
+    """Automated canary analysis: each variant against the baseline (docs/canary.md)."""
+
+    enabled: bool = True  # with upstreams (a split) or labels.variant_header (a mesh splits)
+    baseline: Annotated[str, Field(min_length=1)] = "stable"  # the variant every other is compared with
+    interval: PositiveFloat = 300.0  # seconds of traffic each evaluation looks at
+    evaluate_every: PositiveFloat = 10.0  # seconds between evaluations
+    window: Annotated[int, Field(ge=1)] = 10_000  # latencies and predictions kept per variant
+    confidence: Annotated[float, Field(ge=0.5, lt=1)] = 0.98  # significant when p < 1 - confidence
+    latency_tolerance: Annotated[float, Field(ge=1)] = 1.2  # canary median / baseline median allowed
+    error_tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.01  # absolute error-rate increase allowed
+    prediction_threshold: Annotated[float, Field(gt=0, le=1)] = 0.1  # Jensen-Shannon distance
+    min_requests: Annotated[int, Field(ge=1)] = 50  # per side, else inconclusive
+    min_predictions: Annotated[int, Field(ge=1)] = 50
+    max_variants: Annotated[int, Field(ge=1)] = 16
+    prediction_bins: Annotated[int, Field(ge=2)] = 10  # numeric predictions: baseline quantile bins
+    max_classes: Annotated[int, Field(ge=1)] = 64  # whole numbers with at most this many values are classes
+
+    @model_validator(mode="after")
+    def _window_holds_enough(self) -> Canary:
+        if self.min_requests > self.window:
+            raise ValueError(f"canary.min_requests ({self.min_requests}) must not exceed canary.window ({self.window})")
+        return self
+
+
 def _sdk_disabled(raw: str) -> bool:
     return raw.strip().lower() != "true"  # OTEL_SDK_DISABLED=true switches tracing off
 
@@ -643,6 +668,7 @@ class ProxyConfig(_Section):
     #: more named upstreams (variants) beside ``upstream`` (named stable): name -> URL
     upstreams: dict[str, str] = Field(default_factory=dict)
     split: Split = Field(default_factory=Split)
+    canary: Canary = Field(default_factory=Canary)
     admin: Annotated[Admin, BeforeValidator(_admin_shorthand)] = Field(default_factory=Admin)
     request_id_header: HeaderName = "x-request-id"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -73,6 +73,8 @@ class SidePath:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.eval_errors = 0
+        #: where each sample's predictions go besides drift (the canary analysis): (variant, rows)
+        self.predictions: Callable[[str, list[dict[str, Any]]], None] | None = None
         self._last_error_log = -1e9
         self._progress = threading.Condition()  # notified after each batch of jobs
 
@@ -183,6 +185,8 @@ class SidePath:
                 self.engine.add(extracted.rows, extracted.predictions, wall)
             for sink in self.sinks:
                 sink.offer(sample, extracted)
+            if self.predictions is not None and extracted.predictions:
+                self.predictions(sample.variant, extracted.predictions)
         if ex.path in self.sampler.llm_routes and 200 <= ex.status < 300:
             # token usage counts for every OpenAI-route response, whether or not the sample was read
             usage = extracted.usage if extracted is not None else None

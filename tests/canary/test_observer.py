@@ -1,0 +1,108 @@
+"""The canary analysis in a running proxy: a split between two real upstreams, /canary and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.app import ProxyApp
+from tests.conftest import ProxyFactory, Serve
+from tests.helpers import TIMEOUT, Client, fetch, metric, scrape_metrics
+
+
+async def model(serve: Serve, *, fail_every: int = 0, delay: float = 0.0, label: int = 0) -> str:
+    """A KServe v1 model server: ``label`` for every instance; every ``fail_every``-th request 500s."""
+    seen = 0
+
+    async def predict(request: web.Request) -> web.Response:
+        nonlocal seen
+        seen += 1
+        body = await request.json()
+        if delay:
+            await asyncio.sleep(delay)
+        if fail_every and seen % fail_every == 0:
+            return web.json_response({"error": "boom"}, status=500)
+        return web.json_response({"predictions": [label for _ in body["instances"]]})
+
+    app = web.Application()
+    app.router.add_post("/v1/models/{name}:predict", predict)
+    return await serve(app)
+
+
+async def run(app: ProxyApp, n: int) -> None:
+    client = await Client.connect(app.proxy_address)
+    body = orjson.dumps({"instances": [[1.0, 2.0]]})
+    for _ in range(n):
+        await client.request("POST", "/v1/models/m:predict", headers={"Content-Type": "application/json"}, body=body)
+    side = app.sampling.side
+    if side is not None:
+        assert await asyncio.to_thread(side.wait_idle, TIMEOUT)
+    assert app.canary is not None
+    await asyncio.to_thread(app.canary.analyzer.evaluate, time.monotonic())
+
+
+async def verdict(app: ProxyApp) -> dict[str, Any]:
+    resp = await fetch(app.admin_address, "/canary")
+    assert resp.status == 200
+    report: dict[str, Any] = orjson.loads(resp.body)
+    return report
+
+
+async def split(make_proxy: ProxyFactory, stable: str, canary: str, **cfg: Any) -> ProxyApp:
+    return await make_proxy(
+        stable,
+        upstreams={"canary": canary},
+        split={"weights": {"stable": 50, "canary": 50}},
+        canary={"min_requests": 50, "min_predictions": 50, "evaluate_every": 3600},
+        **cfg,
+    )
+
+
+async def test_a_canary_with_more_errors_fails(make_proxy: ProxyFactory, serve: Serve) -> None:
+    app = await split(make_proxy, await model(serve), await model(serve, fail_every=4))
+    await run(app, 400)
+    report = await verdict(app)
+    canary = report["variants"]["canary"]
+    assert canary["verdict"] == -1 and canary["checks"]["errors"]["outcome"] == -1, canary["reason"]
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_canary_verdict", variant="canary") == -1
+    assert metric(m, "infermon_canary_check", variant="canary", check="errors") == -1
+
+
+async def test_an_identical_canary_passes(make_proxy: ProxyFactory, serve: Serve) -> None:
+    app = await split(make_proxy, await model(serve), await model(serve))
+    await run(app, 300)
+    canary = (await verdict(app))["variants"]["canary"]
+    assert canary["verdict"] == 1, canary["reason"]
+
+
+async def test_a_slower_canary_fails(make_proxy: ProxyFactory, serve: Serve) -> None:
+    app = await split(make_proxy, await model(serve), await model(serve, delay=0.02))
+    await run(app, 300)
+    canary = (await verdict(app))["variants"]["canary"]
+    assert canary["verdict"] == -1 and canary["checks"]["latency"]["outcome"] == -1, canary["reason"]
+
+
+async def test_a_canary_answering_other_classes_fails(make_proxy: ProxyFactory, serve: Serve) -> None:
+    app = await split(make_proxy, await model(serve, label=0), await model(serve, label=1), sampling={"rate": 1.0})
+    await run(app, 300)
+    canary = (await verdict(app))["variants"]["canary"]
+    assert canary["checks"]["predictions"]["outcome"] == -1, canary["reason"]
+    assert canary["verdict"] == -1
+
+
+async def test_no_traffic_is_inconclusive_never_a_pass(make_proxy: ProxyFactory, serve: Serve) -> None:
+    app = await split(make_proxy, await model(serve), await model(serve))
+    await run(app, 10)
+    canary = (await verdict(app))["variants"].get("canary")
+    assert canary is not None and canary["verdict"] == 0
+
+
+async def test_no_split_no_analysis(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    assert app.canary is None
+    assert (await fetch(app.admin_address, "/canary")).status == 404
