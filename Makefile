@@ -7,7 +7,7 @@ NATIVE := $(VENV)/.native
 # the data plane's hot modules, compiled with mypyc where a C compiler is there (setup.py)
 COMPILED := $(addprefix proxy/dataplane/,exchange.py heads.py http.py server.py timer.py upstream.py)
 
-.PHONY: demo test test-compiled test-python bench bench-compare bench-tracing bench-agent bench-sampling clean
+.PHONY: demo test test-compiled test-python bench bench-compare bench-tracing bench-agent bench-sampling bench-split clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench-tracing: $(NATIVE)
 
 bench-sampling: $(NATIVE)
 	$(BIN)/python -m bench.sampling $(ARGS)
+
+bench-split: $(NATIVE)
+	$(BIN)/python -m bench.split $(ARGS)
 
 bench-agent: $(STAMP)
 	$(BIN)/python -m bench.agent_cpu

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from proxy.admin.server import build_admin_app
+from proxy.admin.server import build_admin_app, json_response
 from proxy.dataplane.core import DataPlane
 from proxy.dataplane.hooks import Hooks, Observer
 from proxy.observe.labels import Labeler
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from proxy.observe.accesslog import AccessLog
     from proxy.observe.tracing import TracingObserver
     from proxy.routing.split import Splitter
+    from proxy.shadow.observer import ShadowObserver
 
 log = logging.getLogger("infermon")
 
@@ -79,6 +80,18 @@ class ProxyApp:
             extra.append(self.canary)
             if self.sampling.side is not None:
                 self.sampling.side.predictions = self.canary.predictions
+        #: shadow traffic: a share of requests mirrored, after the client's response, and compared
+        self.shadow: ShadowObserver | None = None
+        sh = cfg.shadow
+        if sh.url is not None:
+            from proxy.shadow.observer import ShadowConfig, ShadowObserver
+
+            self.shadow = ShadowObserver(
+                ShadowConfig(sh.url, sh.ratio, sh.max_concurrency, sh.max_body_bytes, sh.timeout),
+                lambda: self.plane,
+                sampling=cfg.sampling,
+            )
+            extra.append(self.shadow)
         #: every observer, in hook order; each gets start / collector / aclose, passed-in ones too
         self.observers: list[Observer] = [*first, labeler, self.metrics, *extra, *observers]
         self.hooks = Hooks(self.observers)
@@ -102,6 +115,13 @@ class ProxyApp:
             add_split_routes(self.admin_app, self.splitter)
         if self.canary is not None:
             self.canary.add_routes(self.admin_app)
+        if self.shadow is not None:
+            shadow = self.shadow
+
+            async def shadow_view(request: web.Request) -> web.Response:
+                return json_response(shadow.report())
+
+            self.admin_app.router.add_get("/shadow", shadow_view)
         self.plane: DataPlane | None = None
         self.probes: list[UpstreamProbe] = []
         self._started: list[Observer] = []
@@ -125,6 +145,8 @@ class ProxyApp:
         plane = self.plane = DataPlane(cfg, self.hooks)
         for name, url in sorted(cfg.upstreams.items()):
             plane.add_upstream(name, url)
+        if self.shadow is not None:
+            self.shadow.attach(plane)  # its own pool, which client traffic is never routed to
         if self.splitter is not None:
             self.splitter.pools = plane.upstreams
             plane.router = self.splitter.route

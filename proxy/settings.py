@@ -557,6 +557,21 @@ class Canary(_Section):
         return self
 
 
+class Shadow(_Section):
+    """Shadow traffic: a share of requests also sent to an upstream that serves no client (docs/canary.md)."""
+
+    url: str | None = None  # null: off (flag --shadow)
+    ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # share of requests mirrored (flag --shadow-ratio)
+    max_concurrency: Annotated[int, Field(ge=1)] = 16  # shadows at once; more: dropped (busy)
+    max_body_bytes: Annotated[int, Field(ge=1)] = 1_048_576  # larger requests not shadowed
+    timeout: PositiveFloat = 10.0  # for the shadow's complete answer; longer: failed
+
+    @field_validator("url")
+    @classmethod
+    def _shadow_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_upstream_url(value)
+
+
 def _sdk_disabled(raw: str) -> bool:
     return raw.strip().lower() != "true"  # OTEL_SDK_DISABLED=true switches tracing off
 
@@ -669,6 +684,7 @@ class ProxyConfig(_Section):
     upstreams: dict[str, str] = Field(default_factory=dict)
     split: Split = Field(default_factory=Split)
     canary: Canary = Field(default_factory=Canary)
+    shadow: Shadow = Field(default_factory=Shadow)
     admin: Annotated[Admin, BeforeValidator(_admin_shorthand)] = Field(default_factory=Admin)
     request_id_header: HeaderName = "x-request-id"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -718,6 +734,10 @@ class ProxyConfig(_Section):
 
     @model_validator(mode="after")
     def _split_names_known(self) -> ProxyConfig:
+        if "shadow" in self.upstreams:
+            raise ValueError(
+                "upstreams.shadow: the name shadow belongs to the shadow upstream (shadow.url); rename the variant"
+            )
         known = {"stable", *self.upstreams}
         unknown = [n for n in self.split.weights if n not in known]
         if unknown:

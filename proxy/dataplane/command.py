@@ -60,6 +60,8 @@ def register(subparsers: Any) -> None:
         metavar="PROFILE",
         help="reference profile for drift (infermon baseline build); default: the first samples",
     )
+    p.add_argument("--shadow", metavar="URL", help="also send a share of requests to this upstream and compare")
+    p.add_argument("--shadow-ratio", metavar="RATIO", type=float, help="share of requests shadowed (default 0.1)")
     p.add_argument("--config", metavar="FILE", help="YAML configuration file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
@@ -103,6 +105,8 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
             "upstreams": upstreams,
             "split.weights": args.split,
             "split.sticky": args.sticky,
+            "shadow.url": args.shadow,
+            "shadow.ratio": args.shadow_ratio,
             "admin.listen": args.admin,
             "admin.token": args.admin_token,
             "sampling.rate": args.sample_rate,
@@ -116,6 +120,8 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
             "drift.reference": "reference",
             "upstreams": "upstream",
             "split.weights": "split",
+            "shadow.url": "shadow",
+            "shadow.ratio": "shadow-ratio",
         },
     )
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from proxy.app import ProxyApp
 from proxy.shadow import ShadowConfig, ShadowObserver
 from tests.conftest import ProxyFactory, Serve
-from tests.helpers import Client, free_port, metric, scrape_metrics, wait_until
+from tests.helpers import Client, fetch, free_port, metric, scrape_metrics, wait_until
 
 PREDICT = "/v1/models/m:predict"
 BODY = orjson.dumps({"instances": [[1.0, 2.0], [3.0, 4.0]]})
@@ -254,3 +254,34 @@ def test_config_checks() -> None:
 
 async def _is(value: bool) -> bool:
     return value
+
+
+async def test_shadow_from_the_configuration(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """--shadow / shadow.url: the app attaches the pool, mirrors, compares, serves /shadow."""
+    seen: list[bytes] = []
+
+    async def shadow_predict(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.json_response({"predictions": [1]})
+
+    async def primary_predict(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"predictions": [1]})
+
+    shadow_app, primary_app = web.Application(), web.Application()
+    shadow_app.router.add_post("/v1/models/{name}:predict", shadow_predict)
+    primary_app.router.add_post("/v1/models/{name}:predict", primary_predict)
+    app = await make_proxy(await serve(primary_app), shadow={"url": await serve(shadow_app), "ratio": 1.0})
+    assert app.shadow is not None
+    client = await Client.connect(app.proxy_address)
+    for _ in range(5):
+        resp = await client.request("POST", "/v1/models/m:predict", body=b'{"instances": [[1, 2]]}')
+        assert resp.status == 200
+
+    async def compared() -> bool:
+        return bool(orjson.loads((await fetch(app.admin_address, "/shadow")).body)["compared"] == 5)
+
+    await wait_until(compared)
+    assert seen == [b'{"instances": [[1, 2]]}'] * 5
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_shadow_agreement_ratio", shadow="shadow") == 1.0
