@@ -73,7 +73,8 @@ class ProxyApp:
             labeler.admit_variants(cfg.variants())
         #: the automated canary analysis: with a split, or when a mesh names the variant
         self.canary: CanaryObserver | None = None
-        if cfg.canary.enabled and (cfg.upstreams or cfg.labels.variant_header):
+        mesh = cfg.labels.variant_header or cfg.labels.variant_request_header
+        if cfg.canary.enabled and (cfg.upstreams or mesh):
             from proxy.canary.observer import CanaryObserver
 
             self.canary = CanaryObserver(cfg)

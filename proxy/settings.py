@@ -162,6 +162,7 @@ class Labels(_Section):
     model_header: HeaderName | None = None  # a response header naming the model
     version_header: HeaderName | None = None
     variant_header: HeaderName | None = None
+    variant_request_header: HeaderName | None = None  # a request header naming the variant (a mesh routes)
     allow: LabelAllow = Field(default_factory=lambda: LabelAllow())  # per label: only these values pass
     max_values: Annotated[int, Field(ge=1)] = 50  # distinct traffic-fed values per label, then "other"
     #: distinct (model, version, variant) triples, then all three read "other"; bounds the series count

@@ -152,6 +152,10 @@ class Labeler(Observer):
         #: admitted (model, version, variant) triples; the defaults and all-``other`` need no slot
         self.combinations: set[tuple[str, str, str]] = set()
         self.overflow: dict[str, int] = dict.fromkeys(OVERFLOW_REASONS, 0)
+        #: a request header naming the variant (a mesh routes): read at the head, a traffic value
+        self.variant_request_header = (
+            cfg.variant_request_header.encode("latin-1") if cfg.variant_request_header else None
+        )
         self.headers = [
             (h.encode("latin-1"), index)
             for h, index in ((cfg.model_header, 0), (cfg.version_header, 1), (cfg.variant_header, 2))
@@ -175,25 +179,39 @@ class Labeler(Observer):
     def on_request_head(self, ex: Exchange) -> None:
         cfg = self.cfg
         model, version, variant = self.defaults
+        raw = 0
+        reason: str | None = None
         if ex.variant:  # a split chose the variant (the upstream's name, from the configuration)
             variant = ex.variant
+        elif self.variant_request_header is not None:  # a mesh names it in a request header
+            value = ex.header(self.variant_request_header)
+            text = value.decode("latin-1").strip() if value else ""
+            if text:
+                found = self.cap_variant.lookup(text)
+                if found is None:
+                    variant, raw = text, 4
+                else:
+                    variant = found
+                    if found == OTHER:
+                        reason = self.cap_variant.refusal(text)
         if not (cfg.from_path and ex.path.startswith(("/v1/models/", "/v2/models/"))):
             routes = self.llm_routes
             if routes is not None and ex.path in routes:  # the model comes from the body, if it says
                 ex.model = ex.version = ex.variant = OTHER
-                pending = self._pend(ex, [model, version, variant], 0, None)
+                pending = self._pend(ex, [model, version, variant], raw, reason)
                 pending.scan = bytearray()
                 pending.llm = True
                 return
-            ex.model, ex.version, ex.variant = model, version, variant
-            return
-        raw_model, raw_version = labels_from_path(ex.path)
-        raw = 0
-        reason: str | None = None
+            if not raw and reason is None:
+                ex.model, ex.version, ex.variant = model, version, variant
+                return
+            raw_model = raw_version = None
+        else:
+            raw_model, raw_version = labels_from_path(ex.path)
         if raw_model is not None:
             found = self.cap_model.lookup(raw_model)
             if found is None:
-                model, raw = raw_model, 1
+                model, raw = raw_model, raw | 1
             else:
                 model = found
                 if found == OTHER:

@@ -699,3 +699,23 @@ async def test_llm_requests_are_split_by_model_in_metrics(make_proxy: ProxyFacto
     m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_requests_total", model="gpt-a", code="200") == 2
     assert metric(m, "infermon_requests_total", model="gpt-b", code="200") == 1
+
+
+def test_variant_from_a_request_header_when_a_mesh_routes() -> None:
+    labeler = Labeler(Labels(variant_request_header="x-variant", max_values=2))
+
+    def with_header(value: str, status: int, path: str = "/echo") -> Exchange:
+        ex = exchange(path)
+        ex.request_headers = [(b"x-variant", value.encode())]
+        labeler.on_request_head(ex)
+        ex.status = status
+        labeler.on_upstream_head(ex)
+        labeler.on_complete(ex)
+        return ex
+
+    assert triple(with_header("canary", 503)) == (OTHER, OTHER, OTHER)  # a new value waits for a 2xx
+    assert triple(with_header("canary", 200)) == ("unknown", "unknown", "canary")
+    assert triple(with_header("canary", 503)) == ("unknown", "unknown", "canary")  # admitted now
+    assert with_header("blue", 200, "/v2/models/iris/infer").variant == "blue"
+    assert with_header("green", 200).variant == OTHER  # over labels.max_values
+    assert triple(answered(labeler, "/echo", 200)) == ("unknown", "unknown", "stable")  # no header: default
