@@ -12,7 +12,6 @@ wrk runs on the first half of the CPUs and the servers on the rest.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -20,9 +19,9 @@ import time
 from pathlib import Path
 
 from bench import upstreams, wrk
-from bench.procs import LOOPBACK, Children, free_port, wait_for_port
-from bench.run import http_get, infermon_argv, measure
-from bench.sampler import ProcessTree, cpu_layout
+from bench.procs import Children, free_port
+from bench.run import http_get
+from bench.side_by_side import add_load_args, measure_rounds, pin, start_proxies, warm_up
 
 RATES = (0.0, 0.1, 1.0)
 TARGET_LOSS = 0.10  # throughput lost at rate 0.1, against sampling off
@@ -30,14 +29,8 @@ TARGET_LOSS = 0.10  # throughput lost at rate 0.1, against sampling off
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.sampling", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (10)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per proxy (2)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (3)")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    add_load_args(parser)
     parser.add_argument("--rows", type=int, default=4, help="instances per request (4)")
-    parser.add_argument("--infermon", default=None, help="infermon executable (beside this Python)")
-    parser.add_argument("--no-pin", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -67,7 +60,6 @@ def metrics(admin: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    layout = cpu_layout(not args.no_pin)
     with Children() as children, tempfile.TemporaryDirectory(prefix="infermon-bench-sampling-") as tmp:
         directory = Path(tmp)
         script = post_script(directory, args.rows)
@@ -75,59 +67,32 @@ def main(argv: list[str] | None = None) -> int:
         upstream = upstreams.start_nginx(
             children, "upstream", directory, upstreams.upstream_config(directory, up_port), up_port
         )
-        proxies: list[tuple[float, int, int, ProcessTree]] = []
-        for rate in RATES:
-            port, admin = free_port(), free_port()
-            argv_ = [*infermon_argv(args), "proxy", "--listen", f"{LOOPBACK}:{port}", "--upstream", upstream.url]
-            argv_ += ["--admin", f"{LOOPBACK}:{admin}", "--sample-rate", str(rate)]
-            env = {**os.environ, "INFERMON_DRIFT__MIN_SAMPLES": "10"}
-            child = children.start(f"infermon-rate-{rate:g}", argv_, directory, env)
-            wait_for_port(LOOPBACK, port, timeout=30.0, child=child)
-            wait_for_port(LOOPBACK, admin, timeout=30.0, child=child)
-            proxies.append((rate, port, admin, ProcessTree(child.pid)))
-        if layout is not None:
-            load_cpus, server_cpus = layout
-            os.sched_setaffinity(0, load_cpus)
-            ProcessTree(upstream.child.pid).pin(server_cpus)
-            for *_, tree in proxies:
-                tree.pin(server_cpus)
+        setups = {f"rate {rate:g}": ["--sample-rate", str(rate)] for rate in RATES}
+        proxies = start_proxies(args, children, directory, upstream.url, setups, {"INFERMON_DRIFT__MIN_SAMPLES": "10"})
+        pin(args, [upstream.child.pid], proxies)
         path = "/v1/models/iris:predict"
-        for rate, port, _, _ in proxies:
-            print(f"[rate {rate:g}] warm-up {args.warmup:g}s", file=sys.stderr, flush=True)
-            wrk.run(f"http://{LOOPBACK}:{port}{path}", args.connections, args.threads, args.warmup, script)
-        before = {rate: metrics(admin) for rate, _, admin, _ in proxies}
-        rps: dict[float, list[float]] = {rate: [] for rate in RATES}
-        cpu: dict[float, list[float]] = {rate: [] for rate in RATES}
-        for r in range(args.rounds):
-            for rate, port, _, tree in proxies:
-                print(f"[round {r + 1}] rate {rate:g}: wrk -c{args.connections}", file=sys.stderr, flush=True)
-                fig = measure(
-                    f"rate-{rate:g}", f"http://{LOOPBACK}:{port}{path}", tree, args.connections, args.threads,
-                    args.duration, script,
-                )  # fmt: skip
-                if fig.non_2xx or fig.socket_errors:
-                    print(f"  {fig.non_2xx} non-2xx, {fig.socket_errors} socket errors", file=sys.stderr)
-                rps[rate].append(fig.rps)
-                cpu[rate].append(fig.cpu_us_per_request)
+        warm_up(args, proxies, path, script)
+        before = {p.name: metrics(p.admin) for p in proxies}
+        rps, cpu = measure_rounds(args, proxies, path, script)
         time.sleep(1.0)  # the side path drains what the last run queued
         print(f"\nPOST {path}, {args.rows} rows per request, c={args.connections}, {args.rounds} rounds")
         print("| sampling.rate | rps (median) | vs off | CPU us/request | samples | dropped | side path us/sample |")
         print("|---|---|---|---|---|---|---|")
-        base = statistics.median(rps[0.0])
+        base = statistics.median(rps[proxies[0].name])
         loss_at_tenth = 0.0
-        for rate, _, admin, _ in proxies:
-            m, b = metrics(admin), before[rate]
+        for rate, proxy in zip(RATES, proxies, strict=True):
+            m, b = metrics(proxy.admin), before[proxy.name]
             samples = m.get("infermon_samples_total", 0.0) - b.get("infermon_samples_total", 0.0)
             dropped = m.get("infermon_samples_dropped_total", 0.0) - b.get("infermon_samples_dropped_total", 0.0)
             jobs = m.get("infermon_sidepath_jobs_total", 0.0) - b.get("infermon_sidepath_jobs_total", 0.0)
             side = m.get("infermon_sidepath_cpu_seconds_total", 0.0) - b.get("infermon_sidepath_cpu_seconds_total", 0.0)
             per_sample = f"{side / jobs * 1e6:.1f}" if jobs else "-"
-            median = statistics.median(rps[rate])
+            median = statistics.median(rps[proxy.name])
             ratio = median / base if base else 0.0
             if rate == 0.1:
                 loss_at_tenth = 1.0 - ratio
             print(
-                f"| {rate:g} | {median:,.0f} | {ratio:.3f} | {statistics.median(cpu[rate]):.1f} | "
+                f"| {rate:g} | {median:,.0f} | {ratio:.3f} | {statistics.median(cpu[proxy.name]):.1f} | "
                 f"{samples:,.0f} | {dropped:,.0f} | {per_sample} |"
             )
         verdict = "ok" if loss_at_tenth <= TARGET_LOSS else "MISS"

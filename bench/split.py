@@ -11,29 +11,21 @@ rest); medians are reported with the ratio to the proxy without a split.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from bench import upstreams, wrk
-from bench.procs import LOOPBACK, Children, free_port, wait_for_port
-from bench.run import infermon_argv, measure
-from bench.sampler import ProcessTree, cpu_layout
+from bench.procs import Children, free_port
+from bench.side_by_side import add_load_args, measure_rounds, pin, start_proxies, warm_up
 
 SETUPS = ("one upstream", "split 50/50", "split 50/50, sticky")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.split", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (10)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per proxy (2)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (3)")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--infermon", default=None, help="infermon executable (beside this Python)")
-    parser.add_argument("--no-pin", action="store_true")
+    add_load_args(parser)
     return parser.parse_args(argv)
 
 
@@ -46,7 +38,6 @@ def header_script(directory: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    layout = cpu_layout(not args.no_pin)
     with Children() as children, tempfile.TemporaryDirectory(prefix="infermon-bench-split-") as tmp:
         directory = Path(tmp)
         script = header_script(directory)
@@ -68,36 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                 "header:x-user-id",
             ],
         }
-        proxies: list[tuple[str, int, ProcessTree]] = []
-        for setup in SETUPS:
-            port, admin = free_port(), free_port()
-            argv_ = [*infermon_argv(args), "proxy", "--listen", f"{LOOPBACK}:{port}", "--upstream", ups[0].url]
-            argv_ += ["--admin", f"{LOOPBACK}:{admin}", *extra[setup]]
-            child = children.start(f"infermon-{len(proxies)}", argv_, directory, dict(os.environ))
-            wait_for_port(LOOPBACK, port, timeout=30.0, child=child)
-            proxies.append((setup, port, ProcessTree(child.pid)))
-        if layout is not None:
-            load_cpus, server_cpus = layout
-            os.sched_setaffinity(0, load_cpus)
-            for up in ups:
-                ProcessTree(up.child.pid).pin(server_cpus)
-            for *_, tree in proxies:
-                tree.pin(server_cpus)
-        for setup, port, _ in proxies:
-            print(f"[{setup}] warm-up {args.warmup:g}s", file=sys.stderr, flush=True)
-            wrk.run(f"http://{LOOPBACK}:{port}/", args.connections, args.threads, args.warmup, script)
-        rps: dict[str, list[float]] = {s: [] for s in SETUPS}
-        cpu: dict[str, list[float]] = {s: [] for s in SETUPS}
-        for r in range(args.rounds):
-            for setup, port, tree in proxies:
-                print(f"[round {r + 1}] {setup}: wrk -c{args.connections}", file=sys.stderr, flush=True)
-                fig = measure(
-                    setup, f"http://{LOOPBACK}:{port}/", tree, args.connections, args.threads, args.duration, script
-                )
-                if fig.non_2xx or fig.socket_errors:
-                    print(f"  {fig.non_2xx} non-2xx, {fig.socket_errors} socket errors", file=sys.stderr)
-                rps[setup].append(fig.rps)
-                cpu[setup].append(fig.cpu_us_per_request)
+        proxies = start_proxies(args, children, directory, ups[0].url, extra)
+        pin(args, [up.child.pid for up in ups], proxies)
+        warm_up(args, proxies, "/", script)
+        rps, cpu = measure_rounds(args, proxies, "/", script)
         print(f"\nGET /, c={args.connections}, {args.rounds} rounds of {args.duration:g}s")
         print("| setup | rps (median) | vs one upstream | CPU us/request |")
         print("|---|---|---|---|")

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from random import random
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -316,9 +316,6 @@ class Sampler(Observer):
         cap.resp = [kept[:stop]] if stop else []
         cap.resp_n = stop
         cap.cut = True
-
-    def stats(self) -> dict[str, Any]:
-        return {"queued": len(self.queue), "queued_bytes": self.bytes_in - self.bytes_out}
 
 
 class _Collectors(Collector):
