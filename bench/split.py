@@ -1,8 +1,9 @@
 """What splitting costs: infermon with one upstream against a 50/50 split of two, in one run.
 
 Usage: ``.venv/bin/python -m bench.split [--duration 10] [--rounds 3]`` (``make bench-split``). Two
-nginx upstreams answer every request with a small JSON body; three infermon proxies of the same
-build sit in front: one upstream (no split), a 50/50 weighted split between the two, and the same
+nginx upstreams answer every request with a small JSON body; four infermon proxies of the same
+build sit in front: one upstream (no split), a 50/50 weighted split between the two (the canary
+analysis on, as it is by default with a split), the same split with the analysis off, and the
 split sticky on a request header. wrk sends the same GET at c=32 to each in turn, rounds
 interleaved, pinned as ``bench.run`` pins (wrk on the first half of the CPUs, the servers on the
 rest); medians are reported with the ratio to the proxy without a split.
@@ -20,7 +21,7 @@ from bench import upstreams, wrk
 from bench.procs import Children, free_port
 from bench.side_by_side import add_load_args, measure_rounds, pin, start_proxies, warm_up
 
-SETUPS = ("one upstream", "split 50/50", "split 50/50, sticky")
+SETUPS = ("one upstream", "split 50/50", "split 50/50, no analysis", "split 50/50, sticky")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     with Children() as children, tempfile.TemporaryDirectory(prefix="infermon-bench-split-") as tmp:
         directory = Path(tmp)
         script = header_script(directory)
+        no_analysis = directory / "no-analysis.yaml"
+        no_analysis.write_text("canary:\n  enabled: false\n")
         ups = []
         for name in ("upstream", "upstream2"):
             port = free_port()
@@ -51,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
             SETUPS[0]: [],
             SETUPS[1]: ["--upstream", f"canary={ups[1].url}", "--split", "stable=50,canary=50"],
             SETUPS[2]: [
+                "--config",
+                str(no_analysis),
+                "--upstream",
+                f"canary={ups[1].url}",
+                "--split",
+                "stable=50,canary=50",
+            ],
+            SETUPS[3]: [
                 "--upstream",
                 f"canary={ups[1].url}",
                 "--split",

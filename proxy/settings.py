@@ -550,6 +550,8 @@ class Canary(_Section):
     max_variants: Annotated[int, Field(ge=1)] = 16
     prediction_bins: Annotated[int, Field(ge=2)] = 10  # numeric predictions: baseline quantile bins
     max_classes: Annotated[int, Field(ge=1)] = 64  # whole numbers with at most this many values are classes
+    #: a variant's inputs count as drifted when this share of its feature columns drifted
+    drift_share: Annotated[float, Field(gt=0, le=1)] = 0.5
 
     @model_validator(mode="after")
     def _window_holds_enough(self) -> Canary:

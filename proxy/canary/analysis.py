@@ -1,7 +1,9 @@
 """Automated canary analysis: each variant compared with the baseline on errors, latency and predictions.
 
-The request path feeds :meth:`CanaryAnalyzer.observe` (one short lock, a few appends: O(1)); the side
-path feeds :meth:`CanaryAnalyzer.add_predictions`. Everything kept is bounded: per variant the request
+The request path's finished requests reach :meth:`CanaryAnalyzer.ingest` in batches (the observer
+appends one tuple per request to a list it hands over once a second; :meth:`observe` takes one at a
+time); the side path feeds :meth:`CanaryAnalyzer.add_predictions`, and the drift engine's per-variant
+windows are read at each evaluation (``drift``). Everything kept is bounded: per variant the request
 counts of the last ``interval`` seconds in time buckets, the latencies of the last ``window`` successful
 requests, the last ``window`` predictions, and at most ``max_variants`` variants. :meth:`evaluate`
 (one thread, off the request path) copies the windows under the lock, runs the tests outside it and
@@ -16,11 +18,16 @@ Checks, each pass, inconclusive or fail:
 - predictions: Jensen-Shannon distance between the variants' prediction distributions (class counts,
   or numbers binned on the baseline's quantiles); fail when the distance reaches
   ``prediction_threshold`` and a chi-squared test of homogeneity is significant at the same
-  confidence (so the sampling noise of a few dozen predictions is not a difference).
+  confidence (so the sampling noise of a few dozen predictions is not a difference);
+- drift: the drift engine's verdicts on each variant's own live windows against the reference; fail
+  when a prediction column drifted for the canary and not for the baseline, or when the share of the
+  canary's feature columns that drifted reaches ``drift_share`` (Evidently's dataset drift, 0.5) and
+  the baseline's does not. Columns are compared only where both sides have a decision.
 
 Too few requests (``min_requests`` per side) or predictions (``min_predictions``) leave a check
 inconclusive. The verdict is -1 when any check fails, 1 when the errors and latency checks pass and
-the predictions check passes or has no data on either side, else 0: never a pass on too little data.
+the predictions and drift checks pass or have no data on either side, else 0: never a pass on too
+little data.
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ import math
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -44,13 +51,34 @@ PASS = 1
 INCONCLUSIVE = 0
 FAIL = -1
 OUTCOME_NAMES = {PASS: "pass", INCONCLUSIVE: "inconclusive", FAIL: "fail"}
-CHECKS = ("errors", "latency", "predictions")
+CHECKS = ("errors", "latency", "predictions", "drift")
 
 #: the request counts of one interval are kept in this many time buckets (the window's edge is
 #: exact to 1/BUCKETS of the interval)
 BUCKETS = 60
 
 Prediction = str | bool | int | float
+#: one finished request, as the request path hands it over: (variant, time, latency in seconds, error)
+Finished = tuple[str, float, float, bool]
+
+
+class VariantDriftLike(Protocol):
+    """What the analysis reads of one variant's drift windows (the drift engine's ``VariantDrift``)."""
+
+    @property
+    def evaluated_features(self) -> tuple[str, ...]: ...
+    @property
+    def evaluated_predictions(self) -> tuple[str, ...]: ...
+    @property
+    def drifted_features(self) -> tuple[str, ...]: ...
+    @property
+    def drifted_predictions(self) -> tuple[str, ...]: ...
+    @property
+    def rows(self) -> int: ...
+
+
+#: the drift engine's per-variant summary (``DriftEngine.summary``), read at each evaluation
+DriftSource = Callable[[], Mapping[str, VariantDriftLike]]
 
 
 @dataclass(frozen=True)
@@ -81,6 +109,8 @@ class CanaryConfig:
     prediction_bins: int = 10
     #: whole-number predictions with at most this many distinct values are compared as class ids
     max_classes: int = 64
+    #: the share of feature columns that must drift for a variant's inputs to count as drifted
+    drift_share: float = 0.5
 
     def __post_init__(self) -> None:
         def bad(key: str, fix: str) -> ValueError:
@@ -108,6 +138,8 @@ class CanaryConfig:
             raise bad("prediction_threshold", "give a Jensen-Shannon distance in (0, 1], e.g. 0.1")
         if self.min_requests > self.window:
             raise bad("min_requests", f"must not exceed canary.window ({self.window})")
+        if not 0.0 < self.drift_share <= 1.0:
+            raise bad("drift_share", "give a share of feature columns in (0, 1], e.g. 0.5")
 
     @property
     def alpha(self) -> float:
@@ -177,8 +209,10 @@ def _pvalue(p: float) -> float:
 class CanaryAnalyzer:
     """Per-variant windows fed from the request and side paths; verdicts from :meth:`evaluate`."""
 
-    def __init__(self, config: CanaryConfig | None = None) -> None:
+    def __init__(self, config: CanaryConfig | None = None, drift: DriftSource | None = None) -> None:
         self.config = config or CanaryConfig()
+        #: the drift engine's per-variant verdicts (None: payload sampling is off)
+        self.drift = drift
         self._bucket_width = self.config.interval / BUCKETS
         self._lock = threading.Lock()
         self._variants: dict[str, _Variant] = {}
@@ -194,7 +228,6 @@ class CanaryAnalyzer:
         state = self._variants.get(name)
         if state is None:
             if len(self._variants) >= self.config.max_variants:
-                self.dropped_variants += 1
                 return None
             window = self.config.window
             state = _Variant(
@@ -207,24 +240,34 @@ class CanaryAnalyzer:
         return state
 
     def observe(self, variant: str, status: int, latency_s: float, error: bool, now: float | None = None) -> None:
-        """One finished request of ``variant``: O(1), never raises on odd figures. ``error`` says
-        whether it counts as an error (the caller's rule, e.g. a 5xx or a failed upstream); only
-        successful requests give latencies, so fast failures cannot make a canary look quick.
-        ``status`` is accepted for the caller's convenience and not otherwise used yet."""
-        t = time.monotonic() if now is None else now
+        """One finished request of ``variant``. ``error`` says whether it counts as an error (the
+        caller's rule, e.g. a 5xx or a failed upstream); only successful requests give latencies,
+        so fast failures cannot make a canary look quick. ``status`` is accepted for the caller's
+        convenience and not otherwise used yet."""
+        self.ingest([(variant, time.monotonic() if now is None else now, latency_s, error)])
+
+    def ingest(self, batch: Sequence[Finished]) -> None:
+        """Finished requests in time order, ``(variant, time, latency_s, error)``, on the clock
+        :meth:`evaluate` is given: O(1) each, one lock for the batch, never raises on odd figures."""
+        width = self._bucket_width
         with self._lock:
-            state = self._variant(variant)
-            if state is None:
-                return
-            buckets = state.buckets
-            if not buckets or t >= buckets[-1][0] + self._bucket_width:
-                buckets.append([t - (t % self._bucket_width), 0.0, 0.0])
-            bucket = buckets[-1]
-            bucket[1] += 1.0
-            if error:
-                bucket[2] += 1.0
-            elif latency_s >= 0.0 and math.isfinite(latency_s):
-                state.latencies.append((t, latency_s))
+            name: str | None = None
+            state: _Variant | None = None
+            for variant, t, latency_s, error in batch:
+                if variant != name:
+                    name, state = variant, self._variant(variant)
+                if state is None:
+                    self.dropped_variants += 1  # a request of a variant over canary.max_variants
+                    continue
+                buckets = state.buckets
+                if not buckets or t >= buckets[-1][0] + width:
+                    buckets.append([t - (t % width), 0.0, 0.0])
+                bucket = buckets[-1]
+                bucket[1] += 1.0
+                if error:
+                    bucket[2] += 1.0
+                elif latency_s >= 0.0 and math.isfinite(latency_s):
+                    state.latencies.append((t, latency_s))
 
     def add_predictions(self, variant: str, values: Sequence[Prediction], now: float | None = None) -> None:
         """Predictions of one response of ``variant`` (side path): strings and booleans are class
@@ -274,15 +317,18 @@ class CanaryAnalyzer:
 
     def evaluate(self, now: float | None = None) -> dict[str, Verdict]:
         """Compare every non-baseline variant with the baseline over the last ``interval`` seconds
-        (``now`` on the clock :meth:`observe` uses, ``time.monotonic`` by default), publish the
+        (``now`` on the clock :meth:`ingest` was given, ``time.monotonic`` by default), publish the
         verdicts for :meth:`report` and the collector, and return them."""
         t = time.monotonic() if now is None else now
         windows = self._windows(t)
+        drift = dict(self.drift()) if self.drift is not None else None
         base_name = self.config.baseline
         empty = _Window(0, 0, [], [], [])
         base = windows.get(base_name, empty)
         verdicts = {
-            name: self._judge(name, window, base) for name, window in sorted(windows.items()) if name != base_name
+            name: self._judge(name, window, base, drift)
+            for name, window in sorted(windows.items())
+            if name != base_name
         }
         samples = {name: w.requests for name, w in windows.items()}
         with self._lock:
@@ -291,18 +337,22 @@ class CanaryAnalyzer:
             self._evaluated_at = time.time()
         return verdicts
 
-    def _judge(self, name: str, canary: _Window, base: _Window) -> Verdict:
+    def _judge(
+        self, name: str, canary: _Window, base: _Window, drift: Mapping[str, VariantDriftLike] | None
+    ) -> Verdict:
         checks = {
             "errors": self._errors(canary, base),
             "latency": self._latency(canary, base),
             "predictions": self._predictions(canary, base),
+            "drift": self._drift(name, drift),
         }
         failed = [c for c in CHECKS if checks[c].outcome == FAIL]
         pending = [c for c in ("errors", "latency") if checks[c].outcome != PASS]
-        predictions = checks["predictions"]
-        no_predictions = predictions.figures.get("sample_size") == 0 and predictions.figures.get("baseline_size") == 0
-        if predictions.outcome == INCONCLUSIVE and not no_predictions:
-            pending.append("predictions")
+        for optional in ("predictions", "drift"):
+            # a check with no data on either side (no sampling) holds nothing back; one side short does
+            check = checks[optional]
+            if check.outcome == INCONCLUSIVE and not check.figures.get("no_data"):
+                pending.append(optional)
         if failed:
             verdict = FAIL
             reason = f"{name} fails: " + "; ".join(checks[c].reason for c in failed)
@@ -392,6 +442,7 @@ class CanaryAnalyzer:
             "alpha": _round(cfg.alpha),
         }
         if n_c == 0 and n_b == 0:
+            figures["no_data"] = True
             return CheckResult(INCONCLUSIVE, "predictions: none sampled", figures)
         short = self._too_few("predictions", n_c, n_b, cfg.min_predictions)
         if short:
@@ -428,6 +479,67 @@ class CanaryAnalyzer:
         counts_b = np.bincount(np.searchsorted(edges, ys, side="right"), minlength=edges.size + 1)
         return "values", counts_c, counts_b
 
+    def _drift(self, name: str, drift: Mapping[str, VariantDriftLike] | None) -> CheckResult:
+        cfg = self.config
+        base_name = cfg.baseline
+        figures: dict[str, Any] = {"drift_share": cfg.drift_share}
+        if drift is None:
+            figures["no_data"] = True
+            return CheckResult(INCONCLUSIVE, "drift: payload sampling is off (no drift windows)", figures)
+        c, b = drift.get(name), drift.get(base_name)
+        c_features = set(c.evaluated_features) if c is not None else set()
+        c_predictions = set(c.evaluated_predictions) if c is not None else set()
+        b_features = set(b.evaluated_features) if b is not None else set()
+        b_predictions = set(b.evaluated_predictions) if b is not None else set()
+        figures.update(rows=c.rows if c is not None else 0, baseline_rows=b.rows if b is not None else 0)
+        if not (c_features or c_predictions or b_features or b_predictions):
+            figures["no_data"] = True
+            return CheckResult(
+                INCONCLUSIVE, "drift: no window has enough rows yet (or the reference is still collecting)", figures
+            )
+        features = c_features & b_features
+        predictions = c_predictions & b_predictions
+        if not (features or predictions):
+            short = name if not (c_features or c_predictions) else base_name
+            return CheckResult(
+                INCONCLUSIVE, f"drift: {short}'s windows hold fewer rows than drift.min_samples", figures
+            )
+        assert c is not None and b is not None
+        drifted_c = sorted(f for f in c.drifted_features if f in features)
+        drifted_b = sorted(f for f in b.drifted_features if f in features)
+        share_c = len(drifted_c) / len(features) if features else 0.0
+        share_b = len(drifted_b) / len(features) if features else 0.0
+        pred_c = sorted(p for p in c.drifted_predictions if p in predictions)
+        pred_b = sorted(p for p in b.drifted_predictions if p in predictions)
+        new_predictions = [p for p in pred_c if p not in pred_b]
+        figures.update(
+            features=len(features),
+            predictions=len(predictions),
+            share=_round(share_c, 4),
+            baseline_share=_round(share_b, 4),
+            drifted_features=drifted_c,
+            baseline_drifted_features=drifted_b,
+            drifted_predictions=pred_c,
+            baseline_drifted_predictions=pred_b,
+        )
+        problems = []
+        if new_predictions:
+            names = ", ".join(new_predictions)
+            problems.append(f"predictions {names} drifted from the reference and {base_name}'s did not")
+        inputs_c, inputs_b = share_c >= cfg.drift_share, share_b >= cfg.drift_share
+        if features and inputs_c and not inputs_b:
+            problems.append(
+                f"{len(drifted_c)} of {len(features)} features drifted ({share_c:.0%}, {base_name}: {share_b:.0%}; "
+                f"canary.drift_share {cfg.drift_share:g})"
+            )
+        if problems:
+            return CheckResult(FAIL, "drift: " + "; ".join(problems), figures)
+        text = (
+            f"drift: {len(drifted_c)} of {len(features)} features and {len(pred_c)} of {len(predictions)} "
+            f"predictions drifted ({base_name}: {len(drifted_b)} and {len(pred_b)})"
+        )
+        return CheckResult(PASS, text, figures)
+
     # ----------------------------------------------------------------------------------------
     # reading (any thread)
 
@@ -457,9 +569,7 @@ class CanaryAnalyzer:
         return CanaryCollector(self)
 
 
-def _class_counts(
-    canary: Sequence[str], base: Sequence[str]
-) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+def _class_counts(canary: Sequence[str], base: Sequence[str]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     count_c, count_b = Counter(canary), Counter(base)
     labels = sorted(set(count_c) | set(count_b))
     return (
@@ -487,7 +597,7 @@ class CanaryCollector(Collector):
         )
         check = GaugeMetricFamily(
             "infermon_canary_check",
-            "Outcome of each canary check (errors, latency, predictions): 1 pass, 0 inconclusive, -1 fail",
+            "Outcome of each canary check (errors, latency, predictions, drift): 1 pass, 0 inconclusive, -1 fail",
             labels=["variant", "check"],
         )
         count = GaugeMetricFamily(

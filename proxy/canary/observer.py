@@ -1,10 +1,13 @@
 """The canary analysis in a running proxy: fed by every request, evaluated off the request path.
 
-:class:`CanaryObserver` hands each finished request of a known variant to the
-:class:`~proxy.canary.analysis.CanaryAnalyzer` (``on_complete``: one short lock, a few appends) and
-evaluates every ``canary.evaluate_every`` seconds in a worker thread; the side path hands it each
-sample's predictions (:meth:`predictions`). ``GET /canary`` on the admin port shows the last
-evaluation; ``infermon_canary_verdict{variant}`` and ``infermon_canary_check{variant,check}`` export it.
+:class:`CanaryObserver` appends each finished request of a known variant to a list (``on_complete``:
+one tuple, no lock: the event loop's thread is the only one that touches the list). Once a second
+its task swaps the list for an empty one and hands the batch to the
+:class:`~proxy.canary.analysis.CanaryAnalyzer` in a worker thread; every ``canary.evaluate_every``
+seconds it evaluates there too. The side path hands it each sample's predictions
+(:meth:`predictions`), and the drift engine's per-variant windows are read at each evaluation.
+``GET /canary`` on the admin port shows the last evaluation; ``infermon_canary_verdict{variant}``
+and ``infermon_canary_check{variant,check}`` export it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.registry import Collector
 
-from proxy.canary.analysis import CanaryAnalyzer, CanaryConfig
+from proxy.canary.analysis import CanaryAnalyzer, CanaryConfig, DriftSource, Finished
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.hooks import Observer
 from proxy.observe.labels import OTHER
@@ -27,11 +30,14 @@ from proxy.settings import ProxyConfig
 
 log = logging.getLogger("infermon.canary")
 
+#: seconds between hand-overs of the finished requests to the analyzer
+DRAIN = 1.0
+
 
 class CanaryObserver(Observer):
     name = "canary"
 
-    def __init__(self, cfg: ProxyConfig) -> None:
+    def __init__(self, cfg: ProxyConfig, drift: DriftSource | None = None) -> None:
         c = cfg.canary
         self.every = c.evaluate_every
         self.analyzer = CanaryAnalyzer(
@@ -48,9 +54,12 @@ class CanaryObserver(Observer):
                 max_variants=c.max_variants,
                 prediction_bins=c.prediction_bins,
                 max_classes=c.max_classes,
-            )
+                drift_share=c.drift_share,
+            ),
+            drift,
         )
-        self.observe = self.analyzer.observe
+        #: finished requests since the last hand-over (event-loop thread only)
+        self._finished: list[Finished] = []
         self._task: asyncio.Task[None] | None = None
         self.evaluations = 0
 
@@ -61,8 +70,8 @@ class CanaryObserver(Observer):
         if not variant or variant == OTHER:
             return
         status = ex.status
-        error = ex.error is not None or status >= 500 or status == 0
-        self.observe(variant, status, ex.t_done - ex.t_accepted, error)
+        t = ex.t_done  # time.perf_counter(), the clock the analysis runs on
+        self._finished.append((variant, t, t - ex.t_accepted, ex.error is not None or status >= 500 or status == 0))
 
     # -- side path ------------------------------------------------------------------------------
 
@@ -79,14 +88,31 @@ class CanaryObserver(Observer):
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
+    async def flush(self) -> None:
+        """Hand the finished requests so far to the analyzer (event-loop thread)."""
+        batch, self._finished = self._finished, []
+        if batch:
+            await asyncio.to_thread(self.analyzer.ingest, batch)
+
+    async def evaluate(self) -> None:
+        """Hand over the finished requests, then evaluate: both in a worker thread, never on the loop."""
+        await self.flush()
+        await asyncio.to_thread(self.analyzer.evaluate, time.perf_counter())
+        self.evaluations += 1
+
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_eval = loop.time() + self.every
         while True:
-            await asyncio.sleep(self.every)
-            try:  # tests and statistics take milliseconds: a thread, never the loop
-                await asyncio.to_thread(self.analyzer.evaluate, time.monotonic())
-                self.evaluations += 1
+            await asyncio.sleep(min(DRAIN, max(0.0, next_eval - loop.time())))
+            try:
+                if loop.time() >= next_eval:
+                    next_eval = loop.time() + self.every
+                    await self.evaluate()
+                else:
+                    await self.flush()
             except Exception:
-                log.exception("canary evaluation failed (the next one runs in %g s)", self.every)
+                log.exception("canary analysis failed (it runs again in %g s)", DRAIN)
 
     async def aclose(self) -> None:
         if self._task is not None:

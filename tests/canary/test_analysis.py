@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -52,7 +53,12 @@ def test_identical_variants_pass() -> None:
     feed(analyzer, "canary", 2000, error_rate=0.01, classes=CLASSES, seed=2)
     result = analyzer.evaluate(now=NOW)["canary"]
     assert result.verdict == PASS, result.reason
-    assert {c: r.outcome for c, r in result.checks.items()} == {"errors": PASS, "latency": PASS, "predictions": PASS}
+    assert {c: r.outcome for c, r in result.checks.items()} == {
+        "errors": PASS,
+        "latency": PASS,
+        "predictions": PASS,
+        "drift": INCONCLUSIVE,  # no drift windows (sampling off): it holds nothing back
+    }
     assert result.reason.startswith("canary passes")
 
 
@@ -305,3 +311,85 @@ def test_feeding_collecting_and_evaluating_from_several_threads() -> None:
 def test_bad_config_names_the_key(key: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         CanaryConfig(**{key: value})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Windows:
+    """One variant's drift verdicts, shaped as the drift engine's summary gives them."""
+
+    evaluated_features: tuple[str, ...] = ()
+    evaluated_predictions: tuple[str, ...] = ()
+    drifted_features: tuple[str, ...] = ()
+    drifted_predictions: tuple[str, ...] = ()
+    rows: int = 0
+
+
+FEATURES = ("f1", "f2", "f3", "f4")
+
+
+def drift_case(stable: Windows | None, canary: Windows | None, share: float = 0.5) -> tuple[int, dict[str, object]]:
+    """(verdict, the drift check) for two healthy variants with these drift windows."""
+    summary = {k: v for k, v in (("stable", stable), ("canary", canary)) if v is not None}
+    analyzer = CanaryAnalyzer(CanaryConfig(drift_share=share), drift=lambda: summary)
+    feed(analyzer, "stable", 400)
+    feed(analyzer, "canary", 400, seed=SEED + 1)
+    result = analyzer.evaluate(now=NOW)["canary"]
+    return result.verdict, result.checks["drift"].as_dict()
+
+
+def test_drift_check_fails_a_canary_whose_predictions_drifted_alone() -> None:
+    base = Windows(FEATURES, ("prediction",), rows=1000)
+    verdict, check = drift_case(base, Windows(FEATURES, ("prediction",), drifted_predictions=("prediction",), rows=300))
+    assert (verdict, check["outcome"]) == (FAIL, FAIL), check["reason"]
+    assert check["drifted_predictions"] == ["prediction"] and check["baseline_drifted_predictions"] == []
+    assert "prediction" in str(check["reason"])
+    # the same prediction drifted on both sides: the inputs moved, not the canary
+    both = Windows(FEATURES, ("prediction",), drifted_predictions=("prediction",), rows=1000)
+    assert drift_case(both, both)[0] == PASS
+
+
+def test_drift_check_fails_when_the_canarys_inputs_drifted_and_the_baselines_did_not() -> None:
+    base = Windows(FEATURES, drifted_features=("f1",), rows=1000)  # 25%: under the share
+    verdict, check = drift_case(base, Windows(FEATURES, drifted_features=("f1", "f2"), rows=300))
+    assert (verdict, check["outcome"]) == (FAIL, FAIL), check["reason"]
+    assert (check["share"], check["baseline_share"], check["features"]) == (0.5, 0.25, 4)
+    # one drifted feature of four is not a drifted dataset, and neither is a shift both sides share
+    assert drift_case(base, Windows(FEATURES, drifted_features=("f2",)))[0] == PASS
+    everywhere = Windows(FEATURES, drifted_features=FEATURES)
+    assert drift_case(everywhere, everywhere)[0] == PASS
+    # a stricter share
+    assert drift_case(base, Windows(FEATURES, drifted_features=("f1", "f2")), share=0.75)[0] == PASS
+
+
+def test_drift_check_compares_only_columns_both_sides_decided() -> None:
+    # stable decided f1..f4; the canary only f1 and f2 (the others had too few rows): f3's drift on
+    # stable does not count, the canary's f1+f2 are 2 of 2 common columns
+    base = Windows(FEATURES, drifted_features=("f3",))
+    verdict, check = drift_case(base, Windows(("f1", "f2"), drifted_features=("f1", "f2")))
+    assert verdict == FAIL and check["features"] == 2 and check["baseline_drifted_features"] == []
+
+
+def test_drift_check_is_inconclusive_until_both_sides_have_windows() -> None:
+    # the canary's windows are short of drift.min_samples: the verdict waits
+    verdict, check = drift_case(Windows(FEATURES, rows=1000), Windows(rows=20))
+    assert (verdict, check["outcome"]) == (INCONCLUSIVE, INCONCLUSIVE)
+    assert "canary" in str(check["reason"]) and "no_data" not in check
+    verdict, check = drift_case(None, Windows(FEATURES, rows=300))
+    assert verdict == INCONCLUSIVE and "stable" in str(check["reason"])
+    # nothing evaluated anywhere (the reference still collecting): no data, holds nothing back
+    verdict, check = drift_case(None, None)
+    assert (verdict, check["outcome"], check["no_data"]) == (PASS, INCONCLUSIVE, True)
+
+
+def test_ingest_takes_a_batch_as_observe_takes_one() -> None:
+    one, batch = CanaryAnalyzer(CanaryConfig(max_variants=2)), CanaryAnalyzer(CanaryConfig(max_variants=2))
+    finished = [
+        (("stable", "canary", "third")[i % 3], NOW - 60.0 + i * 0.1, 0.01 * (1 + i % 7), i % 11 == 0)
+        for i in range(600)
+    ]
+    for variant, t, latency, error in finished:
+        one.observe(variant, 500 if error else 200, latency, error, now=t)
+    batch.ingest(finished)
+    a, b = one.evaluate(now=NOW)["canary"], batch.evaluate(now=NOW)["canary"]
+    assert a.as_dict() == b.as_dict()
+    assert one.dropped_variants == batch.dropped_variants == 200  # every request of the third variant

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import orjson
@@ -11,7 +10,7 @@ from aiohttp import web
 
 from proxy.app import ProxyApp
 from tests.conftest import ProxyFactory, Serve
-from tests.helpers import TIMEOUT, Client, fetch, metric, scrape_metrics
+from tests.helpers import TIMEOUT, Client, fetch, metric, scrape_metrics, wait_until
 
 
 async def model(serve: Serve, *, fail_every: int = 0, delay: float = 0.0, label: int = 0) -> str:
@@ -42,7 +41,7 @@ async def run(app: ProxyApp, n: int) -> None:
     if side is not None:
         assert await asyncio.to_thread(side.wait_idle, TIMEOUT)
     assert app.canary is not None
-    await asyncio.to_thread(app.canary.analyzer.evaluate, time.monotonic())
+    await app.canary.evaluate()
 
 
 async def verdict(app: ProxyApp) -> dict[str, Any]:
@@ -106,3 +105,24 @@ async def test_no_split_no_analysis(make_proxy: ProxyFactory, upstream: str) -> 
     app = await make_proxy(upstream)
     assert app.canary is None
     assert (await fetch(app.admin_address, "/canary")).status == 404
+
+
+async def test_the_analysis_runs_by_itself(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """No manual hand-over: the observer's task passes the finished requests on and evaluates."""
+    app = await make_proxy(
+        await model(serve),
+        upstreams={"canary": await model(serve)},
+        split={"weights": {"stable": 50, "canary": 50}},
+        canary={"min_requests": 20, "evaluate_every": 0.2},
+    )
+    client = await Client.connect(app.proxy_address)
+    body = orjson.dumps({"instances": [[1.0, 2.0]]})
+    for _ in range(100):
+        await client.request("POST", "/v1/models/m:predict", headers={"Content-Type": "application/json"}, body=body)
+
+    async def counted() -> bool:
+        report = await verdict(app)
+        return bool(sum(report["requests"].values()) == 100)
+
+    await wait_until(counted)
+    assert app.canary is not None and app.canary._finished == []
