@@ -21,6 +21,9 @@ from proxy.errors import ConfigError
 from proxy.settings import Drift
 
 SEED = 7
+STABLE = "stable"
+QUALITY = "infermon_feature_quality_total"
+NO_DROPS = {"collecting": 0, "variant_budget": 0, "invalid_variant": 0}
 
 
 def drift_cfg(**kw: Any) -> Drift:
@@ -146,7 +149,7 @@ def test_p_value_methods_flag_below_the_threshold_distances_at_or_above() -> Non
 
     def decide(method: str, threshold: float) -> dict[str, Any]:
         engine = DriftEngine(drift_cfg(features={"x": {"method": method, "threshold": threshold}}), profile)
-        engine.add([{"x": v} for v in live], [], t=0.0)
+        engine.add([{"x": v} for v in live], [], t=0.0, variant=STABLE)
         engine.evaluate(now=1.0)
         return column(engine.report(), "x")
 
@@ -165,14 +168,14 @@ def test_psi_levels_use_warn_and_drift() -> None:
     profile = one_column_profile(normal(1000))
     for shift, level in ((0.0, "ok"), (0.25, "warn"), (1.0, "drift")):  # PSI 0.046, 0.11, 1.18
         engine = DriftEngine(drift_cfg(), profile)
-        engine.add([{"x": v} for v in normal(1000, seed=11, loc=shift)], [], t=0.0)
+        engine.add([{"x": v} for v in normal(1000, seed=11, loc=shift)], [], t=0.0, variant=STABLE)
         engine.evaluate(now=0.0)
         assert column(engine.report(), "x")["psi"]["level"] == level, shift
 
 
 def test_insufficient_data_is_never_no_drift() -> None:
     engine = DriftEngine(drift_cfg(min_samples=50), one_column_profile(normal(600)))
-    engine.add([{"x": v} for v in normal(49, seed=5, loc=3.0)], [], t=0.0)
+    engine.add([{"x": v} for v in normal(49, seed=5, loc=3.0)], [], t=0.0, variant=STABLE)
     engine.evaluate(now=1.0)
     col = column(engine.report(), "x")
     assert col["status"] == "insufficient data"
@@ -182,15 +185,15 @@ def test_insufficient_data_is_never_no_drift() -> None:
     assert sum(col["histogram"]["live"]) == 49
     assert engine.report()["insufficient"] == ["x"]
     _, samples = scrape(engine)
-    assert sample_value(samples, "infermon_feature_drifted", feature="x") is None
-    assert sample_value(samples, "infermon_feature_drift", feature="x", method="psi") is None
-    assert sample_value(samples, "infermon_drift_window_rows", feature="x") == 49
-    engine.add([{"x": 3.0}], [], t=0.5)
+    assert sample_value(samples, "infermon_feature_drifted", variant=STABLE, feature="x") is None
+    assert sample_value(samples, "infermon_feature_drift", variant=STABLE, feature="x", method="psi") is None
+    assert sample_value(samples, "infermon_drift_window_rows", variant=STABLE, feature="x") == 49
+    engine.add([{"x": 3.0}], [], t=0.5, variant=STABLE)
     engine.evaluate(now=1.0)
     col = column(engine.report(), "x")
     assert (col["status"], col["drifted"]) == ("evaluated", True)
     _, samples = scrape(engine)
-    assert sample_value(samples, "infermon_feature_drifted", feature="x") == 1.0
+    assert sample_value(samples, "infermon_feature_drifted", variant=STABLE, feature="x") == 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,8 +202,8 @@ def test_insufficient_data_is_never_no_drift() -> None:
 
 def test_time_window_expires_old_values() -> None:
     engine = DriftEngine(drift_cfg(window_seconds=60, min_samples=1), one_column_profile(normal(600)))
-    engine.add([{"x": 0.1}] * 30, [], t=1000.0)
-    engine.add([{"x": 0.2}] * 20, [], t=1050.0)
+    engine.add([{"x": 0.1}] * 30, [], t=1000.0, variant=STABLE)
+    engine.add([{"x": 0.2}] * 20, [], t=1050.0, variant=STABLE)
     engine.evaluate(now=1059.0)
     assert column(engine.report(), "x")["window_rows"] == 50
     engine.evaluate(now=1060.5)  # the first 30 are now older than 60 s
@@ -212,7 +215,7 @@ def test_time_window_expires_old_values() -> None:
 
 def test_count_window_keeps_the_last_values_and_bin_counters_keep_all() -> None:
     engine = DriftEngine(drift_cfg(window_size=40, min_samples=10), one_column_profile(normal(600)))
-    engine.add([{"x": v} for v in normal(100, seed=9)], [], t=0.0)
+    engine.add([{"x": v} for v in normal(100, seed=9)], [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     col = column(engine.report(), "x")
     assert col["window_rows"] == 40
@@ -230,7 +233,7 @@ def test_the_first_samples_become_the_reference() -> None:
     engine = DriftEngine(drift_cfg(reference_samples=100, min_samples=10), None)
     assert engine.columns() is None
     first = [{"a": v, "b": "u" if v > 0 else "w"} for v in normal(160, seed=4)]
-    engine.add(first[:60], [{"prediction": 1.0}] * 60, t=0.0)
+    engine.add(first[:60], [{"prediction": 1.0}] * 60, t=0.0, variant=STABLE)
     ref = engine.report()["reference"]
     assert (ref["source"], ref["status"], ref["rows"], ref["target"], ref["progress"]) == (
         "first 100 samples",
@@ -240,7 +243,7 @@ def test_the_first_samples_become_the_reference() -> None:
         0.6,
     )
     assert engine.columns() is None
-    engine.add(first[60:], [{"prediction": 1.0}] * 100, t=1.0)
+    engine.add(first[60:], [{"prediction": 1.0}] * 100, t=1.0, variant=STABLE)
     assert engine.columns() == ["a", "b"]
     engine.evaluate(now=2.0)
     report = engine.report()
@@ -260,7 +263,7 @@ def test_names_that_cannot_be_labels_are_never_tracked() -> None:
     engine = DriftEngine(drift_cfg(reference_samples=10), None)
     long_name = "x" * 129
     rows = [{"a": float(i), long_name: 1.0, "bad\nname": 2.0, "": 3.0} for i in range(10)]
-    engine.add(rows, [], t=0.0)
+    engine.add(rows, [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     report = engine.report()
     assert [c["name"] for c in report["columns"]] == ["a"]
@@ -273,7 +276,7 @@ def test_auto_reference_keeps_to_max_features_and_reports_bad_overrides() -> Non
     cfg = drift_cfg(reference_samples=20, max_features=2, features={"c": {"method": "ks"}, "zz": {"method": "psi"}})
     engine = DriftEngine(cfg, None)
     rows = [{"a": float(i), "c": "u" if i % 2 else "v", "d": 1.0} for i in range(30)]
-    engine.add(rows, [], t=0.0)
+    engine.add(rows, [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     report = engine.report()
     assert [c["name"] for c in report["columns"]] == ["a", "c"]
@@ -317,7 +320,7 @@ def test_quality_counters() -> None:
         {"x": 10.5, "c": 1, "d": "v3"},  # x out of range; c unseen ("1")
         {"x": 10, "c": "c", "d": "v4", "extra": 1, "more": "x"},  # in range; two unknown names
     ]
-    engine.add(live, [], t=0.0)
+    engine.add(live, [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     report = engine.report()
     expected = {
@@ -327,12 +330,13 @@ def test_quality_counters() -> None:
     }
     for name, counts in expected.items():
         assert column(report, name)["quality"] == counts, name
-    assert report["other"] == {"unknown_feature": 2, "over_budget": 0, "invalid_name": 0}
+    assert report["other"] == {"unknown_feature": 2, "over_budget": 0, "invalid_name": 0, "rows_dropped": NO_DROPS}
     _, samples = scrape(engine)
     for name, counts in expected.items():
         for problem, count in counts.items():
-            assert sample_value(samples, "infermon_feature_quality_total", feature=name, problem=problem) == count
-    assert sample_value(samples, "infermon_feature_quality_total", feature="other", problem="unknown_feature") == 2
+            found = sample_value(samples, QUALITY, variant=STABLE, feature=name, problem=problem)
+            assert found == count, (name, problem)
+    assert sample_value(samples, QUALITY, variant=STABLE, feature="other", problem="unknown_feature") == 2
     # out-of-range values are still binned (first and last bin), so the bin counters see every valid value
     bins = [v for (n, labels), v in samples.items() if n == "infermon_feature_bin_total" and ("feature", "x") in labels]
     assert sum(bins) == 3  # -1, 10.5 and 10
@@ -341,12 +345,12 @@ def test_quality_counters() -> None:
 def test_with_a_profile_only_its_columns_are_tracked_within_max_features() -> None:
     profile = build_profile(rows_of({"a": normal(50), "b": normal(50, seed=1), "c": normal(50, seed=2)}))
     engine = DriftEngine(drift_cfg(max_features=2), profile)
-    engine.add([{"a": 0.0, "b": 0.0, "c": 0.0, "new": 1}], [], t=0.0)
+    engine.add([{"a": 0.0, "b": 0.0, "c": 0.0, "new": 1}], [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     report = engine.report()
     assert [c["name"] for c in report["columns"]] == ["a", "b"]
     assert report["untracked_columns"] == ["c"]
-    assert report["other"] == {"unknown_feature": 1, "over_budget": 1, "invalid_name": 0}
+    assert report["other"] == {"unknown_feature": 1, "over_budget": 1, "invalid_name": 0, "rows_dropped": NO_DROPS}
     assert engine.columns() == ["a", "b", "c"]  # the profile's order still names bare rows
 
 
@@ -357,14 +361,15 @@ def test_with_a_profile_only_its_columns_are_tracked_within_max_features() -> No
 def test_series_budget_exports_the_bins_of_the_first_columns_that_fit() -> None:
     profile = quality_profile()
     x_bins = len(profile.features[0].counts)
-    engine = DriftEngine(drift_cfg(max_series=x_bins + 1, min_samples=5), profile)
-    engine.add([{"x": float(i % 11), "c": "a", "d": "v1"} for i in range(20)], [], t=0.0)
+    # x's bin counters and its reference ratios fit, c's do not
+    engine = DriftEngine(drift_cfg(max_series=2 * x_bins + 1, min_samples=5), profile)
+    engine.add([{"x": float(i % 11), "c": "a", "d": "v1"} for i in range(20)], [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     report = engine.report()
     assert report["series"] == {
-        "budget": x_bins + 1,
-        "exported": x_bins,
-        "omitted": 4 + 6,  # c: 3 categories + other; d: 5 + other
+        "budget": 2 * x_bins + 1,
+        "exported": 2 * x_bins,
+        "omitted": 2 * (4 + 6),  # c: 3 categories + other; d: 5 + other; counters and ratios
         "omitted_columns": ["c", "d"],
     }
     assert [column(report, n)["bins_exported"] for n in "xcd"] == [True, False, False]
@@ -374,8 +379,8 @@ def test_series_budget_exports_the_bins_of_the_first_columns_that_fit() -> None:
     assert exported == {"x"}
     ratios = {dict(labels)["feature"] for (n, labels) in samples if n == "infermon_feature_reference_ratio"}
     assert ratios == {"x"}
-    assert sample_value(samples, "infermon_drift_bin_series_omitted") == 10
-    assert sample_value(samples, "infermon_feature_drift", feature="c", method="psi") is not None
+    assert sample_value(samples, "infermon_drift_bin_series_omitted") == 20
+    assert sample_value(samples, "infermon_feature_drift", variant=STABLE, feature="c", method="psi") is not None
 
 
 def test_exposition_has_every_metric_and_never_nan() -> None:
@@ -386,7 +391,7 @@ def test_exposition_has_every_metric_and_never_nan() -> None:
     engine = DriftEngine(drift_cfg(min_samples=10), profile)
     _, samples = scrape(engine)  # before any evaluation: nothing measured, nothing broken
     assert not any(name == "infermon_feature_drift" for name, _ in samples)
-    engine.add([{"num": v, "cat": "a", "const": 1.0} for v in normal(50, seed=8)], [], t=0.0)
+    engine.add([{"num": v, "cat": "a", "const": 1.0} for v in normal(50, seed=8)], [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     text, samples = scrape(engine)
     assert "NaN" not in text and "Inf" not in text
@@ -404,8 +409,8 @@ def test_exposition_has_every_metric_and_never_nan() -> None:
     methods = {dict(labels)["method"] for n, labels in samples if n == "infermon_feature_drift"}
     assert {"psi", "jensenshannon", "chisquare", "wasserstein", "ks", "ks_statistic", "z"} <= methods
     # the constant column: every statistic finite, PSI 0
-    assert sample_value(samples, "infermon_feature_drift", feature="const", method="psi") == 0.0
-    assert sample_value(samples, "infermon_feature_drifted", feature="const") == 0.0
+    assert sample_value(samples, "infermon_feature_drift", variant=STABLE, feature="const", method="psi") == 0.0
+    assert sample_value(samples, "infermon_feature_drifted", variant=STABLE, feature="const") == 0.0
     cat = [
         v
         for (n, labels), v in samples.items()
@@ -440,7 +445,7 @@ def test_report_and_collector_from_other_threads() -> None:
     try:
         values = normal(800, seed=12)
         for i in range(0, 800, 20):
-            engine.add([{"x": v} for v in values[i : i + 20]], [], t=float(i))
+            engine.add([{"x": v} for v in values[i : i + 20]], [], t=float(i), variant=STABLE)
             engine.evaluate(now=float(i))
     finally:
         stop.set()
@@ -471,7 +476,7 @@ def shifted_scenario(
     engine = DriftEngine(cfg, profile)
     batch = [dict(zip(names, row, strict=True)) for row in live.tolist()]
     for i in range(0, len(batch), 32):  # as samples arrive, 32 rows a second
-        engine.add(batch[i : i + 32], [], t=i / 32)
+        engine.add(batch[i : i + 32], [], t=i / 32, variant=STABLE)
     engine.evaluate(now=len(batch) / 32)
     report = engine.report()
     return set(report["drifted"]), report
@@ -515,7 +520,7 @@ def test_feature_names_from_traffic_are_bounded_in_length_too() -> None:
     long_name = "k" * 100_000
     engine = DriftEngine(drift_cfg(reference_samples=20, min_samples=5), None)
     rows = [{long_name: float(i % 7), "age": float(i)} for i in range(40)]
-    engine.add(rows, [], t=0.0)
+    engine.add(rows, [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     text, samples = scrape(engine)
     longest = max(len(dict(labels).get("feature", "")) for _, labels in samples)
@@ -531,7 +536,7 @@ def test_auto_reference_never_exports_a_feature_and_a_prediction_under_one_name(
     engine = DriftEngine(drift_cfg(reference_samples=10, min_samples=2), None)
     for i in range(20):
         row = {"age": float(i)} if i % 2 else {"score": float(i)}
-        engine.add([row], [{"score": 0.1 * i}], t=0.0)
+        engine.add([row], [{"score": 0.1 * i}], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     text, _ = scrape(engine)
     series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")]
