@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_breast_cancer, make_classification
 
 from proxy.drift import stats
-from proxy.drift.engine import DriftEngine
+from proxy.drift.engine import DriftEngine, VariantDrift
 from proxy.drift.profile import Profile, build_profile
 from proxy.errors import ConfigError
 from proxy.settings import Drift
@@ -437,6 +437,8 @@ def test_report_and_collector_from_other_threads() -> None:
                 report = engine.report()
                 report["columns"].clear()  # a copy: the engine's snapshot is untouched
                 scrape(engine)
+                for drift in engine.summary().values():
+                    assert drift.rows <= 50
         except BaseException as exc:
             errors.append(exc)
 
@@ -452,6 +454,7 @@ def test_report_and_collector_from_other_threads() -> None:
         reader.join(timeout=10)
     assert not errors
     assert column(engine.report(), "x")["window_rows"] == 50
+    assert engine.summary()[STABLE].rows == 50
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,3 +545,223 @@ def test_auto_reference_never_exports_a_feature_and_a_prediction_under_one_name(
     series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")]
     duplicated = sorted({s for s in series if series.count(s) > 1})
     assert duplicated == [], duplicated[:3]
+
+
+# --------------------------------------------------------------------------------------------
+# variants: one window per (variant, column), one reference
+
+
+CANARY = "canary"
+
+
+def two_column_profile() -> Profile:
+    """x: 600 normal values (KS decides), c: three categories (chi-squared decides)."""
+    return build_profile(rows_of({"x": normal(600), "c": cycle(["a", "b", "c"], 600)}))
+
+
+def live_bins(fp: Any, values: Sequence[float]) -> list[int]:
+    return [int(n) for n in np.bincount(np.searchsorted(fp.edges, values, side="left"), minlength=len(fp.counts))]
+
+
+def test_two_variants_only_the_shifted_one_drifts() -> None:
+    profile = two_column_profile()
+    engine = DriftEngine(drift_cfg(min_samples=50), profile)
+    steady, shifted = normal(300, seed=21), normal(200, seed=22, loc=1.0)
+    engine.add([{"x": v, "c": cycle(["a", "b", "c"], 300)[i]} for i, v in enumerate(steady)], [], 1.0, STABLE)
+    engine.add([{"x": v, "c": "a"} for v in shifted], [], 1.0, CANARY)
+    engine.evaluate(now=2.0)
+    report = engine.report()
+    assert report["variant"] == STABLE
+    assert report["drifted"] == [] and column(report, "x")["window_rows"] == 300  # the top level: stable's
+    stable, canary = report["variants"][STABLE], report["variants"][CANARY]
+    assert "columns" not in stable  # stable's columns are the top level's
+    assert (stable["drifted"], stable["rows"], stable["window_rows"]) == ([], 300, {"x": 300, "c": 300})
+    assert (canary["drifted"], canary["rows"], canary["window_rows"]) == (["x", "c"], 200, {"x": 200, "c": 200})
+    assert [c["name"] for c in canary["columns"]] == ["x", "c"]
+    x = profile.features[0]
+    for name, values in ((STABLE, steady), (CANARY, shifted)):
+        cols = report["columns"] if name == STABLE else canary["columns"]
+        got = next(c for c in cols if c["name"] == "x")
+        assert got["histogram"]["live"] == live_bins(x, values)
+        assert got["statistics"]["psi"] == pytest.approx(stats.psi(x.counts, live_bins(x, values)), rel=1e-12)
+        _, p = stats.ks_2samp([float(v) for v in x.sample], values)
+        assert got["statistics"]["ks"] == pytest.approx(p, rel=1e-9)
+    text, samples = scrape(engine)
+    drifted = "infermon_feature_drifted"
+    assert sample_value(samples, drifted, variant=STABLE, feature="x") == 0.0
+    assert sample_value(samples, drifted, variant=STABLE, feature="c") == 0.0
+    assert sample_value(samples, drifted, variant=CANARY, feature="x") == 1.0
+    assert sample_value(samples, drifted, variant=CANARY, feature="c") == 1.0
+    assert sample_value(samples, "infermon_drift_window_rows", variant=CANARY, feature="x") == 200
+    canary_psi = next(c for c in canary["columns"] if c["name"] == "x")["statistics"]["psi"]
+    assert sample_value(samples, "infermon_feature_drift", variant=CANARY, feature="x", method="psi") == canary_psi
+    assert f'infermon_feature_drift{{feature="x",method="psi",variant="canary"}} {canary_psi!r}' in text
+    assert sample_value(samples, "infermon_feature_bin_total", variant=CANARY, feature="c", bin="a") == 200
+    assert sample_value(samples, "infermon_feature_bin_total", variant=STABLE, feature="c", bin="a") == 100
+    # the variant label comes first; the reference ratio has none, one series per bin
+    order = {f.name: [list(s.labels) for s in f.samples] for f in engine.families()}
+    assert order["infermon_feature_drift"][0] == ["variant", "feature", "method"]
+    assert order["infermon_feature_drifted"][0] == order["infermon_drift_window_rows"][0] == ["variant", "feature"]
+    assert order["infermon_feature_quality"][0] == ["variant", "feature", "problem"]
+    assert order["infermon_feature_bin"][0] == ["variant", "feature", "bin"]
+    assert order["infermon_feature_reference_ratio"][0] == ["feature", "bin"]
+    ratios = [labels for n, labels in samples if n == "infermon_feature_reference_ratio"]
+    assert len(ratios) == len(x.counts) + 4 and all("variant" not in dict(lb) for lb in ratios)
+    for name in (STABLE, CANARY):
+        other = sample_value(samples, QUALITY, variant=name, feature="other", problem="unknown_feature")
+        assert other == 0
+
+
+def test_a_variant_gets_its_windows_with_its_first_rows() -> None:
+    engine = DriftEngine(drift_cfg(min_samples=5), two_column_profile())
+    assert list(engine.report()["variants"]) == [STABLE]  # the top-level variant has its windows from the start
+    engine.add([{"x": 0.0, "c": "a", "new": 1}] * 3, [], 0.0, CANARY)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert list(report["variants"]) == [STABLE, CANARY]
+    canary = report["variants"][CANARY]
+    assert canary["insufficient"] == ["x", "c"] and canary["other"]["unknown_feature"] == 3
+    assert report["variants"][STABLE]["other"]["unknown_feature"] == 0
+    assert report["other"]["unknown_feature"] == 0  # the top level counts stable's
+
+
+def test_variant_budget_counts_the_rows_of_further_variants() -> None:
+    engine = DriftEngine(drift_cfg(max_variants=2, min_samples=5), two_column_profile())
+    engine.add([{"x": 0.1, "c": "a"}] * 10, [], 0.0, CANARY)
+    engine.add([{"x": 0.1, "c": "a"}] * 7, [], 0.0, "blue")  # a third variant: over the budget
+    engine.add([{"x": 0.1, "c": "a"}] * 4, [], 0.0, "blue")
+    engine.add([], [{"prediction": 1.0}] * 2, 0.0, "green")  # a sample of predictions only: its rows count too
+    engine.add([{"x": 0.1, "c": "a"}] * 6, [], 0.0, STABLE)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert set(report["variants"]) == {STABLE, CANARY}
+    assert report["variants"][STABLE]["rows"] == 6 and report["variants"][CANARY]["rows"] == 10
+    assert report["other"]["rows_dropped"] == {"collecting": 0, "variant_budget": 13, "invalid_variant": 0}
+    text, samples = scrape(engine)
+    assert sample_value(samples, "infermon_drift_rows_dropped_total", reason="variant_budget") == 13
+    assert sample_value(samples, "infermon_drift_rows_dropped_total", reason="collecting") == 0
+    assert 'variant="blue"' not in text and 'variant="green"' not in text
+
+
+def test_the_top_level_variant_keeps_its_place_in_the_budget() -> None:
+    """Without a profile nobody has windows until the reference is built; the first other variants
+    to come must not take the place of the one /drift shows at the top."""
+    engine = DriftEngine(drift_cfg(max_variants=2, reference_samples=10, min_samples=5), None)
+    rows = [{"x": float(i)} for i in range(10)]
+    engine.add(rows, [], 0.0, CANARY)  # every variant's rows build this reference: canary's too
+    engine.add(rows[:3], [], 0.0, "blue")  # the second place is stable's
+    engine.add(rows[:5], [], 0.0, STABLE)
+    engine.add(rows[:2], [], 0.0, CANARY)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert report["reference"]["status"] == "ready" and report["reference"]["variant"] is None
+    assert report["variants"][STABLE]["rows"] == 5 and report["variants"][CANARY]["rows"] == 2
+    assert report["other"]["rows_dropped"]["variant_budget"] == 3
+
+
+def test_variant_names_that_cannot_be_labels_are_refused() -> None:
+    engine = DriftEngine(drift_cfg(min_samples=5), two_column_profile())
+    for name in ("v" * 129, "bad\nvariant", ""):
+        engine.add([{"x": 0.1, "c": "a"}] * 4, [], 0.0, name)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert list(report["variants"]) == [STABLE]
+    assert report["other"]["rows_dropped"] == {"collecting": 0, "variant_budget": 0, "invalid_variant": 12}
+    text, samples = scrape(engine)
+    assert sample_value(samples, "infermon_drift_rows_dropped_total", reason="invalid_variant") == 12
+    assert "vvvv" not in text and "bad\\nvariant" not in text
+
+
+def test_the_reference_is_built_from_the_reference_variant_only() -> None:
+    engine = DriftEngine(drift_cfg(reference_samples=100, min_samples=20), None, reference_variant=STABLE)
+    stable_rows = [{"a": v} for v in normal(130, seed=31)]
+    canary_rows = [{"a": v} for v in normal(80, seed=32, loc=3.0)]
+    engine.add(canary_rows[:30], [{"prediction": 1.0}] * 30, 0.0, CANARY)  # while collecting: dropped, counted
+    engine.add(stable_rows[:60], [], 0.0, STABLE)
+    engine.add(canary_rows[30:50], [], 0.0, CANARY)
+    ref = engine.report()["reference"]
+    assert (ref["status"], ref["rows"], ref["variant"]) == ("collecting", 60, STABLE)
+    assert engine.columns() is None
+    engine.evaluate(now=0.5)
+    assert engine.summary() == {}  # nothing to summarise while the reference is collected
+    engine.add(stable_rows[60:], [], 1.0, STABLE)  # 40 complete the reference, 30 go to stable's window
+    engine.add(canary_rows[50:], [], 1.0, CANARY)  # after it: canary's window
+    engine.evaluate(now=2.0)
+    report = engine.report()
+    assert report["reference"]["status"] == "ready" and report["reference"]["rows"] == 100
+    assert report["other"]["rows_dropped"] == {"collecting": 50, "variant_budget": 0, "invalid_variant": 0}
+    expected = build_profile(stable_rows[:100], bins=10, top_k=20)
+    a = column(report, "a")
+    assert a["histogram"]["reference"] == expected.features[0].proportions()
+    assert [c["name"] for c in report["columns"]] == ["a"]  # canary's predictions never reached the reference
+    assert (a["window_rows"], a["drifted"]) == (30, False)
+    canary = report["variants"][CANARY]
+    assert (canary["window_rows"], canary["drifted"]) == ({"a": 30}, ["a"])
+    _, samples = scrape(engine)
+    assert sample_value(samples, "infermon_drift_rows_dropped_total", reason="collecting") == 50
+
+
+def test_without_a_reference_variant_every_variant_builds_the_reference() -> None:
+    engine = DriftEngine(drift_cfg(reference_samples=20, min_samples=5), None)
+    engine.add([{"a": 1.0}] * 10, [], 0.0, CANARY)
+    engine.add([{"a": 2.0}] * 10, [], 0.0, STABLE)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert column(report, "a")["histogram"]["reference"] == [0.5, 0.5]
+    assert report["other"]["rows_dropped"]["collecting"] == 0
+
+
+def test_series_budget_spans_variants_and_counts_the_ratio_once() -> None:
+    profile = two_column_profile()
+    xb, cb = len(profile.features[0].counts), len(profile.features[1].counts)
+    # stable: x and c with their ratios (2 xb + 2 cb); canary: x fits (xb, its ratio is there), c does not
+    budget = 2 * xb + 2 * cb + xb + cb - 1
+    engine = DriftEngine(drift_cfg(max_series=budget, min_samples=5), profile)
+    engine.add([{"x": 0.0, "c": "b"}] * 6, [], 0.0, CANARY)
+    engine.add([{"x": 0.0, "c": "b"}] * 6, [], 0.0, "blue")  # nothing left: neither column's bins
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert report["series"] == {
+        "budget": budget,
+        "exported": 3 * xb + 2 * cb,
+        "omitted": cb + xb + cb,
+        "omitted_columns": [],
+    }
+    variants = report["variants"]
+    assert (variants[STABLE]["omitted_columns"], variants[CANARY]["omitted_columns"]) == ([], ["c"])
+    assert variants["blue"]["omitted_columns"] == ["x", "c"]
+    assert [c["bins_exported"] for c in variants[CANARY]["columns"]] == [True, False]
+    assert variants[CANARY]["drifted"] == ["x", "c"]  # an omitted column's drift is still computed
+    _, samples = scrape(engine)
+    exported = {(dict(lb)["variant"], dict(lb)["feature"]) for n, lb in samples if n == "infermon_feature_bin_total"}
+    assert exported == {(STABLE, "x"), (STABLE, "c"), (CANARY, "x")}
+    series = sum(1 for n, _ in samples if n in ("infermon_feature_bin_total", "infermon_feature_reference_ratio"))
+    assert series == report["series"]["exported"] <= budget
+    assert sample_value(samples, "infermon_drift_bin_series_omitted") == 2 * cb + xb
+
+
+def test_summary_gives_each_variant_from_the_last_evaluation() -> None:
+    rows = rows_of({"x": normal(600), "c": cycle(["a", "b", "c"], 600)})
+    for i, row in enumerate(rows):
+        row["score"] = float(i % 2)
+    profile = build_profile(rows, predictions=["score"])
+    engine = DriftEngine(drift_cfg(min_samples=50), profile, reference_variant=STABLE)
+    before = engine.summary()
+    assert before == {
+        STABLE: VariantDrift(STABLE, (), (), (), ("x", "c", "score"), 0, None),
+    }
+    engine.add([{"x": v, "c": "abc"[i % 3]} for i, v in enumerate(normal(200, seed=41))],
+               [{"score": float(i % 2)} for i in range(200)], 10.0, STABLE)  # fmt: skip
+    engine.add([{"x": v, "c": "abc"[i % 3]} for i, v in enumerate(normal(120, seed=42, loc=2.0))],
+               [{"score": 1.0} for _ in range(120)], 10.0, CANARY)  # fmt: skip
+    engine.add([{"x": 0.0}] * 10, [], 10.0, "blue")
+    assert engine.summary() == before  # unchanged until an evaluation publishes
+    engine.evaluate(now=1234.5)
+    got = engine.summary()
+    assert got == {
+        STABLE: VariantDrift(STABLE, ("x", "c", "score"), (), (), (), 200, 1234.5),
+        CANARY: VariantDrift(CANARY, ("x", "c", "score"), ("x",), ("score",), (), 120, 1234.5),
+        "blue": VariantDrift("blue", (), (), (), ("x", "c", "score"), 10, 1234.5),
+    }
+    got.clear()  # a copy
+    assert len(engine.summary()) == 3
