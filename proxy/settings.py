@@ -407,10 +407,13 @@ class Drift(_Section):
     psi_warn: PositiveFloat = 0.1
     psi_drift: PositiveFloat = 0.25
     features: dict[str, DriftFeature] = Field(default_factory=dict)  # per feature: method, threshold
-    #: features x bins exported as infermon_feature_bin_total (and the reference ratio); over it, the
-    #: last features are not exported (counted), their drift still is
+    #: bin series exported: variants x features x bins of infermon_feature_bin_total, plus features x
+    #: bins of infermon_feature_reference_ratio (once); over it, the last columns of a variant are not
+    #: exported (counted), their drift still is
     max_series: Annotated[int, Field(ge=1)] = 2000
     max_features: Annotated[int, Field(ge=1)] = 200  # distinct feature names tracked; more: counted, skipped
+    #: variants (the variant label) with live windows of their own; rows of more: counted, not windowed
+    max_variants: Annotated[int, Field(ge=1)] = 8
 
     @model_validator(mode="after")
     def _consistent(self) -> Drift:

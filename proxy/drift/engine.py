@@ -1,19 +1,27 @@
-"""The drift engine: live windows of every column against the reference, on the side path.
+"""The drift engine: live windows of every column against the reference, per variant, on the side path.
 
-One side-path thread calls :meth:`DriftEngine.add` with the rows the adapters extracted and
-:meth:`DriftEngine.evaluate` every ``drift.interval``; any other thread reads :meth:`report` (the
-``/drift`` JSON) and :meth:`collector` (Prometheus). Those two only ever see the snapshot the last
-evaluation published, swapped in whole under a lock; nothing they return is changed afterwards.
+One side-path thread calls :meth:`DriftEngine.add` with the rows the adapters extracted from one
+sample and the sample's variant, and :meth:`DriftEngine.evaluate` every ``drift.interval``; any
+other thread reads :meth:`report` (the ``/drift`` JSON), :meth:`summary` (the canary analysis) and
+:meth:`collector` (Prometheus). Those only ever see the snapshot the last evaluation published,
+swapped in whole under a lock; nothing they return is changed afterwards.
 
-Per column (a feature, or a prediction column) the engine keeps the last ``drift.window_size``
-valid values no older than ``drift.window_seconds``: their reference bin, and for a numeric column
-the value itself. ``add`` costs a bisect and a few appends per value. ``evaluate`` computes, for a
-window of at least ``drift.min_samples`` values, PSI over the reference bins and the method that
-decides ``drifted`` (Evidently's defaults unless ``drift.features`` says otherwise), with the other
-statistics that are cheap beside it. A smaller window is "insufficient data", never "no drift".
+There is one reference and, per variant (``stable``, ``canary``, ...: the ``variant`` label), one
+live window per column (a feature, or a prediction column). Every variant's windows share the
+reference bins, the method that decides ``drifted`` and the quality rules; a variant gets its
+windows the first time its rows arrive after the reference is ready, at most ``drift.max_variants``
+variants (the variant the top level of ``/drift`` shows always has a place). A window keeps the last
+``drift.window_size`` valid values no older than ``drift.window_seconds``: their reference bin, and
+for a numeric column the value itself. ``add`` costs one dict lookup for the variant, then a bisect
+and a few appends per value. ``evaluate`` computes, for a window of at least ``drift.min_samples``
+values, PSI over the reference bins and the method that decides ``drifted`` (Evidently's defaults
+unless ``drift.features`` says otherwise), with the other statistics that are cheap beside it. A
+smaller window is "insufficient data", never "no drift".
 
 Without a profile, the first ``drift.reference_samples`` rows become the reference
-(:func:`proxy.drift.profile.build_profile`); the live window starts after them.
+(:func:`proxy.drift.profile.build_profile`): rows of the reference variant only when one is given
+(a canary must not shape the reference it is judged against; other variants' rows are dropped and
+counted meanwhile), of every variant otherwise. The live windows start after them.
 """
 
 from __future__ import annotations
@@ -68,6 +76,10 @@ METHOD_NAMES = {
 PROBLEMS = ("missing", "type_mismatch", "out_of_range", "unseen_category")
 OTHER_FEATURE = "other"
 OTHER_PROBLEMS = ("unknown_feature", "over_budget", "invalid_name")
+#: why rows of a whole sample were not windowed (infermon_drift_rows_dropped_total{reason}):
+#: collecting (another variant's rows while the reference variant's rows build the reference),
+#: variant_budget (a variant beyond drift.max_variants), invalid_variant (a name that cannot be a label)
+DROP_REASONS = ("collecting", "variant_budget", "invalid_variant")
 #: a column name from traffic longer than this, or holding control characters, is never tracked
 #: (it would become a label value of every drift series)
 MAX_NAME_LENGTH = 128
@@ -162,43 +174,32 @@ def _range_labels(edges: list[float]) -> list[str]:
     return out
 
 
-class _Column:
-    """One tracked column: its live window, its bin counters and its quality counters."""
+class _Spec:
+    """What every variant's window of one column shares: the reference bins, the deciding method,
+    and the parts of the report that come from the reference alone (built once)."""
 
     __slots__ = (
-        "bin_total",
-        "bins",
+        "bin_labels",
         "choice",
         "closed",
         "edges",
-        "exported",
         "fp",
         "hi",
         "index",
         "key",
         "kind",
         "lo",
-        "missing",
         "name",
         "numeric",
         "other",
-        "out_of_range",
         "override_problem",
+        "proportions",
+        "ranges",
         "ref_sample",
-        "times",
-        "type_mismatch",
-        "unseen_category",
-        "values",
     )
 
     def __init__(
-        self,
-        fp: FeatureProfile,
-        kind: ColumnKind,
-        window: int,
-        choice: Choice,
-        problem: str | None,
-        key: str | None = None,
+        self, fp: FeatureProfile, kind: ColumnKind, choice: Choice, problem: str | None, key: str | None = None
     ) -> None:
         self.fp = fp
         self.name = fp.name
@@ -215,10 +216,52 @@ class _Column:
         # every reference value has a bin of its own: a value outside them was never seen
         self.closed = fp.kind == "categorical" and fp.count > 0 and fp.counts[-1] == 0
         self.ref_sample = np.asarray(fp.sample, dtype=np.float64) if self.numeric else np.zeros(0)
+        self.bin_labels = fp.bins()
+        self.proportions = fp.proportions()
+        self.ranges = _range_labels(fp.edges) if self.numeric else []
+
+
+class _Column:
+    """One variant's window of one column: its live values, its bin counters and its quality counters."""
+
+    __slots__ = (
+        "bin_total",
+        "bins",
+        "closed",
+        "edges",
+        "exported",
+        "hi",
+        "index",
+        "key",
+        "lo",
+        "missing",
+        "name",
+        "numeric",
+        "other",
+        "out_of_range",
+        "spec",
+        "times",
+        "type_mismatch",
+        "unseen_category",
+        "values",
+    )
+
+    def __init__(self, spec: _Spec, window: int) -> None:
+        self.spec = spec
+        # the spec's fields that add() reads, as attributes of the column itself (one lookup less)
+        self.name = spec.name
+        self.key = spec.key
+        self.numeric = spec.numeric
+        self.edges = spec.edges
+        self.index = spec.index
+        self.other = spec.other
+        self.lo = spec.lo
+        self.hi = spec.hi
+        self.closed = spec.closed
         self.times: deque[float] = deque(maxlen=window)
         self.bins: deque[int] = deque(maxlen=window)
         self.values: deque[float] = deque(maxlen=window)
-        self.bin_total = [0] * len(fp.counts)
+        self.bin_total = [0] * len(spec.proportions)
         self.missing = self.type_mismatch = self.out_of_range = self.unseen_category = 0
         self.exported = False
 
@@ -271,6 +314,28 @@ class _Column:
         }
 
 
+class _Variant:
+    """One variant's windows (none until its rows arrive after the reference is ready) and the
+    counts of its values that no column took."""
+
+    __slots__ = ("columns", "features", "invalid_names", "name", "omitted", "over_budget", "predictions",
+                 "unknown", "windowed")  # fmt: skip
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.windowed = False
+        self.columns: list[_Column] = []
+        self.features: list[_Column] = []
+        self.predictions: list[_Column] = []
+        self.omitted: list[str] = []  # columns whose bin series drift.max_series left out
+        self.unknown = 0
+        self.over_budget = 0
+        self.invalid_names = 0
+
+    def other(self) -> dict[str, int]:
+        return {"unknown_feature": self.unknown, "over_budget": self.over_budget, "invalid_name": self.invalid_names}
+
+
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     """What one evaluation found for one column."""
@@ -282,27 +347,30 @@ class _Outcome:
 
 
 def _evaluate(col: _Column, cfg: Drift) -> _Outcome:
-    fp = col.fp
+    spec = col.spec
+    fp = spec.fp
     n = len(col.bins)
-    nbins = len(fp.counts)
+    nbins = len(spec.proportions)
     live = np.bincount(np.fromiter(col.bins, dtype=np.int64, count=n), minlength=nbins) if n else np.zeros(nbins)
     live_counts = [int(c) for c in live]
-    choice = col.choice
+    choice = spec.choice
     threshold = choice.threshold
     report: dict[str, Any] = {
-        "name": col.name,
-        "kind": col.kind,
+        "name": spec.name,
+        "kind": spec.kind,
         "type": fp.kind,
         "method": choice.method,
         "threshold": threshold,
         "why": choice.why,
     }
-    if col.override_problem:
-        report["config_problem"] = col.override_problem
-    histogram: dict[str, Any] = {"bins": fp.bins(), "reference": fp.proportions(), "live": live_counts}
-    if col.numeric:
-        histogram["edges"] = list(fp.edges)
-        histogram["ranges"] = _range_labels(fp.edges)
+    if spec.override_problem:
+        report["config_problem"] = spec.override_problem
+    # the reference's parts are the spec's lists, shared by every variant and evaluation: nobody
+    # changes a published report, and report() copies each shared list once
+    histogram: dict[str, Any] = {"bins": spec.bin_labels, "reference": spec.proportions, "live": live_counts}
+    if spec.numeric:
+        histogram["edges"] = spec.edges
+        histogram["ranges"] = spec.ranges
     statistics: dict[str, float] = {}
     drifted: bool | None = None
     if fp.count == 0:
@@ -333,7 +401,8 @@ def _statistics(col: _Column, live_counts: list[int], n: int) -> dict[str, float
     """PSI, Jensen-Shannon and chi-squared over the bins; for a numeric column with a reference
     sample normed Wasserstein and the KS statistic (its p-value only where KS decides: that is the
     costly one); the Z-test where the reference has at most two values."""
-    fp = col.fp
+    spec = col.spec
+    fp = spec.fp
     ref = fp.counts
     out: dict[str, float] = {
         "psi": stats.psi(ref, live_counts),
@@ -343,13 +412,13 @@ def _statistics(col: _Column, live_counts: list[int], n: int) -> dict[str, float
     out["chisquare_statistic"] = chi
     out["chisquare"] = p
     out["chisquare_dof"] = float(dof)
-    values = np.fromiter(col.values, dtype=np.float64, count=n) if col.numeric else None
-    if values is not None and col.ref_sample.size:
-        out["wasserstein"] = stats.normed_wasserstein(col.ref_sample, values, fp.std or 0.0)
-        if col.choice.method == "ks":
-            out["ks_statistic"], out["ks"] = stats.ks_2samp(col.ref_sample, values)
+    values = np.fromiter(col.values, dtype=np.float64, count=n) if spec.numeric else None
+    if values is not None and spec.ref_sample.size:
+        out["wasserstein"] = stats.normed_wasserstein(spec.ref_sample, values, fp.std or 0.0)
+        if spec.choice.method == "ks":
+            out["ks_statistic"], out["ks"] = stats.ks_2samp(spec.ref_sample, values)
         else:
-            out["ks_statistic"] = stats.ks_statistic(col.ref_sample, values)
+            out["ks_statistic"] = stats.ks_statistic(spec.ref_sample, values)
     if fp.distinct <= 2:
         # the first reference value against the rest; for a numeric column the value itself, so a
         # constant reference still tells a live value apart from it
@@ -364,9 +433,23 @@ def _rfc3339(t: float) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class VariantDrift:
+    """One variant's drift at the last evaluation (:meth:`DriftEngine.summary`)."""
+
+    variant: str
+    evaluated: tuple[str, ...]  # columns with a decision (enough rows, a reference)
+    drifted_features: tuple[str, ...]  # feature columns whose deciding method flags drift
+    drifted_predictions: tuple[str, ...]  # prediction columns that drifted
+    insufficient: tuple[str, ...]  # columns below drift.min_samples
+    rows: int  # the most rows any column of this variant has in its window
+    evaluated_at: float | None  # wall-clock time (time.time()) of that evaluation
+
+
+@dataclass(frozen=True, slots=True)
 class _Snapshot:
     report: dict[str, Any]
     families: tuple[Metric, ...]
+    summary: dict[str, VariantDrift]
 
 
 def valid_name(name: str) -> bool:
@@ -375,24 +458,41 @@ def valid_name(name: str) -> bool:
 
 
 class DriftEngine:
-    """Drift of every feature and prediction column against a reference, per replica."""
+    """Drift of every feature and prediction column against one reference, per variant, per replica.
 
-    def __init__(self, cfg: Drift, profile: Profile | None) -> None:
+    ``reference_variant``: without a profile, only this variant's rows build the reference (None:
+    every variant's). ``default_variant``: the variant of every request when nothing splits traffic
+    (``labels.variant``). The top level of :meth:`report` shows the reference variant when there is
+    one, else the default variant.
+    """
+
+    def __init__(
+        self,
+        cfg: Drift,
+        profile: Profile | None,
+        reference_variant: str | None = None,
+        default_variant: str = "stable",
+    ) -> None:
         self.cfg = cfg
         self._lock = threading.Lock()
+        self._reference_variant = reference_variant
+        #: the variant the top level of /drift shows: it always has a place within drift.max_variants
+        self._primary = reference_variant if reference_variant is not None else default_variant
         self._profile: Profile | None = None
-        self._columns: list[_Column] = []
-        self._features: list[_Column] = []
-        self._predictions: list[_Column] = []
+        self._specs: list[_Spec] = []
+        self._variants: dict[str, _Variant] = {}
         self._feature_names: frozenset[str] = frozenset()
         self._prediction_names: frozenset[str] = frozenset()
         self._untracked: frozenset[str] = frozenset()  # reference columns beyond drift.max_features
-        self._unknown = 0
         #: auto reference: exported prediction name -> its key in the prediction rows
         self._renamed: dict[str, str] = {}
-        self._over_budget = 0
-        self._invalid_names = 0
-        self._series: dict[str, Any] = {}
+        #: rows (instances) of whole samples that no window took, by reason
+        self._dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        # the series budget, across variants: per spec, whether its reference ratio is exported
+        # (True), left out and counted (False) or not decided yet (None)
+        self._series_used = 0
+        self._series_omitted = 0
+        self._ratio_exported: list[bool | None] = []
         self._config_problems: list[str] = []
         # collecting the reference from the first rows
         self._collect_rows: list[dict[str, Any]] = []
@@ -413,7 +513,7 @@ class DriftEngine:
             self._install(profile)
         else:
             self._reference = self._collecting()
-        self._snapshot = _Snapshot(self._report(()), ())
+        self._snapshot = self._publish(self._outcomes(None))
 
     # -- the reference --------------------------------------------------------------------------
 
@@ -438,6 +538,7 @@ class DriftEngine:
         target = self.cfg.reference_samples
         return {
             "source": f"first {target} samples",
+            "variant": self._reference_variant,
             "status": "collecting",
             "rows": len(self._collect_rows),
             "target": target,
@@ -448,7 +549,7 @@ class DriftEngine:
         cfg = self.cfg
         self._profile = profile
         budget = cfg.max_features
-        tracked: list[_Column] = []
+        specs: list[_Spec] = []
         untracked: list[str] = []
         groups: tuple[tuple[ColumnKind, list[FeatureProfile]], ...] = (
             ("feature", profile.features),
@@ -456,44 +557,27 @@ class DriftEngine:
         )
         for kind, group in groups:
             for fp in group:
-                if len(tracked) >= budget:
+                if len(specs) >= budget:
                     untracked.append(fp.name)
                     continue
                 choice, problem = choose(fp, cfg.features.get(fp.name), cfg.psi_drift)
                 if problem:
                     self._config_problems.append(problem)
                 key = self._renamed.get(fp.name) if kind == "prediction" else None
-                tracked.append(_Column(fp, kind, cfg.window_size, choice, problem, key))
+                specs.append(_Spec(fp, kind, choice, problem, key))
         known = {f.name for f in (*profile.features, *profile.predictions)}
         for name in cfg.features:
             if name not in known:
                 self._config_problems.append(f"drift.features.{name}: the reference has no column {name!r}")
-        # the series budget: the bins of the first columns that fit, in column order
-        used = 0
-        omitted: list[str] = []
-        omitted_series = 0
-        for col in tracked:
-            size = len(col.fp.counts)
-            if not omitted and used + size <= cfg.max_series:
-                col.exported = True
-                used += size
-            else:
-                omitted.append(col.name)
-                omitted_series += size
-        self._series = {
-            "budget": cfg.max_series,
-            "exported": used,
-            "omitted": omitted_series,
-            "omitted_columns": omitted,
-        }
-        self._columns = tracked
-        self._features = [c for c in tracked if c.kind == "feature"]
-        self._predictions = [c for c in tracked if c.kind == "prediction"]
-        self._feature_names = frozenset(c.name for c in self._features)
-        self._prediction_names = frozenset(c.key for c in self._predictions)
+        self._specs = specs
+        self._ratio_exported = [None] * len(specs)
+        self._feature_names = frozenset(s.name for s in specs if s.kind == "feature")
+        self._prediction_names = frozenset(s.key for s in specs if s.kind == "prediction")
         self._untracked = frozenset(untracked)
+        # the variant the top level shows gets its windows (and its bin series) first
+        self._window(self._variant(self._primary))
 
-    def _admit(self, row: Mapping[str, Any]) -> dict[str, Any]:
+    def _admit(self, row: Mapping[str, Any], variant: _Variant) -> dict[str, Any]:
         """The part of a row the reference is built from: names within drift.max_features."""
         names = self._collect_names
         if len(names) >= self.cfg.max_features and names.keys() >= row.keys():
@@ -502,10 +586,10 @@ class DriftEngine:
         for key, value in row.items():
             if key not in names:
                 if not valid_name(key):
-                    self._invalid_names += 1
+                    variant.invalid_names += 1
                     continue
                 if len(names) >= self.cfg.max_features:
-                    self._over_budget += 1
+                    variant.over_budget += 1
                     continue
                 names[key] = None
             out[key] = value
@@ -537,6 +621,7 @@ class DriftEngine:
         self._install(profile)
         reference = {
             "source": f"first {cfg.reference_samples} samples",
+            "variant": self._reference_variant,
             "status": "ready",
             "rows": profile.rows,
             "target": cfg.reference_samples,
@@ -546,6 +631,54 @@ class DriftEngine:
         with self._lock:
             self._reference = reference
 
+    # -- variants -------------------------------------------------------------------------------
+
+    def _variant(self, name: str) -> _Variant:
+        v = self._variants.get(name)
+        if v is None:
+            v = self._variants[name] = _Variant(name)
+        return v
+
+    def _fits(self, name: str) -> bool:
+        """Whether a new variant fits in drift.max_variants (the top-level variant's place kept)."""
+        taken = len(self._variants)
+        if name != self._primary and self._primary not in self._variants:
+            taken += 1
+        return taken < self.cfg.max_variants
+
+    def _window(self, v: _Variant) -> None:
+        """Give a variant its windows, one per reference column; their bin series are exported in
+        column order while the series total across variants fits in drift.max_series (a column's
+        reference ratio is counted once, with the first variant that exports its bins)."""
+        cfg = self.cfg
+        ratio = self._ratio_exported
+        used = self._series_used
+        stopped = False
+        columns: list[_Column] = []
+        for i, spec in enumerate(self._specs):
+            col = _Column(spec, cfg.window_size)
+            size = len(spec.proportions)
+            cost = size if ratio[i] else 2 * size
+            if not stopped and used + cost <= cfg.max_series:
+                col.exported = True
+                used += cost
+                if ratio[i] is False:  # counted as left out by an earlier variant
+                    self._series_omitted -= size
+                ratio[i] = True
+            else:
+                stopped = True
+                v.omitted.append(spec.name)
+                self._series_omitted += size
+                if ratio[i] is None:
+                    ratio[i] = False
+                    self._series_omitted += size
+            columns.append(col)
+        self._series_used = used
+        v.columns = columns
+        v.features = [c for c in columns if c.spec.kind == "feature"]
+        v.predictions = [c for c in columns if c.spec.kind == "prediction"]
+        v.windowed = True
+
     # -- the side path --------------------------------------------------------------------------
 
     def columns(self) -> list[str] | None:
@@ -553,26 +686,58 @@ class DriftEngine:
         profile = self._profile
         return None if profile is None else profile.columns()
 
-    def add(self, rows: list[dict[str, Any]], predictions: list[dict[str, Any]], t: float) -> None:
-        """Take the rows (and predictions) of one sample, seen at wall-clock time ``t``. Side-path
-        thread only."""
+    def add(self, rows: list[dict[str, Any]], predictions: list[dict[str, Any]], t: float, variant: str) -> None:
+        """Take the rows (and predictions) of one sample of ``variant``, seen at wall-clock time ``t``.
+        Side-path thread only."""
+        v = self._variants.get(variant)
+        if v is None or not v.windowed:
+            entered = self._enter(rows, predictions, variant)
+            if entered is None:
+                return
+            v, rows, predictions = entered
+        self._add_group(rows, v.features, self._feature_names, t, v)
+        self._add_group(predictions, v.predictions, self._prediction_names, t, v)
+
+    def _enter(
+        self, rows: list[dict[str, Any]], predictions: list[dict[str, Any]], name: str
+    ) -> tuple[_Variant, list[dict[str, Any]], list[dict[str, Any]]] | None:
+        """The slow path of add: a variant without windows yet, or rows while the reference is
+        collected. The variant and the rows left for its windows, or None when none are."""
+        reference = self._reference_variant
+        v = self._variants.get(name)
+        if v is None:
+            reason = None
+            if not valid_name(name):
+                reason = "invalid_variant"
+            elif self._profile is None and reference is not None and name != reference:
+                reason = "collecting"
+            elif not self._fits(name):
+                reason = "variant_budget"
+            if reason is not None:
+                self._dropped[reason] += max(len(rows), len(predictions))
+                return None
+            v = self._variant(name)
         if self._profile is None:
+            if reference is not None and name != reference:
+                self._dropped["collecting"] += max(len(rows), len(predictions))
+                return None
             target = self.cfg.reference_samples
             take = min(len(rows), target - len(self._collect_rows))
-            self._collect_rows.extend(self._admit(r) for r in rows[:take])
-            self._collect_predictions.extend(self._admit(p) for p in predictions[:take])
+            self._collect_rows.extend(self._admit(r, v) for r in rows[:take])
+            self._collect_predictions.extend(self._admit(p, v) for p in predictions[:take])
             if len(self._collect_rows) < target:
                 progress = self._collecting()
                 with self._lock:
                     self._reference = progress
-                return
+                return None
             self._build_reference()
             rows, predictions = rows[take:], predictions[take:]
-        self._add_group(rows, self._features, self._feature_names, t)
-        self._add_group(predictions, self._predictions, self._prediction_names, t)
+        if not v.windowed:
+            self._window(v)
+        return v, rows, predictions
 
     def _add_group(
-        self, rows: Iterable[Mapping[str, Any]], cols: list[_Column], names: frozenset[str], t: float
+        self, rows: Iterable[Mapping[str, Any]], cols: list[_Column], names: frozenset[str], t: float, v: _Variant
     ) -> None:
         absent = _ABSENT
         for row in rows:
@@ -583,22 +748,32 @@ class DriftEngine:
                 for key in row:
                     if key not in names:
                         if key in self._untracked:
-                            self._over_budget += 1
+                            v.over_budget += 1
                         else:
-                            self._unknown += 1
+                            v.unknown += 1
 
     def evaluate(self, now: float) -> None:
-        """Drop what fell out of the time window, compute every column's drift and publish it.
+        """Drop what fell out of the time window, compute every window's drift and publish it.
         Side-path thread only."""
-        cutoff = now - self.cfg.window_seconds
-        outcomes = []
-        for col in self._columns:
-            col.expire(cutoff)
-            outcomes.append(_evaluate(col, self.cfg))
+        outcomes = self._outcomes(now - self.cfg.window_seconds)
         self._evaluated_at = now
-        snapshot = _Snapshot(self._report(outcomes), self._families(outcomes))
+        snapshot = self._publish(outcomes)
         with self._lock:
             self._snapshot = snapshot
+
+    def _outcomes(self, cutoff: float | None) -> dict[str, list[_Outcome]]:
+        """Every windowed variant's outcomes, its windows expired to ``cutoff`` first (None: as they are)."""
+        out: dict[str, list[_Outcome]] = {}
+        for name, v in self._variants.items():
+            if not v.windowed:
+                continue
+            results = []
+            for col in v.columns:
+                if cutoff is not None:
+                    col.expire(cutoff)
+                results.append(_evaluate(col, self.cfg))
+            out[name] = results
+        return out
 
     # -- what other threads read ----------------------------------------------------------------
 
@@ -610,6 +785,12 @@ class DriftEngine:
         out["reference"] = dict(reference)
         return out
 
+    def summary(self) -> dict[str, VariantDrift]:
+        """Each windowed variant's drift at the last evaluation (any thread); empty while the
+        reference is collected."""
+        with self._lock:
+            return dict(self._snapshot.summary)
+
     def collector(self) -> Collector:
         return DriftCollector(self)
 
@@ -617,13 +798,49 @@ class DriftEngine:
         with self._lock:
             return self._snapshot.families
 
-    def _report(self, outcomes: Iterable[_Outcome]) -> dict[str, Any]:
+    def _publish(self, outcomes: dict[str, list[_Outcome]]) -> _Snapshot:
+        return _Snapshot(self._report(outcomes), self._families(outcomes), self._summary(outcomes))
+
+    def _summary(self, outcomes: dict[str, list[_Outcome]]) -> dict[str, VariantDrift]:
+        out: dict[str, VariantDrift] = {}
+        for name, results in outcomes.items():
+            reports = [o.report for o in results]
+            out[name] = VariantDrift(
+                variant=name,
+                evaluated=tuple(r["name"] for r in reports if r["status"] == "evaluated"),
+                drifted_features=tuple(r["name"] for r in reports if r["drifted"] and r["kind"] == "feature"),
+                drifted_predictions=tuple(r["name"] for r in reports if r["drifted"] and r["kind"] == "prediction"),
+                insufficient=tuple(r["name"] for r in reports if r["status"] == "insufficient data"),
+                rows=max((o.rows for o in results), default=0),
+                evaluated_at=self._evaluated_at,
+            )
+        return out
+
+    def _report(self, outcomes: dict[str, list[_Outcome]]) -> dict[str, Any]:
         cfg = self.cfg
-        columns = [o.report for o in outcomes]
-        if not columns:  # before the first evaluation: the columns, nothing measured yet
-            columns = [_evaluate(col, cfg).report for col in self._columns]
+        variants: dict[str, dict[str, Any]] = {}
+        for name, v in self._variants.items():
+            columns = [o.report for o in outcomes.get(name, ())]
+            variants[name] = {
+                "drifted": [c["name"] for c in columns if c["drifted"]],
+                "insufficient": [c["name"] for c in columns if c["status"] == "insufficient data"],
+                "rows": max((c["window_rows"] for c in columns), default=0),
+                "window_rows": {c["name"]: c["window_rows"] for c in columns},
+                "other": v.other(),
+                "omitted_columns": list(v.omitted),
+                "columns": columns,
+            }
+        top = variants.get(self._primary)
+        if top is None:
+            top = {"drifted": [], "insufficient": [], "other": _Variant(self._primary).other(),
+                   "omitted_columns": [], "columns": []}  # fmt: skip
+        else:
+            # its columns are the top level's, not repeated: /drift of a wide profile is large enough
+            top = dict(top)
+            del variants[self._primary]["columns"]
         return {
             "reference": {},
+            "variant": self._primary,
             "window": {
                 "size": cfg.window_size,
                 "seconds": cfg.window_seconds,
@@ -631,78 +848,93 @@ class DriftEngine:
                 "interval": cfg.interval,
             },
             "evaluated_at": None if self._evaluated_at is None else _rfc3339(self._evaluated_at),
-            "drifted": [c["name"] for c in columns if c["drifted"]],
-            "insufficient": [c["name"] for c in columns if c["status"] == "insufficient data"],
-            "series": dict(self._series),
-            "untracked_columns": sorted(self._untracked),
-            "other": {
-                "unknown_feature": self._unknown,
-                "over_budget": self._over_budget,
-                "invalid_name": self._invalid_names,
+            "drifted": top["drifted"],
+            "insufficient": top["insufficient"],
+            "series": {
+                "budget": cfg.max_series,
+                "exported": self._series_used,
+                "omitted": self._series_omitted,
+                "omitted_columns": top["omitted_columns"],
             },
+            "untracked_columns": sorted(self._untracked),
+            "other": {**top["other"], "rows_dropped": dict(self._dropped)},
             "config_problems": list(self._config_problems),
-            "columns": columns,
+            "columns": top["columns"],
+            "variants": variants,
         }
 
-    def _families(self, outcomes: list[_Outcome]) -> tuple[Metric, ...]:
+    def _families(self, outcomes: dict[str, list[_Outcome]]) -> tuple[Metric, ...]:
         drift = GaugeMetricFamily(
             "infermon_feature_drift",
-            "Drift statistic of a feature or prediction column, live window against the reference "
-            "(method: psi, jensenshannon, wasserstein, ks, chisquare, z: p-values for the tests; "
+            "Drift statistic of a feature or prediction column, a variant's live window against the "
+            "reference (method: psi, jensenshannon, wasserstein, ks, chisquare, z: p-values for the tests; "
             "ks_statistic, chisquare_statistic, z_statistic: their statistics).",
-            labels=("feature", "method"),
+            labels=("variant", "feature", "method"),
         )
         drifted = GaugeMetricFamily(
             "infermon_feature_drifted",
-            "1 when the column's deciding method flags drift, 0 when not; absent while the window "
-            "holds fewer than drift.min_samples values.",
-            labels=("feature",),
+            "1 when the column's deciding method flags drift in the variant's window, 0 when not; absent "
+            "while the window holds fewer than drift.min_samples values.",
+            labels=("variant", "feature"),
         )
         rows = GaugeMetricFamily(
-            "infermon_drift_window_rows", "Values of the column in its live window.", labels=("feature",)
+            "infermon_drift_window_rows",
+            "Values of the column in the variant's live window.",
+            labels=("variant", "feature"),
         )
         quality = CounterMetricFamily(
             "infermon_feature_quality",
             "Live values with a data quality problem (missing, type_mismatch, out_of_range, unseen_category); "
             'feature="other": values of columns not tracked (unknown_feature, over_budget, invalid_name: '
             "a name longer than 128 characters or with control characters).",
-            labels=("feature", "problem"),
+            labels=("variant", "feature", "problem"),
         )
         bins = CounterMetricFamily(
             "infermon_feature_bin",
-            "Live values per reference bin, every value ever seen (sum across replicas for a fleet PSI).",
-            labels=("feature", "bin"),
+            "Live values of a variant per reference bin, every value ever seen (sum across replicas for a fleet PSI).",
+            labels=("variant", "feature", "bin"),
         )
         ratio = GaugeMetricFamily(
             "infermon_feature_reference_ratio",
-            "The reference proportion of each bin.",
+            "The reference proportion of each bin (one reference for every variant).",
             labels=("feature", "bin"),
         )
         omitted = GaugeMetricFamily(
             "infermon_drift_bin_series_omitted",
             "Bin series (infermon_feature_bin_total, infermon_feature_reference_ratio) left out by drift.max_series.",
-            value=float(self._series.get("omitted", 0)),
+            value=float(self._series_omitted),
         )
-        for col, outcome in zip(self._columns, outcomes, strict=True):
-            name = col.name
-            for method, value in outcome.statistics.items():
-                if method != "chisquare_dof" and math.isfinite(value):
-                    drift.add_metric((name, method), value)
-            if outcome.drifted is not None:
-                drifted.add_metric((name,), 1.0 if outcome.drifted else 0.0)
-            rows.add_metric((name,), float(outcome.rows))
-            for problem, count in col.quality().items():
-                quality.add_metric((name, problem), float(count))
-            if col.exported:
-                labels = col.fp.bins()
-                for label, count, share in zip(labels, col.bin_total, col.fp.proportions(), strict=True):
-                    bins.add_metric((name, label), float(count))
+        dropped = CounterMetricFamily(
+            "infermon_drift_rows_dropped",
+            "Rows of samples no drift window took, by reason: collecting (another variant's rows while the "
+            "reference variant's build the reference), variant_budget (beyond drift.max_variants), "
+            "invalid_variant (a variant name that cannot be a label).",
+            labels=("reason",),
+        )
+        for name, v in self._variants.items():
+            for col, outcome in zip(v.columns, outcomes.get(name, ()), strict=True):
+                feature = col.name
+                for method, value in outcome.statistics.items():
+                    if method != "chisquare_dof" and math.isfinite(value):
+                        drift.add_metric((name, feature, method), value)
+                if outcome.drifted is not None:
+                    drifted.add_metric((name, feature), 1.0 if outcome.drifted else 0.0)
+                rows.add_metric((name, feature), float(outcome.rows))
+                for problem, count in col.quality().items():
+                    quality.add_metric((name, feature, problem), float(count))
+                if col.exported:
+                    for label, count in zip(col.spec.bin_labels, col.bin_total, strict=True):
+                        bins.add_metric((name, feature, label), float(count))
+            for problem, count in v.other().items():
+                quality.add_metric((name, OTHER_FEATURE, problem), float(count))
+        for spec, exported in zip(self._specs, self._ratio_exported, strict=True):
+            if exported:
+                for label, share in zip(spec.bin_labels, spec.proportions, strict=True):
                     if math.isfinite(share):
-                        ratio.add_metric((name, label), share)
-        quality.add_metric((OTHER_FEATURE, "unknown_feature"), float(self._unknown))
-        quality.add_metric((OTHER_FEATURE, "over_budget"), float(self._over_budget))
-        quality.add_metric((OTHER_FEATURE, "invalid_name"), float(self._invalid_names))
-        return (drift, drifted, rows, quality, bins, ratio, omitted)
+                        ratio.add_metric((spec.name, label), share)
+        for reason, n in self._dropped.items():
+            dropped.add_metric((reason,), float(n))
+        return (drift, drifted, rows, quality, bins, ratio, omitted, dropped)
 
 
 class DriftCollector(Collector):

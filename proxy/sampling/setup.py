@@ -43,7 +43,7 @@ class Sampling:
         from proxy.sinks.base import SinksCollector, build_sinks
 
         if self.sampler.sampling_on:
-            from proxy.drift.engine import DriftEngine
+            from proxy.drift.engine import MAX_NAME_LENGTH, DriftEngine, valid_name
             from proxy.drift.profile import ProfileError, load_profile
 
             profile = None
@@ -52,7 +52,17 @@ class Sampling:
                     profile = load_profile(cfg.drift.reference)
                 except ProfileError as exc:
                     raise ConfigError(f"config error: drift.reference = {cfg.drift.reference!r}: {exc}") from None
-            self.engine = DriftEngine(cfg.drift, profile)
+            # traffic split between variants (here, or by a mesh that names them): only the baseline's
+            # rows build an automatic reference, so a canary is never judged against itself
+            split = bool(cfg.upstreams) or bool(cfg.labels.variant_request_header or cfg.labels.variant_header)
+            reference_variant = cfg.canary.baseline if split else None
+            if reference_variant is not None and not valid_name(reference_variant):
+                shown = repr(reference_variant[:40]) + ("..." if len(reference_variant) > 40 else "")
+                raise ConfigError(
+                    f"config error: canary.baseline = {shown}: not a variant name (at most {MAX_NAME_LENGTH} "
+                    "printable characters); name the variant the others are compared with"
+                )
+            self.engine = DriftEngine(cfg.drift, profile, reference_variant, default_variant=cfg.labels.variant)
             self.sinks = build_sinks(cfg.sinks)
         elif cfg.drift.reference is not None or cfg.sinks.jsonl.path or cfg.sinks.cloudevents.url:
             log.warning(

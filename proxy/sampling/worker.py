@@ -182,7 +182,7 @@ class SidePath:
             self.samples += 1
             self.rows += len(extracted.rows)
             if self.engine is not None and (extracted.rows or extracted.predictions):
-                self.engine.add(extracted.rows, extracted.predictions, wall)
+                self.engine.add(extracted.rows, extracted.predictions, wall, sample.variant)
             for sink in self.sinks:
                 sink.offer(sample, extracted)
             if self.predictions is not None and extracted.predictions:

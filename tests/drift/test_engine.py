@@ -15,12 +15,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_breast_cancer, make_classification
 
 from proxy.drift import stats
-from proxy.drift.engine import DriftEngine
+from proxy.drift.engine import DriftEngine, VariantDrift
 from proxy.drift.profile import Profile, build_profile
 from proxy.errors import ConfigError
 from proxy.settings import Drift
 
 SEED = 7
+STABLE = "stable"
+QUALITY = "infermon_feature_quality_total"
+NO_DROPS = {"collecting": 0, "variant_budget": 0, "invalid_variant": 0}
 
 
 def drift_cfg(**kw: Any) -> Drift:
@@ -146,7 +149,7 @@ def test_p_value_methods_flag_below_the_threshold_distances_at_or_above() -> Non
 
     def decide(method: str, threshold: float) -> dict[str, Any]:
         engine = DriftEngine(drift_cfg(features={"x": {"method": method, "threshold": threshold}}), profile)
-        engine.add([{"x": v} for v in live], [], t=0.0)
+        engine.add([{"x": v} for v in live], [], t=0.0, variant=STABLE)
         engine.evaluate(now=1.0)
         return column(engine.report(), "x")
 
@@ -165,14 +168,14 @@ def test_psi_levels_use_warn_and_drift() -> None:
     profile = one_column_profile(normal(1000))
     for shift, level in ((0.0, "ok"), (0.25, "warn"), (1.0, "drift")):  # PSI 0.046, 0.11, 1.18
         engine = DriftEngine(drift_cfg(), profile)
-        engine.add([{"x": v} for v in normal(1000, seed=11, loc=shift)], [], t=0.0)
+        engine.add([{"x": v} for v in normal(1000, seed=11, loc=shift)], [], t=0.0, variant=STABLE)
         engine.evaluate(now=0.0)
         assert column(engine.report(), "x")["psi"]["level"] == level, shift
 
 
 def test_insufficient_data_is_never_no_drift() -> None:
     engine = DriftEngine(drift_cfg(min_samples=50), one_column_profile(normal(600)))
-    engine.add([{"x": v} for v in normal(49, seed=5, loc=3.0)], [], t=0.0)
+    engine.add([{"x": v} for v in normal(49, seed=5, loc=3.0)], [], t=0.0, variant=STABLE)
     engine.evaluate(now=1.0)
     col = column(engine.report(), "x")
     assert col["status"] == "insufficient data"
@@ -182,15 +185,15 @@ def test_insufficient_data_is_never_no_drift() -> None:
     assert sum(col["histogram"]["live"]) == 49
     assert engine.report()["insufficient"] == ["x"]
     _, samples = scrape(engine)
-    assert sample_value(samples, "infermon_feature_drifted", feature="x") is None
-    assert sample_value(samples, "infermon_feature_drift", feature="x", method="psi") is None
-    assert sample_value(samples, "infermon_drift_window_rows", feature="x") == 49
-    engine.add([{"x": 3.0}], [], t=0.5)
+    assert sample_value(samples, "infermon_feature_drifted", variant=STABLE, feature="x") is None
+    assert sample_value(samples, "infermon_feature_drift", variant=STABLE, feature="x", method="psi") is None
+    assert sample_value(samples, "infermon_drift_window_rows", variant=STABLE, feature="x") == 49
+    engine.add([{"x": 3.0}], [], t=0.5, variant=STABLE)
     engine.evaluate(now=1.0)
     col = column(engine.report(), "x")
     assert (col["status"], col["drifted"]) == ("evaluated", True)
     _, samples = scrape(engine)
-    assert sample_value(samples, "infermon_feature_drifted", feature="x") == 1.0
+    assert sample_value(samples, "infermon_feature_drifted", variant=STABLE, feature="x") == 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,8 +202,8 @@ def test_insufficient_data_is_never_no_drift() -> None:
 
 def test_time_window_expires_old_values() -> None:
     engine = DriftEngine(drift_cfg(window_seconds=60, min_samples=1), one_column_profile(normal(600)))
-    engine.add([{"x": 0.1}] * 30, [], t=1000.0)
-    engine.add([{"x": 0.2}] * 20, [], t=1050.0)
+    engine.add([{"x": 0.1}] * 30, [], t=1000.0, variant=STABLE)
+    engine.add([{"x": 0.2}] * 20, [], t=1050.0, variant=STABLE)
     engine.evaluate(now=1059.0)
     assert column(engine.report(), "x")["window_rows"] == 50
     engine.evaluate(now=1060.5)  # the first 30 are now older than 60 s
@@ -212,7 +215,7 @@ def test_time_window_expires_old_values() -> None:
 
 def test_count_window_keeps_the_last_values_and_bin_counters_keep_all() -> None:
     engine = DriftEngine(drift_cfg(window_size=40, min_samples=10), one_column_profile(normal(600)))
-    engine.add([{"x": v} for v in normal(100, seed=9)], [], t=0.0)
+    engine.add([{"x": v} for v in normal(100, seed=9)], [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     col = column(engine.report(), "x")
     assert col["window_rows"] == 40
@@ -230,7 +233,7 @@ def test_the_first_samples_become_the_reference() -> None:
     engine = DriftEngine(drift_cfg(reference_samples=100, min_samples=10), None)
     assert engine.columns() is None
     first = [{"a": v, "b": "u" if v > 0 else "w"} for v in normal(160, seed=4)]
-    engine.add(first[:60], [{"prediction": 1.0}] * 60, t=0.0)
+    engine.add(first[:60], [{"prediction": 1.0}] * 60, t=0.0, variant=STABLE)
     ref = engine.report()["reference"]
     assert (ref["source"], ref["status"], ref["rows"], ref["target"], ref["progress"]) == (
         "first 100 samples",
@@ -240,7 +243,7 @@ def test_the_first_samples_become_the_reference() -> None:
         0.6,
     )
     assert engine.columns() is None
-    engine.add(first[60:], [{"prediction": 1.0}] * 100, t=1.0)
+    engine.add(first[60:], [{"prediction": 1.0}] * 100, t=1.0, variant=STABLE)
     assert engine.columns() == ["a", "b"]
     engine.evaluate(now=2.0)
     report = engine.report()
@@ -260,7 +263,7 @@ def test_names_that_cannot_be_labels_are_never_tracked() -> None:
     engine = DriftEngine(drift_cfg(reference_samples=10), None)
     long_name = "x" * 129
     rows = [{"a": float(i), long_name: 1.0, "bad\nname": 2.0, "": 3.0} for i in range(10)]
-    engine.add(rows, [], t=0.0)
+    engine.add(rows, [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     report = engine.report()
     assert [c["name"] for c in report["columns"]] == ["a"]
@@ -273,7 +276,7 @@ def test_auto_reference_keeps_to_max_features_and_reports_bad_overrides() -> Non
     cfg = drift_cfg(reference_samples=20, max_features=2, features={"c": {"method": "ks"}, "zz": {"method": "psi"}})
     engine = DriftEngine(cfg, None)
     rows = [{"a": float(i), "c": "u" if i % 2 else "v", "d": 1.0} for i in range(30)]
-    engine.add(rows, [], t=0.0)
+    engine.add(rows, [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     report = engine.report()
     assert [c["name"] for c in report["columns"]] == ["a", "c"]
@@ -317,7 +320,7 @@ def test_quality_counters() -> None:
         {"x": 10.5, "c": 1, "d": "v3"},  # x out of range; c unseen ("1")
         {"x": 10, "c": "c", "d": "v4", "extra": 1, "more": "x"},  # in range; two unknown names
     ]
-    engine.add(live, [], t=0.0)
+    engine.add(live, [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     report = engine.report()
     expected = {
@@ -327,12 +330,13 @@ def test_quality_counters() -> None:
     }
     for name, counts in expected.items():
         assert column(report, name)["quality"] == counts, name
-    assert report["other"] == {"unknown_feature": 2, "over_budget": 0, "invalid_name": 0}
+    assert report["other"] == {"unknown_feature": 2, "over_budget": 0, "invalid_name": 0, "rows_dropped": NO_DROPS}
     _, samples = scrape(engine)
     for name, counts in expected.items():
         for problem, count in counts.items():
-            assert sample_value(samples, "infermon_feature_quality_total", feature=name, problem=problem) == count
-    assert sample_value(samples, "infermon_feature_quality_total", feature="other", problem="unknown_feature") == 2
+            found = sample_value(samples, QUALITY, variant=STABLE, feature=name, problem=problem)
+            assert found == count, (name, problem)
+    assert sample_value(samples, QUALITY, variant=STABLE, feature="other", problem="unknown_feature") == 2
     # out-of-range values are still binned (first and last bin), so the bin counters see every valid value
     bins = [v for (n, labels), v in samples.items() if n == "infermon_feature_bin_total" and ("feature", "x") in labels]
     assert sum(bins) == 3  # -1, 10.5 and 10
@@ -341,12 +345,12 @@ def test_quality_counters() -> None:
 def test_with_a_profile_only_its_columns_are_tracked_within_max_features() -> None:
     profile = build_profile(rows_of({"a": normal(50), "b": normal(50, seed=1), "c": normal(50, seed=2)}))
     engine = DriftEngine(drift_cfg(max_features=2), profile)
-    engine.add([{"a": 0.0, "b": 0.0, "c": 0.0, "new": 1}], [], t=0.0)
+    engine.add([{"a": 0.0, "b": 0.0, "c": 0.0, "new": 1}], [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     report = engine.report()
     assert [c["name"] for c in report["columns"]] == ["a", "b"]
     assert report["untracked_columns"] == ["c"]
-    assert report["other"] == {"unknown_feature": 1, "over_budget": 1, "invalid_name": 0}
+    assert report["other"] == {"unknown_feature": 1, "over_budget": 1, "invalid_name": 0, "rows_dropped": NO_DROPS}
     assert engine.columns() == ["a", "b", "c"]  # the profile's order still names bare rows
 
 
@@ -357,14 +361,15 @@ def test_with_a_profile_only_its_columns_are_tracked_within_max_features() -> No
 def test_series_budget_exports_the_bins_of_the_first_columns_that_fit() -> None:
     profile = quality_profile()
     x_bins = len(profile.features[0].counts)
-    engine = DriftEngine(drift_cfg(max_series=x_bins + 1, min_samples=5), profile)
-    engine.add([{"x": float(i % 11), "c": "a", "d": "v1"} for i in range(20)], [], t=0.0)
+    # x's bin counters and its reference ratios fit, c's do not
+    engine = DriftEngine(drift_cfg(max_series=2 * x_bins + 1, min_samples=5), profile)
+    engine.add([{"x": float(i % 11), "c": "a", "d": "v1"} for i in range(20)], [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     report = engine.report()
     assert report["series"] == {
-        "budget": x_bins + 1,
-        "exported": x_bins,
-        "omitted": 4 + 6,  # c: 3 categories + other; d: 5 + other
+        "budget": 2 * x_bins + 1,
+        "exported": 2 * x_bins,
+        "omitted": 2 * (4 + 6),  # c: 3 categories + other; d: 5 + other; counters and ratios
         "omitted_columns": ["c", "d"],
     }
     assert [column(report, n)["bins_exported"] for n in "xcd"] == [True, False, False]
@@ -374,8 +379,8 @@ def test_series_budget_exports_the_bins_of_the_first_columns_that_fit() -> None:
     assert exported == {"x"}
     ratios = {dict(labels)["feature"] for (n, labels) in samples if n == "infermon_feature_reference_ratio"}
     assert ratios == {"x"}
-    assert sample_value(samples, "infermon_drift_bin_series_omitted") == 10
-    assert sample_value(samples, "infermon_feature_drift", feature="c", method="psi") is not None
+    assert sample_value(samples, "infermon_drift_bin_series_omitted") == 20
+    assert sample_value(samples, "infermon_feature_drift", variant=STABLE, feature="c", method="psi") is not None
 
 
 def test_exposition_has_every_metric_and_never_nan() -> None:
@@ -386,7 +391,7 @@ def test_exposition_has_every_metric_and_never_nan() -> None:
     engine = DriftEngine(drift_cfg(min_samples=10), profile)
     _, samples = scrape(engine)  # before any evaluation: nothing measured, nothing broken
     assert not any(name == "infermon_feature_drift" for name, _ in samples)
-    engine.add([{"num": v, "cat": "a", "const": 1.0} for v in normal(50, seed=8)], [], t=0.0)
+    engine.add([{"num": v, "cat": "a", "const": 1.0} for v in normal(50, seed=8)], [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     text, samples = scrape(engine)
     assert "NaN" not in text and "Inf" not in text
@@ -404,8 +409,8 @@ def test_exposition_has_every_metric_and_never_nan() -> None:
     methods = {dict(labels)["method"] for n, labels in samples if n == "infermon_feature_drift"}
     assert {"psi", "jensenshannon", "chisquare", "wasserstein", "ks", "ks_statistic", "z"} <= methods
     # the constant column: every statistic finite, PSI 0
-    assert sample_value(samples, "infermon_feature_drift", feature="const", method="psi") == 0.0
-    assert sample_value(samples, "infermon_feature_drifted", feature="const") == 0.0
+    assert sample_value(samples, "infermon_feature_drift", variant=STABLE, feature="const", method="psi") == 0.0
+    assert sample_value(samples, "infermon_feature_drifted", variant=STABLE, feature="const") == 0.0
     cat = [
         v
         for (n, labels), v in samples.items()
@@ -432,6 +437,8 @@ def test_report_and_collector_from_other_threads() -> None:
                 report = engine.report()
                 report["columns"].clear()  # a copy: the engine's snapshot is untouched
                 scrape(engine)
+                for drift in engine.summary().values():
+                    assert drift.rows <= 50
         except BaseException as exc:
             errors.append(exc)
 
@@ -440,13 +447,14 @@ def test_report_and_collector_from_other_threads() -> None:
     try:
         values = normal(800, seed=12)
         for i in range(0, 800, 20):
-            engine.add([{"x": v} for v in values[i : i + 20]], [], t=float(i))
+            engine.add([{"x": v} for v in values[i : i + 20]], [], t=float(i), variant=STABLE)
             engine.evaluate(now=float(i))
     finally:
         stop.set()
         reader.join(timeout=10)
     assert not errors
     assert column(engine.report(), "x")["window_rows"] == 50
+    assert engine.summary()[STABLE].rows == 50
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +479,7 @@ def shifted_scenario(
     engine = DriftEngine(cfg, profile)
     batch = [dict(zip(names, row, strict=True)) for row in live.tolist()]
     for i in range(0, len(batch), 32):  # as samples arrive, 32 rows a second
-        engine.add(batch[i : i + 32], [], t=i / 32)
+        engine.add(batch[i : i + 32], [], t=i / 32, variant=STABLE)
     engine.evaluate(now=len(batch) / 32)
     report = engine.report()
     return set(report["drifted"]), report
@@ -515,7 +523,7 @@ def test_feature_names_from_traffic_are_bounded_in_length_too() -> None:
     long_name = "k" * 100_000
     engine = DriftEngine(drift_cfg(reference_samples=20, min_samples=5), None)
     rows = [{long_name: float(i % 7), "age": float(i)} for i in range(40)]
-    engine.add(rows, [], t=0.0)
+    engine.add(rows, [], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     text, samples = scrape(engine)
     longest = max(len(dict(labels).get("feature", "")) for _, labels in samples)
@@ -531,9 +539,229 @@ def test_auto_reference_never_exports_a_feature_and_a_prediction_under_one_name(
     engine = DriftEngine(drift_cfg(reference_samples=10, min_samples=2), None)
     for i in range(20):
         row = {"age": float(i)} if i % 2 else {"score": float(i)}
-        engine.add([row], [{"score": 0.1 * i}], t=0.0)
+        engine.add([row], [{"score": 0.1 * i}], t=0.0, variant=STABLE)
     engine.evaluate(now=0.0)
     text, _ = scrape(engine)
     series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")]
     duplicated = sorted({s for s in series if series.count(s) > 1})
     assert duplicated == [], duplicated[:3]
+
+
+# --------------------------------------------------------------------------------------------
+# variants: one window per (variant, column), one reference
+
+
+CANARY = "canary"
+
+
+def two_column_profile() -> Profile:
+    """x: 600 normal values (KS decides), c: three categories (chi-squared decides)."""
+    return build_profile(rows_of({"x": normal(600), "c": cycle(["a", "b", "c"], 600)}))
+
+
+def live_bins(fp: Any, values: Sequence[float]) -> list[int]:
+    return [int(n) for n in np.bincount(np.searchsorted(fp.edges, values, side="left"), minlength=len(fp.counts))]
+
+
+def test_two_variants_only_the_shifted_one_drifts() -> None:
+    profile = two_column_profile()
+    engine = DriftEngine(drift_cfg(min_samples=50), profile)
+    steady, shifted = normal(300, seed=21), normal(200, seed=22, loc=1.0)
+    engine.add([{"x": v, "c": cycle(["a", "b", "c"], 300)[i]} for i, v in enumerate(steady)], [], 1.0, STABLE)
+    engine.add([{"x": v, "c": "a"} for v in shifted], [], 1.0, CANARY)
+    engine.evaluate(now=2.0)
+    report = engine.report()
+    assert report["variant"] == STABLE
+    assert report["drifted"] == [] and column(report, "x")["window_rows"] == 300  # the top level: stable's
+    stable, canary = report["variants"][STABLE], report["variants"][CANARY]
+    assert "columns" not in stable  # stable's columns are the top level's
+    assert (stable["drifted"], stable["rows"], stable["window_rows"]) == ([], 300, {"x": 300, "c": 300})
+    assert (canary["drifted"], canary["rows"], canary["window_rows"]) == (["x", "c"], 200, {"x": 200, "c": 200})
+    assert [c["name"] for c in canary["columns"]] == ["x", "c"]
+    x = profile.features[0]
+    for name, values in ((STABLE, steady), (CANARY, shifted)):
+        cols = report["columns"] if name == STABLE else canary["columns"]
+        got = next(c for c in cols if c["name"] == "x")
+        assert got["histogram"]["live"] == live_bins(x, values)
+        assert got["statistics"]["psi"] == pytest.approx(stats.psi(x.counts, live_bins(x, values)), rel=1e-12)
+        _, p = stats.ks_2samp([float(v) for v in x.sample], values)
+        assert got["statistics"]["ks"] == pytest.approx(p, rel=1e-9)
+    text, samples = scrape(engine)
+    drifted = "infermon_feature_drifted"
+    assert sample_value(samples, drifted, variant=STABLE, feature="x") == 0.0
+    assert sample_value(samples, drifted, variant=STABLE, feature="c") == 0.0
+    assert sample_value(samples, drifted, variant=CANARY, feature="x") == 1.0
+    assert sample_value(samples, drifted, variant=CANARY, feature="c") == 1.0
+    assert sample_value(samples, "infermon_drift_window_rows", variant=CANARY, feature="x") == 200
+    canary_psi = next(c for c in canary["columns"] if c["name"] == "x")["statistics"]["psi"]
+    assert sample_value(samples, "infermon_feature_drift", variant=CANARY, feature="x", method="psi") == canary_psi
+    assert f'infermon_feature_drift{{feature="x",method="psi",variant="canary"}} {canary_psi!r}' in text
+    assert sample_value(samples, "infermon_feature_bin_total", variant=CANARY, feature="c", bin="a") == 200
+    assert sample_value(samples, "infermon_feature_bin_total", variant=STABLE, feature="c", bin="a") == 100
+    # the variant label comes first; the reference ratio has none, one series per bin
+    order = {f.name: [list(s.labels) for s in f.samples] for f in engine.families()}
+    assert order["infermon_feature_drift"][0] == ["variant", "feature", "method"]
+    assert order["infermon_feature_drifted"][0] == order["infermon_drift_window_rows"][0] == ["variant", "feature"]
+    assert order["infermon_feature_quality"][0] == ["variant", "feature", "problem"]
+    assert order["infermon_feature_bin"][0] == ["variant", "feature", "bin"]
+    assert order["infermon_feature_reference_ratio"][0] == ["feature", "bin"]
+    ratios = [labels for n, labels in samples if n == "infermon_feature_reference_ratio"]
+    assert len(ratios) == len(x.counts) + 4 and all("variant" not in dict(lb) for lb in ratios)
+    for name in (STABLE, CANARY):
+        other = sample_value(samples, QUALITY, variant=name, feature="other", problem="unknown_feature")
+        assert other == 0
+
+
+def test_a_variant_gets_its_windows_with_its_first_rows() -> None:
+    engine = DriftEngine(drift_cfg(min_samples=5), two_column_profile())
+    assert list(engine.report()["variants"]) == [STABLE]  # the top-level variant has its windows from the start
+    engine.add([{"x": 0.0, "c": "a", "new": 1}] * 3, [], 0.0, CANARY)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert list(report["variants"]) == [STABLE, CANARY]
+    canary = report["variants"][CANARY]
+    assert canary["insufficient"] == ["x", "c"] and canary["other"]["unknown_feature"] == 3
+    assert report["variants"][STABLE]["other"]["unknown_feature"] == 0
+    assert report["other"]["unknown_feature"] == 0  # the top level counts stable's
+
+
+def test_variant_budget_counts_the_rows_of_further_variants() -> None:
+    engine = DriftEngine(drift_cfg(max_variants=2, min_samples=5), two_column_profile())
+    engine.add([{"x": 0.1, "c": "a"}] * 10, [], 0.0, CANARY)
+    engine.add([{"x": 0.1, "c": "a"}] * 7, [], 0.0, "blue")  # a third variant: over the budget
+    engine.add([{"x": 0.1, "c": "a"}] * 4, [], 0.0, "blue")
+    engine.add([], [{"prediction": 1.0}] * 2, 0.0, "green")  # a sample of predictions only: its rows count too
+    engine.add([{"x": 0.1, "c": "a"}] * 6, [], 0.0, STABLE)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert set(report["variants"]) == {STABLE, CANARY}
+    assert report["variants"][STABLE]["rows"] == 6 and report["variants"][CANARY]["rows"] == 10
+    assert report["other"]["rows_dropped"] == {"collecting": 0, "variant_budget": 13, "invalid_variant": 0}
+    text, samples = scrape(engine)
+    assert sample_value(samples, "infermon_drift_rows_dropped_total", reason="variant_budget") == 13
+    assert sample_value(samples, "infermon_drift_rows_dropped_total", reason="collecting") == 0
+    assert 'variant="blue"' not in text and 'variant="green"' not in text
+
+
+def test_the_top_level_variant_keeps_its_place_in_the_budget() -> None:
+    """Without a profile nobody has windows until the reference is built; the first other variants
+    to come must not take the place of the one /drift shows at the top."""
+    engine = DriftEngine(drift_cfg(max_variants=2, reference_samples=10, min_samples=5), None)
+    rows = [{"x": float(i)} for i in range(10)]
+    engine.add(rows, [], 0.0, CANARY)  # every variant's rows build this reference: canary's too
+    engine.add(rows[:3], [], 0.0, "blue")  # the second place is stable's
+    engine.add(rows[:5], [], 0.0, STABLE)
+    engine.add(rows[:2], [], 0.0, CANARY)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert report["reference"]["status"] == "ready" and report["reference"]["variant"] is None
+    assert report["variants"][STABLE]["rows"] == 5 and report["variants"][CANARY]["rows"] == 2
+    assert report["other"]["rows_dropped"]["variant_budget"] == 3
+
+
+def test_variant_names_that_cannot_be_labels_are_refused() -> None:
+    engine = DriftEngine(drift_cfg(min_samples=5), two_column_profile())
+    for name in ("v" * 129, "bad\nvariant", ""):
+        engine.add([{"x": 0.1, "c": "a"}] * 4, [], 0.0, name)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert list(report["variants"]) == [STABLE]
+    assert report["other"]["rows_dropped"] == {"collecting": 0, "variant_budget": 0, "invalid_variant": 12}
+    text, samples = scrape(engine)
+    assert sample_value(samples, "infermon_drift_rows_dropped_total", reason="invalid_variant") == 12
+    assert "vvvv" not in text and "bad\\nvariant" not in text
+
+
+def test_the_reference_is_built_from_the_reference_variant_only() -> None:
+    engine = DriftEngine(drift_cfg(reference_samples=100, min_samples=20), None, reference_variant=STABLE)
+    stable_rows = [{"a": v} for v in normal(130, seed=31)]
+    canary_rows = [{"a": v} for v in normal(80, seed=32, loc=3.0)]
+    engine.add(canary_rows[:30], [{"prediction": 1.0}] * 30, 0.0, CANARY)  # while collecting: dropped, counted
+    engine.add(stable_rows[:60], [], 0.0, STABLE)
+    engine.add(canary_rows[30:50], [], 0.0, CANARY)
+    ref = engine.report()["reference"]
+    assert (ref["status"], ref["rows"], ref["variant"]) == ("collecting", 60, STABLE)
+    assert engine.columns() is None
+    engine.evaluate(now=0.5)
+    assert engine.summary() == {}  # nothing to summarise while the reference is collected
+    engine.add(stable_rows[60:], [], 1.0, STABLE)  # 40 complete the reference, 30 go to stable's window
+    engine.add(canary_rows[50:], [], 1.0, CANARY)  # after it: canary's window
+    engine.evaluate(now=2.0)
+    report = engine.report()
+    assert report["reference"]["status"] == "ready" and report["reference"]["rows"] == 100
+    assert report["other"]["rows_dropped"] == {"collecting": 50, "variant_budget": 0, "invalid_variant": 0}
+    expected = build_profile(stable_rows[:100], bins=10, top_k=20)
+    a = column(report, "a")
+    assert a["histogram"]["reference"] == expected.features[0].proportions()
+    assert [c["name"] for c in report["columns"]] == ["a"]  # canary's predictions never reached the reference
+    assert (a["window_rows"], a["drifted"]) == (30, False)
+    canary = report["variants"][CANARY]
+    assert (canary["window_rows"], canary["drifted"]) == ({"a": 30}, ["a"])
+    _, samples = scrape(engine)
+    assert sample_value(samples, "infermon_drift_rows_dropped_total", reason="collecting") == 50
+
+
+def test_without_a_reference_variant_every_variant_builds_the_reference() -> None:
+    engine = DriftEngine(drift_cfg(reference_samples=20, min_samples=5), None)
+    engine.add([{"a": 1.0}] * 10, [], 0.0, CANARY)
+    engine.add([{"a": 2.0}] * 10, [], 0.0, STABLE)
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert column(report, "a")["histogram"]["reference"] == [0.5, 0.5]
+    assert report["other"]["rows_dropped"]["collecting"] == 0
+
+
+def test_series_budget_spans_variants_and_counts_the_ratio_once() -> None:
+    profile = two_column_profile()
+    xb, cb = len(profile.features[0].counts), len(profile.features[1].counts)
+    # stable: x and c with their ratios (2 xb + 2 cb); canary: x fits (xb, its ratio is there), c does not
+    budget = 2 * xb + 2 * cb + xb + cb - 1
+    engine = DriftEngine(drift_cfg(max_series=budget, min_samples=5), profile)
+    engine.add([{"x": 0.0, "c": "b"}] * 6, [], 0.0, CANARY)
+    engine.add([{"x": 0.0, "c": "b"}] * 6, [], 0.0, "blue")  # nothing left: neither column's bins
+    engine.evaluate(now=0.0)
+    report = engine.report()
+    assert report["series"] == {
+        "budget": budget,
+        "exported": 3 * xb + 2 * cb,
+        "omitted": cb + xb + cb,
+        "omitted_columns": [],
+    }
+    variants = report["variants"]
+    assert (variants[STABLE]["omitted_columns"], variants[CANARY]["omitted_columns"]) == ([], ["c"])
+    assert variants["blue"]["omitted_columns"] == ["x", "c"]
+    assert [c["bins_exported"] for c in variants[CANARY]["columns"]] == [True, False]
+    assert variants[CANARY]["drifted"] == ["x", "c"]  # an omitted column's drift is still computed
+    _, samples = scrape(engine)
+    exported = {(dict(lb)["variant"], dict(lb)["feature"]) for n, lb in samples if n == "infermon_feature_bin_total"}
+    assert exported == {(STABLE, "x"), (STABLE, "c"), (CANARY, "x")}
+    series = sum(1 for n, _ in samples if n in ("infermon_feature_bin_total", "infermon_feature_reference_ratio"))
+    assert series == report["series"]["exported"] <= budget
+    assert sample_value(samples, "infermon_drift_bin_series_omitted") == 2 * cb + xb
+
+
+def test_summary_gives_each_variant_from_the_last_evaluation() -> None:
+    rows = rows_of({"x": normal(600), "c": cycle(["a", "b", "c"], 600)})
+    for i, row in enumerate(rows):
+        row["score"] = float(i % 2)
+    profile = build_profile(rows, predictions=["score"])
+    engine = DriftEngine(drift_cfg(min_samples=50), profile, reference_variant=STABLE)
+    before = engine.summary()
+    assert before == {
+        STABLE: VariantDrift(STABLE, (), (), (), ("x", "c", "score"), 0, None),
+    }
+    engine.add([{"x": v, "c": "abc"[i % 3]} for i, v in enumerate(normal(200, seed=41))],
+               [{"score": float(i % 2)} for i in range(200)], 10.0, STABLE)  # fmt: skip
+    engine.add([{"x": v, "c": "abc"[i % 3]} for i, v in enumerate(normal(120, seed=42, loc=2.0))],
+               [{"score": 1.0} for _ in range(120)], 10.0, CANARY)  # fmt: skip
+    engine.add([{"x": 0.0}] * 10, [], 10.0, "blue")
+    assert engine.summary() == before  # unchanged until an evaluation publishes
+    engine.evaluate(now=1234.5)
+    got = engine.summary()
+    assert got == {
+        STABLE: VariantDrift(STABLE, ("x", "c", "score"), (), (), (), 200, 1234.5),
+        CANARY: VariantDrift(CANARY, ("x", "c", "score"), ("x",), ("score",), (), 120, 1234.5),
+        "blue": VariantDrift("blue", (), (), (), ("x", "c", "score"), 10, 1234.5),
+    }
+    got.clear()  # a copy
+    assert len(engine.summary()) == 3

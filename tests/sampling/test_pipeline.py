@@ -266,3 +266,55 @@ def test_a_proxy_without_sampling_never_loads_numpy() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
+
+
+async def test_drift_per_variant_through_a_split(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """A canary upstream beside stable: the reference comes from stable's first rows only (the
+    canary's rows meanwhile are dropped and counted), and only the canary, whose inputs shifted,
+    drifts."""
+    upstream = await model_server(serve)
+    app = await make_proxy(
+        upstream,
+        upstreams={"canary": upstream},
+        split={"weights": {"stable": 100, "canary": 0}, "force_header": "x-infermon-variant"},
+        sampling={"rate": 1.0},
+        drift={"reference_samples": 40, "min_samples": 20, "interval": 3600},
+    )
+    client = await Client.connect(app.proxy_address)
+    rng = np.random.default_rng(3)
+    canary = {"X-Infermon-Variant": "canary"}
+
+    async def send(n: int, loc: float, headers: dict[str, str] | None = None) -> None:
+        for _ in range(n):
+            rows = [{"age": float(a)} for a in rng.normal(loc, 10, 2)]
+            assert await post_json(client, "/v1/models/churn:predict", {"instances": rows}, headers) == 200
+
+    await send(5, 70.0, canary)  # while the reference is collected: not part of it
+    await send(20, 40.0)  # stable's 40 rows: the reference
+    await send(15, 40.0)
+    await send(15, 70.0, canary)
+    await settle(app)
+    report = await drift(app)
+    assert (report["reference"]["status"], report["reference"]["variant"]) == ("ready", "stable")
+    assert report["other"]["rows_dropped"] == {"collecting": 10, "variant_budget": 0, "invalid_variant": 0}
+    assert report["variant"] == "stable"
+    assert report["drifted"] == []
+    assert _features(report)["age"]["window_rows"] == 30
+    variants = report["variants"]
+    assert set(variants) == {"stable", "canary"}
+    assert variants["stable"]["drifted"] == [] and variants["stable"]["window_rows"] == {"age": 30, "prediction": 30}
+    assert variants["canary"]["drifted"] == ["age", "prediction"]
+    assert variants["canary"]["window_rows"] == {"age": 30, "prediction": 30}
+    age = next(c for c in variants["canary"]["columns"] if c["name"] == "age")
+    assert age["statistics"]["ks"] < 1e-6
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_feature_drifted", variant="stable", feature="age") == 0
+    assert metric(m, "infermon_feature_drifted", variant="canary", feature="age") == 1
+    assert metric(m, "infermon_drift_window_rows", variant="canary", feature="age") == 30
+    assert metric(m, "infermon_feature_bin_total", variant="canary", feature="age") == 30
+    assert metric(m, "infermon_drift_rows_dropped_total", reason="collecting") == 10
+    engine = app.sampling.engine
+    assert engine is not None
+    summary = engine.summary()
+    assert summary["canary"].drifted_features == ("age",) and summary["canary"].drifted_predictions == ("prediction",)
+    assert summary["stable"].drifted_features == () and summary["stable"].rows == 30

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from proxy.drift.profile import FeatureProfile, Profile
+from proxy.errors import ConfigError
+from proxy.sampling.setup import Sampling
+from proxy.settings import ProxyConfig
 from tests.conftest import ProxyFactory
 from tests.helpers import TIMEOUT, fetch
 
@@ -57,3 +63,37 @@ async def test_drift_endpoint_does_not_stall_the_request_path(
     await task
     assert resp.status == 200
     assert max(gaps) < 0.1, f"the event loop stalled {max(gaps) * 1000:.0f} ms serving /drift"
+
+
+@pytest.mark.parametrize(
+    ("config", "variant"),
+    [
+        ({}, None),  # one upstream: every variant's rows (there is only the default's)
+        ({"upstreams": {"canary": "http://127.0.0.1:9"}}, "stable"),
+        ({"upstreams": {"canary": "http://127.0.0.1:9"}, "canary": {"baseline": "canary"}}, "canary"),
+        ({"labels": {"variant_header": "x-variant"}}, "stable"),
+        ({"labels": {"variant_request_header": "x-variant"}, "canary": {"baseline": "blue"}}, "blue"),
+    ],
+)
+def test_the_reference_variant_is_the_baseline_when_traffic_is_split(
+    config: dict[str, Any], variant: str | None
+) -> None:
+    sampling = Sampling(ProxyConfig.model_validate({"sampling": {"rate": 1.0}, **config}))
+    assert sampling.engine is not None
+    report = sampling.engine.report()
+    assert report["reference"]["variant"] == variant
+    assert report["variant"] == (variant or "stable")
+
+
+def test_the_default_variant_is_the_top_level_one_without_a_split() -> None:
+    sampling = Sampling(ProxyConfig.model_validate({"sampling": {"rate": 1.0}, "labels": {"variant": "blue"}}))
+    assert sampling.engine is not None
+    assert sampling.engine.report()["variant"] == "blue"
+
+
+def test_a_baseline_that_cannot_be_a_variant_is_a_config_error() -> None:
+    cfg = ProxyConfig.model_validate(
+        {"sampling": {"rate": 1.0}, "upstreams": {"canary": "http://127.0.0.1:9"}, "canary": {"baseline": "b\nad"}}
+    )
+    with pytest.raises(ConfigError, match=r"canary\.baseline = 'b\\nad': not a variant name"):
+        Sampling(cfg)
