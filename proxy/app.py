@@ -77,7 +77,8 @@ class ProxyApp:
         if cfg.canary.enabled and (cfg.upstreams or mesh):
             from proxy.canary.observer import CanaryObserver
 
-            self.canary = CanaryObserver(cfg)
+            engine = self.sampling.engine
+            self.canary = CanaryObserver(cfg, engine.summary if engine is not None else None)
             extra.append(self.canary)
             if self.sampling.side is not None:
                 self.sampling.side.predictions = self.canary.predictions

@@ -410,7 +410,7 @@ class Drift(_Section):
     #: bin series exported: variants x features x bins of infermon_feature_bin_total, plus features x
     #: bins of infermon_feature_reference_ratio (once); over it, the last columns of a variant are not
     #: exported (counted), their drift still is
-    max_series: Annotated[int, Field(ge=1)] = 2000
+    max_series: Annotated[int, Field(ge=1)] = 4000
     max_features: Annotated[int, Field(ge=1)] = 200  # distinct feature names tracked; more: counted, skipped
     #: variants (the variant label) with live windows of their own; rows of more: counted, not windowed
     max_variants: Annotated[int, Field(ge=1)] = 8

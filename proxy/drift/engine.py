@@ -438,6 +438,8 @@ class VariantDrift:
 
     variant: str
     evaluated: tuple[str, ...]  # columns with a decision (enough rows, a reference)
+    evaluated_features: tuple[str, ...]  # those of them that are features ...
+    evaluated_predictions: tuple[str, ...]  # ... and predictions
     drifted_features: tuple[str, ...]  # feature columns whose deciding method flags drift
     drifted_predictions: tuple[str, ...]  # prediction columns that drifted
     insufficient: tuple[str, ...]  # columns below drift.min_samples
@@ -805,9 +807,12 @@ class DriftEngine:
         out: dict[str, VariantDrift] = {}
         for name, results in outcomes.items():
             reports = [o.report for o in results]
+            evaluated = [r for r in reports if r["status"] == "evaluated"]
             out[name] = VariantDrift(
                 variant=name,
-                evaluated=tuple(r["name"] for r in reports if r["status"] == "evaluated"),
+                evaluated=tuple(r["name"] for r in evaluated),
+                evaluated_features=tuple(r["name"] for r in evaluated if r["kind"] == "feature"),
+                evaluated_predictions=tuple(r["name"] for r in evaluated if r["kind"] == "prediction"),
                 drifted_features=tuple(r["name"] for r in reports if r["drifted"] and r["kind"] == "feature"),
                 drifted_predictions=tuple(r["name"] for r in reports if r["drifted"] and r["kind"] == "prediction"),
                 insufficient=tuple(r["name"] for r in reports if r["status"] == "insufficient data"),

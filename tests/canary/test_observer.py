@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -126,3 +127,28 @@ async def test_the_analysis_runs_by_itself(make_proxy: ProxyFactory, serve: Serv
 
     await wait_until(counted)
     assert app.canary is not None and app.canary._finished == []
+
+
+async def test_a_canary_whose_predictions_drift_fails_the_drift_check(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """Per-variant drift windows through a running proxy: the reference comes from stable's first
+    samples only, and only the canary's predictions leave it."""
+    app = await split(
+        make_proxy,
+        await model(serve, label=0),
+        await model(serve, label=1),
+        sampling={"rate": 1.0},
+        drift={"reference_samples": 40, "min_samples": 30, "window_size": 500, "interval": 3600},
+    )
+    await run(app, 400)
+    engine = app.sampling.engine
+    assert engine is not None
+    engine.evaluate(time.time())  # the side path is idle (run waited): no concurrent add
+    assert app.canary is not None
+    await app.canary.evaluate()
+    canary = (await verdict(app))["variants"]["canary"]
+    check = canary["checks"]["drift"]
+    assert check["outcome"] == -1, check["reason"]
+    assert check["drifted_predictions"] and check["baseline_drifted_predictions"] == []
+    assert check["rows"] >= 30 and check["baseline_rows"] >= 30
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_canary_check", variant="canary", check="drift") == -1

@@ -748,7 +748,7 @@ def test_summary_gives_each_variant_from_the_last_evaluation() -> None:
     engine = DriftEngine(drift_cfg(min_samples=50), profile, reference_variant=STABLE)
     before = engine.summary()
     assert before == {
-        STABLE: VariantDrift(STABLE, (), (), (), ("x", "c", "score"), 0, None),
+        STABLE: VariantDrift(STABLE, (), (), (), (), (), ("x", "c", "score"), 0, None),
     }
     engine.add([{"x": v, "c": "abc"[i % 3]} for i, v in enumerate(normal(200, seed=41))],
                [{"score": float(i % 2)} for i in range(200)], 10.0, STABLE)  # fmt: skip
@@ -759,9 +759,9 @@ def test_summary_gives_each_variant_from_the_last_evaluation() -> None:
     engine.evaluate(now=1234.5)
     got = engine.summary()
     assert got == {
-        STABLE: VariantDrift(STABLE, ("x", "c", "score"), (), (), (), 200, 1234.5),
-        CANARY: VariantDrift(CANARY, ("x", "c", "score"), ("x",), ("score",), (), 120, 1234.5),
-        "blue": VariantDrift("blue", (), (), (), ("x", "c", "score"), 10, 1234.5),
+        STABLE: VariantDrift(STABLE, ("x", "c", "score"), ("x", "c"), ("score",), (), (), (), 200, 1234.5),
+        CANARY: VariantDrift(CANARY, ("x", "c", "score"), ("x", "c"), ("score",), ("x",), ("score",), (), 120, 1234.5),
+        "blue": VariantDrift("blue", (), (), (), (), (), ("x", "c", "score"), 10, 1234.5),
     }
     got.clear()  # a copy
     assert len(engine.summary()) == 3
