@@ -18,7 +18,10 @@ upstream has answered that request with a 2xx head, and so is a new triple: a sc
 request the proxy answers itself, an upstream failure or a client that leaves before the upstream
 answers mints neither a label value nor a budget slot; such a request reads ``other`` in all three
 labels. Admitted values and triples stay admitted for the life of the process and keep their labels
-for any status. The configured defaults always pass, and so does the all-``other`` triple.
+for any status. The configured defaults always pass, and so does the all-``other`` triple. With a
+split, the variant is the configuration's: a (model, version) confirmed with one variant is admitted
+with every variant of the split at once, so the requests of a variant that only ever fails keep its
+name.
 
 Labels are final from ``on_upstream_head`` on (or ``on_complete``, when no upstream head came; or, on
 an OpenAI-compatible route whose request named no model, the first response body bytes); until
@@ -151,6 +154,8 @@ class Labeler(Observer):
         self.max_combinations = cfg.max_combinations
         #: admitted (model, version, variant) triples; the defaults and all-``other`` need no slot
         self.combinations: set[tuple[str, str, str]] = set()
+        #: the variants of a split (configured upstream names, see :meth:`admit_variants`)
+        self.split_variants: tuple[str, ...] = ()
         self.overflow: dict[str, int] = dict.fromkeys(OVERFLOW_REASONS, 0)
         #: a request header naming the variant (a mesh routes): read at the head, a traffic value
         self.variant_request_header = (
@@ -169,10 +174,13 @@ class Labeler(Observer):
         """The variants of a split (configured upstream names): admitted from the start, each with
         the default model and version, so their first requests need no 2xx to be labelled."""
         model, version, _ = self.defaults
+        admitted = []
         for name in names:
             variant = self.cap_variant.admit(name)
             if variant != OTHER:
+                admitted.append(variant)
                 self.combinations.add((model, version, variant))
+        self.split_variants = tuple(admitted)
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -365,6 +373,8 @@ class Labeler(Observer):
                 self._fold(ex, "max_combinations")
                 return
             self.combinations.add(combo)
+            if combo[2] in self.split_variants:
+                self._admit_siblings(combo)
         if raw:
             for i in range(3):
                 if raw & (1 << i) and labels[i] != OTHER:
@@ -372,6 +382,16 @@ class Labeler(Observer):
         ex.model, ex.version, ex.variant = combo
         if pending.reason is not None:
             self.overflow[pending.reason] += 1
+
+    def _admit_siblings(self, combo: tuple[str, str, str]) -> None:
+        """A (model, version) a 2xx answer confirmed with one variant of a split, admitted with
+        every other variant of it too (the budget permitting): their names come from the
+        configuration, so a canary that only ever fails still has its own label, not ``other``."""
+        model, version, _ = combo
+        for variant in self.split_variants:
+            if len(self.combinations) >= self.max_combinations:
+                return
+            self.combinations.add((model, version, variant))
 
     def _fold(self, ex: Exchange, reason: str) -> None:
         ex.model = ex.version = ex.variant = OTHER

@@ -152,3 +152,17 @@ async def test_a_canary_whose_predictions_drift_fails_the_drift_check(make_proxy
     assert check["rows"] >= 30 and check["baseline_rows"] >= 30
     m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_canary_check", variant="canary", check="drift") == -1
+
+
+async def test_a_canary_that_always_fails_is_counted_and_fails(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """Every answer of the canary a 500 on a model path: its requests still carry variant=canary (the
+    split chose it, the configuration names it), so the analysis sees them and fails the canary."""
+    app = await split(make_proxy, await model(serve), await model(serve, fail_every=1))
+    await run(app, 300)
+    m = await scrape_metrics(app.admin_address)
+    canary_500 = metric(m, "infermon_requests_total", variant="canary", code="500")
+    assert canary_500 > 50
+    report = await verdict(app)
+    assert report["requests"]["canary"] == canary_500
+    canary = report["variants"]["canary"]
+    assert canary["verdict"] == -1 and canary["checks"]["errors"]["outcome"] == -1, canary["reason"]

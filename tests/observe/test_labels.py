@@ -719,3 +719,33 @@ def test_variant_from_a_request_header_when_a_mesh_routes() -> None:
     assert with_header("blue", 200, "/v2/models/iris/infer").variant == "blue"
     assert with_header("green", 200).variant == OTHER  # over labels.max_values
     assert triple(answered(labeler, "/echo", 200)) == ("unknown", "unknown", "stable")  # no header: default
+
+
+def test_a_split_variant_that_only_fails_keeps_its_name() -> None:
+    """A model confirmed by stable's 2xx is admitted with every variant of the split: the canary's
+    500s on it read variant=canary, not other, or a canary that always fails would be invisible."""
+    labeler = Labeler(Labels(max_combinations=10))
+    labeler.admit_variants(["stable", "canary"])
+
+    def routed(variant: str, status: int) -> Exchange:
+        ex = exchange("/v1/models/iris:predict")
+        ex.variant = variant  # the split chose it, before the labeler runs
+        labeler.on_request_head(ex)
+        ex.status = status
+        labeler.on_upstream_head(ex)
+        labeler.on_complete(ex)
+        return ex
+
+    assert triple(routed("canary", 500)) == (OTHER, OTHER, OTHER)  # the model is not confirmed yet
+    assert triple(routed("stable", 200)) == ("iris", "unknown", "stable")
+    assert triple(routed("canary", 500)) == ("iris", "unknown", "canary")
+    assert ("iris", "unknown", "canary") in labeler.combinations
+    # the budget still bounds them: one slot left, the sibling does not fit
+    tight = Labeler(Labels(max_combinations=3))
+    tight.admit_variants(["stable", "canary"])
+    ex = exchange("/v1/models/iris:predict")
+    ex.variant = "stable"
+    tight.on_request_head(ex)
+    ex.status = 200
+    tight.on_upstream_head(ex)
+    assert len(tight.combinations) == 3 and ("iris", "unknown", "stable") in tight.combinations
