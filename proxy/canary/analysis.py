@@ -239,6 +239,14 @@ class CanaryAnalyzer:
             self._variants[name] = state
         return state
 
+    def track(self, names: Sequence[str]) -> None:
+        """Take the configured variants (a split's upstream names) from the start, within
+        ``max_variants``: each gets a verdict at every evaluation, inconclusive while it has no
+        traffic, rather than none at all, and traffic-named variants cannot take their places."""
+        with self._lock:
+            for name in names:
+                self._variant(name)
+
     def observe(self, variant: str, status: int, latency_s: float, error: bool, now: float | None = None) -> None:
         """One finished request of ``variant``. ``error`` says whether it counts as an error (the
         caller's rule, e.g. a 5xx or a failed upstream); only successful requests give latencies,

@@ -58,6 +58,8 @@ class CanaryObserver(Observer):
             ),
             drift,
         )
+        if cfg.upstreams:  # a split: its variants are known from the start, traffic or not
+            self.analyzer.track(cfg.variants())
         #: finished requests since the last hand-over (event-loop thread only)
         self._finished: list[Finished] = []
         self._task: asyncio.Task[None] | None = None

@@ -393,3 +393,16 @@ def test_ingest_takes_a_batch_as_observe_takes_one() -> None:
     a, b = one.evaluate(now=NOW)["canary"], batch.evaluate(now=NOW)["canary"]
     assert a.as_dict() == b.as_dict()
     assert one.dropped_variants == batch.dropped_variants == 200  # every request of the third variant
+
+
+def test_a_tracked_variant_without_requests_has_a_verdict() -> None:
+    analyzer = CanaryAnalyzer(CanaryConfig(max_variants=2))
+    analyzer.track(["stable", "canary", "blue"])  # the configured variants, before any traffic
+    feed(analyzer, "stable", 500, seed=1)
+    verdicts = analyzer.evaluate(now=NOW)
+    assert verdicts["canary"].verdict == INCONCLUSIVE and verdicts["canary"].requests == 0
+    assert "blue" not in verdicts  # over max_variants: tracking does not lift the bound
+    assert analyzer.report()["requests"] == {"stable": 500, "canary": 0}
+    # a traffic-named variant cannot take a configured one's place
+    analyzer.observe("green", 200, 0.05, False, now=NOW)
+    assert "green" not in analyzer.evaluate(now=NOW)

@@ -166,3 +166,21 @@ async def test_a_canary_that_always_fails_is_counted_and_fails(make_proxy: Proxy
     assert report["requests"]["canary"] == canary_500
     canary = report["variants"]["canary"]
     assert canary["verdict"] == -1 and canary["checks"]["errors"]["outcome"] == -1, canary["reason"]
+
+
+async def test_a_variant_without_a_single_request_is_inconclusive(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """A configured canary that got no traffic at all still has a verdict: 0, in /canary and the metrics."""
+    app = await make_proxy(
+        await model(serve),
+        upstreams={"canary": await model(serve)},
+        split={"weights": {"stable": 100, "canary": 0}},
+        canary={"evaluate_every": 3600},
+    )
+    await run(app, 60)
+    report = await verdict(app)
+    canary = report["variants"].get("canary")
+    assert canary is not None and canary["verdict"] == 0 and canary["requests"] == 0, report
+    assert "too few requests" in canary["reason"]
+    m = await scrape_metrics(app.admin_address)
+    assert metric(m, "infermon_canary_verdict", variant="canary") == 0
+    assert metric(m, "infermon_canary_samples", variant="canary") == 0
