@@ -772,6 +772,9 @@ class ProxyConfig(_Section):
 
         data = self.model_dump(mode="json")
         data["upstream"] = mask_url(self.upstream)
+        data["upstreams"] = {name: mask_url(url) for name, url in self.upstreams.items()}
+        if data["shadow"]["url"]:
+            data["shadow"]["url"] = mask_url(data["shadow"]["url"])
         data["admin"]["token"] = "***" if self.admin.token is not None else None
         data["tracing"]["headers"] = {key: "***" for key in self.tracing.headers}
         data["sinks"]["cloudevents"]["headers"] = {key: "***" for key in self.sinks.cloudevents.headers}

@@ -496,3 +496,20 @@ def test_an_empty_cloudevents_source_is_a_config_error(tmp_path: Path) -> None:
     text = "upstream: http://127.0.0.1:8000\nsinks:\n  cloudevents:\n    url: http://127.0.0.1:9/\n    source: ''\n"
     message = _error(_file(tmp_path, text))
     assert "sinks.cloudevents.source" in message
+
+
+def test_every_upstream_password_is_masked_in_public_config() -> None:
+    """The variants' and the shadow's URLs are shown like ``upstream``: without their password."""
+    from proxy.settings import ProxyConfig
+
+    cfg = ProxyConfig.model_validate(
+        {
+            "upstream": "http://u:s3cret-stable@127.0.0.1:8000",
+            "upstreams": {"canary": "http://u:s3cret-canary@127.0.0.1:8001", "blue": "http://127.0.0.1:8003"},
+            "shadow": {"url": "https://u:s3cret-shadow@127.0.0.1:8002"},
+        }
+    )
+    public = cfg.public_dict()
+    assert "s3cret" not in repr(public)
+    assert public["upstreams"] == {"canary": "http://u:***@127.0.0.1:8001", "blue": "http://127.0.0.1:8003"}
+    assert public["shadow"]["url"] == "https://u:***@127.0.0.1:8002"

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy.config import mask_url
 from proxy.dataplane import http
 from proxy.dataplane.exchange import Exchange, Headers
 from proxy.dataplane.hooks import Observer
@@ -463,7 +464,7 @@ class ShadowObserver(Observer):
             s = self._stats
             return {
                 "name": self.cfg.name,
-                "url": self.cfg.url,
+                "url": mask_url(self.cfg.url),  # a password in it never reaches /shadow
                 "ratio": self.cfg.ratio,
                 "in_flight": self.in_flight,
                 "max_concurrency": self.cfg.max_concurrency,

@@ -285,3 +285,9 @@ async def test_shadow_from_the_configuration(make_proxy: ProxyFactory, serve: Se
     assert seen == [b'{"instances": [[1, 2]]}'] * 5
     m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_shadow_agreement_ratio", shadow="shadow") == 1.0
+
+
+def test_the_report_masks_the_shadows_password() -> None:
+    obs = ShadowObserver(ShadowConfig(url="http://user:s3cret@127.0.0.1:8002"))
+    assert obs.report()["url"] == "http://user:***@127.0.0.1:8002"
+    assert "s3cret" not in repr(obs.report())
