@@ -14,6 +14,15 @@ def add_split_routes(app: web.Application, splitter: Splitter) -> None:
         return json_response(splitter.state())
 
     async def put_split(request: web.Request) -> web.Response:
+        declared = request.headers.get("Content-Type")
+        # RFC 9110 8.3: no Content-Type, the body is looked at; one that says it is not JSON: 415
+        if declared is not None and declared.partition(";")[0].strip().lower() != "application/json":
+            response = json_response(
+                {"error": f"the body must be application/json, not {declared[:80]!r}", "path": request.path},
+                status=415,
+            )
+            response.headers["Accept"] = "application/json"  # RFC 9110 15.5.16: the type it takes
+            return response
         body = await request.read()
         try:
             data = orjson.loads(body)

@@ -154,6 +154,23 @@ async def test_put_split_refuses_bad_weights_and_keeps_the_old(
     assert orjson.loads((await fetch(app.admin_address, "/split")).body)["weights"] == {"stable": 90, "canary": 10}
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"])
+async def test_put_split_refuses_a_body_that_is_not_declared_json(
+    make_proxy: ProxyFactory, serve: Serve, content_type: str
+) -> None:
+    """RFC 9110 15.5.16: a body in a format the resource does not take is 415, with Accept naming the one it does."""
+    app, _ = await two_variants(make_proxy, serve, {"stable": 90, "canary": 10})
+    resp = await _put(app, b'{"stable": 1, "canary": 1}', content_type=content_type)
+    assert resp.status == 415
+    assert resp.header("accept") == "application/json"
+    assert "application/json" in orjson.loads(resp.body)["error"]
+    assert orjson.loads((await fetch(app.admin_address, "/split")).body)["weights"] == {"stable": 90, "canary": 10}
+    # JSON with parameters, and a body whose type is not declared (RFC 9110 8.3: the server may look), pass
+    for declared in ("application/json; charset=utf-8", "Application/JSON", None):
+        resp = await _put(app, b'{"stable": 1, "canary": 1}', content_type=declared)
+        assert resp.status == 200, (declared, resp)
+
+
 async def test_weight_zero_drains_without_dropping_in_flight(make_proxy: ProxyFactory, serve: Serve) -> None:
     gate = asyncio.Event()
     stable = await variant_server(serve, "stable")
@@ -239,9 +256,11 @@ def test_cli_upstream_flags() -> None:
             _upstreams(bad)
 
 
-async def _put(app: ProxyApp, body: bytes, token: str | None = None) -> Any:
+async def _put(
+    app: ProxyApp, body: bytes, token: str | None = None, content_type: str | None = "application/json"
+) -> Any:
     client = await Client.connect(app.admin_address)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": content_type} if content_type is not None else {}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     try:
