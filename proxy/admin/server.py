@@ -46,7 +46,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return json_response({"error": exc.reason, "path": request.path}, status=exc.status)
+        response = json_response({"error": exc.reason, "path": request.path}, status=exc.status)
+        if "Allow" in exc.headers:  # RFC 9110 15.5.6: a 405 MUST say which methods the resource takes
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception as exc:  # a failing collector or view: JSON like every other admin error
         log.exception("admin %s %s failed", request.method, request.path)
         return json_response({"error": f"internal error: {exc!r}", "path": request.path}, status=500)

@@ -171,6 +171,18 @@ async def test_put_split_refuses_a_body_that_is_not_declared_json(
         assert resp.status == 200, (declared, resp)
 
 
+async def test_another_method_on_split_is_405_with_allow(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """RFC 9110 15.5.6: a 405 response MUST carry Allow, listing what the resource takes."""
+    app, _ = await two_variants(make_proxy, serve, {"stable": 90, "canary": 10})
+    resp = await fetch(app.admin_address, "/split", method="POST")
+    assert resp.status == 405
+    assert orjson.loads(resp.body)["error"] == "Method Not Allowed"
+    allow = resp.header("allow")
+    assert allow is not None
+    allowed = {m.strip() for m in allow.split(",")}
+    assert {"GET", "PUT"} <= allowed and "POST" not in allowed
+
+
 async def test_weight_zero_drains_without_dropping_in_flight(make_proxy: ProxyFactory, serve: Serve) -> None:
     gate = asyncio.Event()
     stable = await variant_server(serve, "stable")
