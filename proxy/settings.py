@@ -527,7 +527,9 @@ class Split(_Section):
     """Weighted, sticky splitting of client traffic between the named upstreams (docs/canary.md)."""
 
     #: variant -> weight (shares, any scale); empty: every request goes to stable
-    weights: Annotated[dict[str, Annotated[float, Field(ge=0)]], BeforeValidator(_parse_kv_list)] = Field(
+    weights: Annotated[
+        dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]], BeforeValidator(_parse_kv_list)
+    ] = Field(
         default_factory=dict
     )
     #: header:NAME or cookie:NAME: requests with the same key always get the same variant

@@ -58,17 +58,22 @@ def cookie_value(header: bytes, name: bytes) -> bytes | None:
 class _Table:
     """Cumulative weights over the variants in name order, for one bisect per request."""
 
-    __slots__ = ("bounds", "names", "weights")
+    __slots__ = ("bounds", "names", "shares", "weights")
 
     def __init__(self, weights: Mapping[str, float]) -> None:
         self.weights = dict(weights)
-        live = sorted((n, w) for n, w in weights.items() if w > 0)
-        total = sum(w for _, w in live)
+        # scaled by the largest first: weights of any scale (1e308 each) must not sum to infinity
+        top = max(weights.values(), default=0.0)
+        scaled = {n: w / top if top > 0 else 0.0 for n, w in weights.items()}
+        total = sum(scaled.values())
+        #: each variant's share of new requests, 0 to 1
+        self.shares = {n: w / total if total > 0 else 0.0 for n, w in scaled.items()}
+        live = sorted((n, w) for n, w in self.shares.items() if w > 0)
         self.names = [n for n, _ in live]
         bounds: list[float] = []
         acc = 0.0
         for _, w in live:
-            acc += w / total
+            acc += w
             bounds.append(acc)
         if bounds:
             bounds[-1] = 1.0
@@ -173,10 +178,9 @@ class Splitter(Observer):
 
     def state(self) -> dict[str, object]:
         table = self.table
-        total = sum(table.weights.values()) or 1.0
         return {
             "weights": table.weights,
-            "shares": {n: round(w / total, 6) for n, w in table.weights.items()},
+            "shares": {n: round(w, 6) for n, w in table.shares.items()},
             "sticky": self._sticky_text(),
             "force_header": self.force.decode("latin-1") if self.force else None,
             "failover": self.failover,

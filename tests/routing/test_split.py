@@ -257,6 +257,28 @@ async def test_sighup_reloads_the_weights(
     assert proc.proc.returncode is None
 
 
+def test_huge_and_infinite_weights() -> None:
+    """Weights are shares of any scale: 1e308 each is 50/50, not all traffic to one side, and an
+    infinite weight is a config error naming the key, as PUT /split and SIGHUP refuse it."""
+    from pydantic import ValidationError
+
+    from proxy.routing.split import Splitter
+    from proxy.settings import ProxyConfig
+
+    cfg = ProxyConfig.model_validate(
+        {"upstreams": {"canary": "http://127.0.0.1:8001"}, "split": {"weights": {"stable": 1, "canary": 1}}}
+    )
+    splitter = Splitter(cfg)
+    splitter.set_weights(splitter.check_weights({"stable": 1e308, "canary": 1e308}), "test")
+    assert splitter.state()["shares"] == {"stable": 0.5, "canary": 0.5}
+    assert {splitter.table.pick(p) for p in (0.25, 0.75)} == {"stable", "canary"}
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValidationError, match=r"split\.weights"):
+            ProxyConfig.model_validate(
+                {"upstreams": {"canary": "http://127.0.0.1:8001"}, "split": {"weights": {"stable": bad, "canary": 1}}}
+            )
+
+
 def test_cli_upstream_flags() -> None:
     from proxy.dataplane.command import _upstreams
     from proxy.errors import ConfigError
