@@ -755,6 +755,11 @@ class ProxyConfig(_Section):
             )
         if self.split.weights and not any(w > 0 for w in self.split.weights.values()):
             raise ValueError("split.weights: every weight is 0; give at least one variant a weight above 0")
+        if self.upstreams and self.canary.enabled and self.canary.baseline not in known:
+            raise ValueError(
+                f"canary.baseline {self.canary.baseline!r} is not an upstream (known: {', '.join(sorted(known))}): "
+                "name the variant the others are compared with"
+            )
         return self
 
     def variants(self) -> list[str]:

@@ -513,3 +513,22 @@ def test_every_upstream_password_is_masked_in_public_config() -> None:
     assert "s3cret" not in repr(public)
     assert public["upstreams"] == {"canary": "http://u:***@127.0.0.1:8001", "blue": "http://127.0.0.1:8003"}
     assert public["shadow"]["url"] == "https://u:***@127.0.0.1:8002"
+
+
+def test_canary_baseline_must_be_a_variant_of_the_split() -> None:
+    """With a split the variants are known: a baseline that is none of them would leave every
+    verdict inconclusive for ever, so it is a config error naming the key and the variants."""
+    from pydantic import ValidationError
+
+    from proxy.settings import ProxyConfig
+
+    def config(upstreams: dict[str, str], **canary: object) -> ProxyConfig:
+        return ProxyConfig.model_validate({"upstreams": upstreams, "canary": canary})
+
+    with pytest.raises(ValidationError, match=r"canary\.baseline") as info:
+        config({"canary": "http://127.0.0.1:8001"}, baseline="stabel")
+    assert "canary, stable" in str(info.value)
+    assert config({"v2": "http://127.0.0.1:8001"}, baseline="v2").canary.baseline == "v2"
+    # no split (a mesh names the variants), or the analysis off: nothing to check it against
+    assert config({}, baseline="v1").canary.baseline == "v1"
+    assert config({"canary": "http://127.0.0.1:8001"}, baseline="x", enabled=False).canary.baseline == "x"

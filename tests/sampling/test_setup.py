@@ -93,7 +93,8 @@ def test_the_default_variant_is_the_top_level_one_without_a_split() -> None:
 
 def test_a_baseline_that_cannot_be_a_variant_is_a_config_error() -> None:
     cfg = ProxyConfig.model_validate(
-        {"sampling": {"rate": 1.0}, "upstreams": {"canary": "http://127.0.0.1:9"}, "canary": {"baseline": "b\nad"}}
+        # a mesh names the variants (with a split, ProxyConfig itself refuses a baseline that is no upstream)
+        {"sampling": {"rate": 1.0}, "labels": {"variant_request_header": "x-variant"}, "canary": {"baseline": "b\nad"}}
     )
     with pytest.raises(ConfigError, match=r"canary\.baseline = 'b\\nad': not a variant name"):
         Sampling(cfg)
