@@ -549,7 +549,8 @@ class Canary(_Section):
     confidence: Annotated[float, Field(ge=0.5, lt=1)] = 0.98  # significant when p < 1 - confidence
     latency_tolerance: Annotated[float, Field(ge=1)] = 1.2  # canary median / baseline median allowed
     error_tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.01  # absolute error-rate increase allowed
-    prediction_threshold: Annotated[float, Field(gt=0, le=1)] = 0.1  # Jensen-Shannon distance
+    #: Jensen-Shannon distance, natural log: sqrt(ln 2) = 0.8326 at most, so at most 0.83 here
+    prediction_threshold: Annotated[float, Field(gt=0, le=0.83)] = 0.1
     min_requests: Annotated[int, Field(ge=1)] = 50  # per side, else inconclusive
     min_predictions: Annotated[int, Field(ge=1)] = 50
     max_variants: Annotated[int, Field(ge=1)] = 16

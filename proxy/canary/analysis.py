@@ -57,6 +57,10 @@ CHECKS = ("errors", "latency", "predictions", "drift")
 #: exact to 1/BUCKETS of the interval)
 BUCKETS = 60
 
+#: the largest prediction_threshold: the Jensen-Shannon distance (natural log) of two distributions
+#: with nothing in common is sqrt(ln 2) = 0.8326, so a threshold above this could never be reached
+MAX_PREDICTION_THRESHOLD = 0.83
+
 Prediction = str | bool | int | float
 #: one finished request, as the request path hands it over: (variant, time, latency in seconds, error)
 Finished = tuple[str, float, float, bool]
@@ -134,8 +138,12 @@ class CanaryConfig:
             raise bad("latency_tolerance", "give a ratio >= 1 of canary to baseline median latency, e.g. 1.2")
         if not 0.0 <= self.error_tolerance < 1.0:
             raise bad("error_tolerance", "give an absolute error-rate increase in [0, 1), e.g. 0.01")
-        if not 0.0 < self.prediction_threshold <= 1.0:
-            raise bad("prediction_threshold", "give a Jensen-Shannon distance in (0, 1], e.g. 0.1")
+        if not 0.0 < self.prediction_threshold <= MAX_PREDICTION_THRESHOLD:
+            raise bad(
+                "prediction_threshold",
+                f"give a Jensen-Shannon distance (natural log, at most sqrt(ln 2) = 0.8326) in "
+                f"(0, {MAX_PREDICTION_THRESHOLD}], e.g. 0.1",
+            )
         if self.min_requests > self.window:
             raise bad("min_requests", f"must not exceed canary.window ({self.window})")
         if not 0.0 < self.drift_share <= 1.0:

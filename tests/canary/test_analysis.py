@@ -406,3 +406,24 @@ def test_a_tracked_variant_without_requests_has_a_verdict() -> None:
     # a traffic-named variant cannot take a configured one's place
     analyzer.observe("green", 200, 0.05, False, now=NOW)
     assert "green" not in analyzer.evaluate(now=NOW)
+
+
+def test_prediction_threshold_is_a_natural_log_distance() -> None:
+    """Jensen-Shannon with the natural log (scipy's default base) never exceeds sqrt(ln 2) = 0.8326:
+    a threshold above it (one meant for base 2, whose maximum is 1) could never fail a canary."""
+    import math
+
+    from proxy.drift.stats import js_distance
+
+    disjoint = js_distance(np.array([1.0, 0.0]), np.array([0.0, 1.0]))
+    assert disjoint == pytest.approx(math.sqrt(math.log(2.0)))
+    analyzer = CanaryAnalyzer(CanaryConfig(prediction_threshold=0.83))
+    analyzer.add_predictions("stable", ["cat"] * 200, now=NOW)
+    analyzer.add_predictions("canary", ["dog"] * 200, now=NOW)
+    assert analyzer.evaluate(now=NOW)["canary"].checks["predictions"].outcome == FAIL  # the most it can be
+    with pytest.raises(ValueError, match=r"canary\.prediction_threshold"):
+        CanaryConfig(prediction_threshold=0.9)
+    from proxy.settings import ProxyConfig
+
+    with pytest.raises(ValueError, match=r"canary\.prediction_threshold"):
+        ProxyConfig.model_validate({"canary": {"prediction_threshold": 0.9}})
