@@ -18,7 +18,7 @@ from scipy.stats import chisquare
 from proxy.app import ProxyApp
 from proxy.routing.split import cookie_value, sticky_point
 from tests.conftest import ProxyFactory, ProxyProcess, Serve
-from tests.helpers import Client, fetch, free_port, metric, scrape_metrics, wait_until
+from tests.helpers import TIMEOUT, Client, fetch, free_port, metric, scrape_metrics, wait_until
 
 TOKEN = "split-test-token-0123456789"
 
@@ -253,7 +253,12 @@ async def test_sighup_reloads_the_weights(
     assert await ask(client) == "canary"
     conf.write_text("split: {weights: {nosuch: 1}}\n")  # a bad file keeps what runs
     os.kill(proc.proc.pid, signal.SIGHUP)
+    assert proc.proc.stderr is not None
+    async with asyncio.timeout(TIMEOUT):  # the reload was tried, and refused, before looking again
+        while b"SIGHUP: configuration not reloaded" not in await proc.proc.stderr.readline():
+            pass
     assert await ask(client) == "canary"
+    assert orjson.loads((await fetch(proc.admin, "/split")).body)["weights"] == {"stable": 0, "canary": 100}
     assert proc.proc.returncode is None
 
 
