@@ -39,6 +39,7 @@ SCRAPE_LABELS = frozenset({"pod", "namespace"})
 CONTRACT: dict[str, frozenset[str]] = {
     "infermon_canary_verdict": frozenset({"variant"}),
     "infermon_canary_check": frozenset({"variant", "check"}),
+    "infermon_feature_drifted": frozenset({"variant", "feature"}),
     "infermon_requests_total": frozenset({"model", "version", "variant", "method", "code"}),
     "infermon_request_duration_seconds_bucket": frozenset(
         {"model", "version", "variant", "method", "code_class", "le"}
@@ -49,6 +50,12 @@ VERDICTS = (-1, 0, 1)  # fail, inconclusive, pass
 # sample values for the template variables
 NAMESPACE = "ml"
 TARGET = "iris"
+GATEWAY = "iris-infermon"  # the verdict template's infermon, the one that sees both variants
+#: the template of one-infermon topologies, which the sidecar Canary does not use
+VERDICT = "infermon-canary-verdict"
+#: Flagger's pod names: the canary's <target>-<hash>-<hash>, the primary's <target>-primary-<hash>-<hash>
+CANARY_POD = re.compile(r"iris-[0-9a-zA-Z]+(-[0-9a-zA-Z]+)")
+PRIMARY_POD = re.compile(r"iris-primary-[0-9a-zA-Z]+(-[0-9a-zA-Z]+)")
 
 # Flagger CRD (flagger.app/v1beta1): Canary spec.analysis.interval and metrics[].interval pattern
 FLAGGER_INTERVAL = re.compile(r"^[0-9]+(m|s)")
@@ -98,7 +105,9 @@ def test_every_document_has_the_api_version_and_kind_of_its_crd() -> None:
 
 def test_flagger_metric_templates() -> None:
     templates = _flagger_templates()
-    assert set(templates) == {"infermon-canary-verdict", "infermon-error-rate", "infermon-latency-p99"}
+    assert set(templates) == {
+        VERDICT, "infermon-error-rate", "infermon-latency-p99", "infermon-latency-ratio", "infermon-drift"
+    }
     assert len(_docs(FLAGGER_TEMPLATES)) == len(templates)  # no name twice
     for name, t in templates.items():
         spec = t["spec"]
@@ -110,7 +119,8 @@ def test_flagger_metric_templates() -> None:
             assert field in {"namespace", "target", "interval", "variables"}, (name, field)
         # the window is the Canary's, the scope the Canary's namespace and target
         assert "{{ interval }}" in spec["query"] and "{{ namespace }}" in spec["query"], name
-        assert "{{ target }}" in spec["query"], name
+        # the sidecar templates select the target's pods; the verdict, the infermon that sees both
+        assert ("{{ variables.infermon }}" if name == VERDICT else "{{ target }}") in spec["query"], name
 
 
 def test_flagger_canary() -> None:
@@ -128,7 +138,8 @@ def test_flagger_canary() -> None:
     templates = _flagger_templates()
     metrics = {m["name"]: m for m in analysis["metrics"]}
     assert len(metrics) == len(analysis["metrics"])
-    assert {m["templateRef"]["name"] for m in metrics.values()} == set(templates)
+    # a sidecar sees only its own pod: every template but the one-infermon verdict
+    assert {m["templateRef"]["name"] for m in metrics.values()} == set(templates) - {VERDICT}
     for name, m in metrics.items():
         ref = m["templateRef"]["name"]
         # the templates use {{ interval }}: a metric without one would render an empty range
@@ -151,12 +162,32 @@ def _flagger_passes(threshold_range: dict[str, float], value: float) -> bool:
 
 def test_flagger_advances_on_a_pass_only() -> None:
     metrics = {m["templateRef"]["name"]: m for m in _only(FLAGGER_CANARY, "Canary")["spec"]["analysis"]["metrics"]}
-    verdict = metrics["infermon-canary-verdict"]["thresholdRange"]
-    assert {v: _flagger_passes(verdict, v) for v in VERDICTS} == {-1: False, 0: False, 1: True}
-    # error rate in percent, p99 in milliseconds: upper bounds
+    # the verdict template's documented range: only a pass advances
+    assert {v: _flagger_passes({"min": 1}, v) for v in VERDICTS} == {-1: False, 0: False, 1: True}
+    assert "thresholdRange:\n  min: 1" in FLAGGER_TEMPLATES.read_text() or "thresholdRange min: 1" in (
+        FLAGGER_TEMPLATES.read_text()
+    )
+    # error rate in percent, p99 in milliseconds, the median ratio: upper bounds
     assert set(metrics["infermon-error-rate"]["thresholdRange"]) == {"max"}
     assert 0 < metrics["infermon-error-rate"]["thresholdRange"]["max"] < 100
     assert set(metrics["infermon-latency-p99"]["thresholdRange"]) == {"max"}
+    assert metrics["infermon-latency-ratio"]["thresholdRange"] == {"max": 1.2}
+    # one column drifted on the canary and not on the primary halts the advancement
+    drift = metrics["infermon-drift"]["thresholdRange"]
+    assert {v: _flagger_passes(drift, v) for v in (-2, 0, 1)} == {-2: True, 0: True, 1: False}
+
+
+def test_the_pod_patterns_tell_flaggers_canary_pods_from_the_primarys() -> None:
+    text = FLAGGER_TEMPLATES.read_text().replace("{{ target }}", TARGET)
+    assert CANARY_POD.pattern in text and PRIMARY_POD.pattern in text
+    # PromQL matches the whole label value, as fullmatch does
+    for pod, canary, primary in (
+        ("iris-7d9f8c6b5-x2x9q", True, False),
+        ("iris-primary-5b7c9d8f7-abcde", False, True),
+        ("iris-infermon-5b7c9-abcde", False, False),  # three parts after the target: never the canary
+        ("iris2-7d9f8-fghij", False, False),
+    ):
+        assert (CANARY_POD.fullmatch(pod) is not None, PRIMARY_POD.fullmatch(pod) is not None) == (canary, primary), pod
 
 
 def test_argo_analysis_template() -> None:
@@ -302,6 +333,9 @@ def _queries() -> dict[str, str]:
     for m in _only(FLAGGER_CANARY, "Canary")["spec"]["analysis"]["metrics"]:
         query = templates[m["templateRef"]["name"]]["spec"]["query"]
         out[f"flagger {m['name']}"] = _render_flagger(query, m["interval"], m.get("templateVariables", {}))
+    # the verdict template, as a Canary of the one-infermon topology would call it
+    variables = {"variant": "canary", "infermon": GATEWAY}
+    out[f"flagger {VERDICT}"] = _render_flagger(templates[VERDICT]["spec"]["query"], "1m", variables)
     template = _only(ARGO_TEMPLATE, "AnalysisTemplate")
     defaults = {a["name"]: a["value"] for a in template["spec"]["args"] if "value" in a}
     for step in _only(ARGO_ROLLOUT, "Rollout")["spec"]["strategy"]["canary"]["steps"]:
@@ -319,10 +353,13 @@ def _queries() -> dict[str, str]:
 
 def test_the_queries_render_completely() -> None:
     queries = _queries()
-    assert len([k for k in queries if k.startswith("flagger")]) == 3
+    assert len([k for k in queries if k.startswith("flagger")]) == 5
     for name, q in queries.items():
         assert "{{" not in q and "}}" not in q, name
-        assert f'namespace="{NAMESPACE}"' in q and 'variant="canary"' in q, name
+        assert f'namespace="{NAMESPACE}"' in q, name
+        # the one-infermon queries name the variant; the sidecar ones the target's pods
+        assert ('variant="canary"' in q) == ("infermon_canary_verdict" in q), name
+        assert 'variant="canary"' in q or f'pod=~"{TARGET}-' in q, name
 
 
 def test_the_queries_use_only_infermon_metrics_and_labels() -> None:
@@ -335,10 +372,15 @@ def test_the_queries_use_only_infermon_metrics_and_labels() -> None:
         for metric, selector in re.findall(r"\b(infermon_\w+)\s*\{([^}]*)\}", q):
             labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", selector))
             assert labels <= CONTRACT[metric] | SCRAPE_LABELS, (name, metric, labels)
-            assert {"namespace", "variant"} <= labels, (name, metric)
+            assert {"namespace"} <= labels and ({"variant", "pod"} & labels), (name, metric)
         for grouping in re.findall(r"\bby\s*\(([^)]*)\)", q):
-            assert {g.strip() for g in grouping.split(",")} <= {"le"}, name
-    assert seen >= {"infermon_canary_verdict", "infermon_requests_total", "infermon_request_duration_seconds_bucket"}
+            assert {g.strip() for g in grouping.split(",")} <= {"le", "pod"}, name
+    assert seen >= {
+        "infermon_canary_verdict",
+        "infermon_requests_total",
+        "infermon_request_duration_seconds_bucket",
+        "infermon_feature_drifted",
+    }
 
 
 def test_no_verdict_reads_as_inconclusive() -> None:
@@ -390,12 +432,12 @@ def test_the_verdict_query_takes_the_worst_replica_and_reads_no_verdict_as_0(tmp
                 "input_series": [
                     # replica a passes throughout; replica b passes, fails at 5m, passes again from 6m (6m itself is
                     # left out: Prometheus 2 and 3 differ on whether the window includes its start)
-                    series(f"{TARGET}-primary-5b7c9-abcde", "canary", "1x20"),
-                    series(f"{TARGET}-7d9f8-fghij", "canary", "_x2 1x2 -1 1x15"),
-                    # not this target's, not this variant, not this namespace: never counted
+                    series(f"{GATEWAY}-5b7c9-abcde", "canary", "1x20"),
+                    series(f"{GATEWAY}-7d9f8-fghij", "canary", "_x2 1x2 -1 1x15"),
+                    # not this infermon's, not this variant, not this namespace: never counted
                     series("other-7d9f8-klmno", "canary", "-1x20"),
-                    series(f"{TARGET}-7d9f8-fghij", "stable", "-1x20"),
-                    series(f"{TARGET}-7d9f8-fghij", "canary", "-1x20", namespace="other"),
+                    series(f"{GATEWAY}-7d9f8-fghij", "stable", "-1x20"),
+                    series(f"{GATEWAY}-7d9f8-fghij", "canary", "-1x20", namespace="other"),
                 ],
                 "promql_expr_test": [
                     {"expr": query, "eval_time": t, "exp_samples": [{"labels": "{}", "value": v}]}
@@ -404,13 +446,82 @@ def test_the_verdict_query_takes_the_worst_replica_and_reads_no_verdict_as_0(tmp
             },
             {
                 "interval": "1m",
-                "input_series": [series(f"{TARGET}-primary-5b7c9-abcde", "stable", "1x5")],
+                "input_series": [series(f"{GATEWAY}-5b7c9-abcde", "stable", "1x5")],
                 # no canary verdict at all: inconclusive, never a pass
                 "promql_expr_test": [{"expr": query, "eval_time": "3m", "exp_samples": [{"labels": "{}", "value": 0}]}],
             },
         ],
     }
     path = tmp_path / "verdict.test.yml"
+    path.write_text(yaml.safe_dump(unit, sort_keys=False, width=1000))
+    result = _promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_the_sidecar_queries_compare_the_canarys_pods_with_the_primarys(tmp_path: Path) -> None:
+    """The error-rate, median-ratio and drift queries of the sidecar Canary, evaluated by promtool on
+    two canary pods, two primary pods and a neighbour."""
+    queries = _queries()
+    canary_a, canary_b = f"{TARGET}-7d9f8-fghij", f"{TARGET}-7d9f8-klmno"
+    primary = f"{TARGET}-primary-5b7c9-abcde"
+    neighbour = f"{TARGET}2-7d9f8-fghij"
+
+    def requests(pod: str, code: str, per_minute: int) -> dict[str, str]:
+        labels = f'namespace="{NAMESPACE}",pod="{pod}",variant="stable",code="{code}",method="POST"'
+        return {"series": f"infermon_requests_total{{{labels}}}", "values": f"0+{per_minute}x10"}
+
+    def bucket(pod: str, le: str, per_minute: int) -> dict[str, str]:
+        labels = f'namespace="{NAMESPACE}",pod="{pod}",variant="stable",code_class="2xx",method="POST",le="{le}"'
+        return {"series": f"infermon_request_duration_seconds_bucket{{{labels}}}", "values": f"0+{per_minute}x10"}
+
+    def drifted(pod: str, feature: str, value: int) -> dict[str, str]:
+        labels = f'namespace="{NAMESPACE}",pod="{pod}",variant="stable",feature="{feature}"'
+        return {"series": f"infermon_feature_drifted{{{labels}}}", "values": f"{value}x10"}
+
+    series = [
+        # canary pods: 90 + 90 answers a minute, 18 of them 5xx: 10%; the primary's 1 in 100; the neighbour all 5xx
+        requests(canary_a, "200", 81), requests(canary_a, "500", 9),
+        requests(canary_b, "200", 81), requests(canary_b, "503", 9),
+        requests(primary, "200", 99), requests(primary, "500", 1),
+        requests(neighbour, "500", 100),
+        # the canary's answers all in (0.5, 1]: median 0.75 s; the primary's in (0, 0.5]: median 0.25 s
+        *(bucket(p, le, n) for p in (canary_a, canary_b) for le, n in (("0.5", 0), ("1", 60), ("+Inf", 60))),
+        *(bucket(primary, le, n) for le, n in (("0.5", 60), ("1", 60), ("+Inf", 60))),
+        *(bucket(neighbour, le, n) for le, n in (("0.5", 0), ("1", 0), ("+Inf", 60))),
+        # both sides see the input drift on f1; only canary_b's predictions drifted
+        drifted(canary_a, "f1", 1), drifted(canary_a, "prediction", 0),
+        drifted(canary_b, "f1", 1), drifted(canary_b, "prediction", 1),
+        drifted(primary, "f1", 1), drifted(primary, "prediction", 0),
+        drifted(neighbour, "prediction", 1), drifted(neighbour, "f2", 1),
+    ]  # fmt: skip
+
+    def sample(name: str, value: float) -> dict[str, Any]:
+        expected = [{"labels": "{}", "value": value}]
+        return {"expr": queries[f"flagger {name}"], "eval_time": "5m", "exp_samples": expected}
+
+    unit = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    sample("infermon-error-rate", 10),
+                    sample("infermon-latency-ratio", 3),  # 0.75 / 0.25
+                    sample("infermon-drift", 1),  # canary_b: 2 columns, the primary: 1
+                ],
+            },
+            {
+                "interval": "1m",
+                # no drift decision anywhere yet: 0, the advancement goes on
+                "input_series": [requests(primary, "200", 10)],
+                "promql_expr_test": [sample("infermon-drift", 0)],
+            },
+        ],
+    }
+    path = tmp_path / "sidecar.test.yml"
     path.write_text(yaml.safe_dump(unit, sort_keys=False, width=1000))
     result = _promtool("test", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
