@@ -4,7 +4,8 @@
 an :class:`Outcome`: ok, or the mismatches, each with the check that failed, the JSON path inside
 the answer (``$.predictions[0][1]``), what was expected and what came. Numbers agree when
 ``|got - expected| <= max(rel_tol * max(|got|, |expected|), abs_tol)`` (``math.isclose``); NaN agrees
-with NaN. Booleans are not numbers, and ``1`` equals ``1.0``.
+with NaN; two integers (no fraction, no exponent in the JSON) agree only when equal. Booleans are not
+numbers, and ``1`` equals ``1.0``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +158,10 @@ def _is_number(value: Any) -> bool:
 
 
 def close(got: float, expected: float, rel_tol: float, abs_tol: float) -> bool:
+    """Numbers within the tolerances; two integers (JSON numbers without a fraction or an exponent:
+    class indices, counts, timestamps) only when equal."""
+    if type(got) is int and type(expected) is int:
+        return got == expected
     if math.isnan(got) or math.isnan(expected):
         return math.isnan(got) and math.isnan(expected)
     if got == expected:
@@ -238,7 +242,7 @@ def _compare(
         return
     te, tg = type(expected), type(got)
     if _is_number(expected) and _is_number(got):
-        if not close(float(got), float(expected), rel_tol, abs_tol):
+        if not close(got, expected, rel_tol, abs_tol):
             diff = abs(float(got) - float(expected))
             out.add("json", steps, expected, got, f"differs by {diff:.3g}; rel_tol {rel_tol:g}, abs_tol {abs_tol:g}")
         return
@@ -269,7 +273,7 @@ def _compare(
 
 def _value_equal(got: Any, expected: Any, rel_tol: float, abs_tol: float) -> bool:
     if _is_number(got) and _is_number(expected):
-        return close(float(got), float(expected), rel_tol, abs_tol)
+        return close(got, expected, rel_tol, abs_tol)
     if type(got) is not type(expected):
         return False
     if isinstance(got, list):
@@ -443,8 +447,8 @@ class _Unbounded(_Report):
         self.paths.add(steps if isinstance(steps, str) else path_text(steps))
 
 
-def iter_numbers(doc: Any) -> Iterator[float]:
-    """Every number in a document (bools excluded)."""
+def has_float(doc: Any) -> bool:
+    """Whether a document holds a number with a fraction or an exponent (what a tolerance is for)."""
     stack = [doc]
     while stack:
         node = stack.pop()
@@ -452,8 +456,9 @@ def iter_numbers(doc: Any) -> Iterator[float]:
             stack.extend(node)
         elif type(node) is dict:
             stack.extend(node.values())
-        elif _is_number(node):
-            yield float(node)
+        elif type(node) is float:
+            return True
+    return False
 
 
 __all__ = ["MAX_MISMATCHES", "Mismatch", "Outcome", "check", "compare", "differences", "parse_body", "walk"]

@@ -43,6 +43,8 @@ def mismatches(outcome: Outcome) -> list[dict[str, Any]]:
         (0.0, 1e-7, 0.0, 1e-7, True),  # the absolute bound is inclusive
         (0.0, 1.1e-7, 0.0, 1e-7, False),
         (1, 1.0, 0.0, 0.0, True),  # JSON numbers: 1 and 1.0 are the same
+        (1_700_000_000, 1_700_000_001, 1e-5, 1e-7, False),  # two integers (a count, a timestamp): exact
+        (3, 3.00001, 1e-5, 0.0, True),  # an integer and a float: the tolerance
         (-2.5, 2.5, 1.0, 0.0, False),
     ],
 )
