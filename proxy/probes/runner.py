@@ -341,6 +341,7 @@ class ProbeRunner:
 
     def _record(self, probe: Probe, variant: str, outcome: Outcome) -> None:
         r = self.results[(probe.name, variant)]
+        outcome.answer = None  # the parsed answer is for probe record: not kept for every probe
         was_ok = r.last.ok if r.last is not None else None
         now = time.time()
         r.last = outcome
@@ -404,7 +405,8 @@ class ProbeRunner:
         if outcome == "inconclusive":
             return  # neither evidence of wrong answers nor of right ones: the gate stays as it is
         if state.consecutive >= n:
-            self._gate(variant, False, f"{state.consecutive} probe rounds failed in a row; {first}{more}")
+            rounds = "round" if state.consecutive == 1 else "rounds"
+            self._gate(variant, False, f"{state.consecutive} failed probe {rounds} in a row; {first}{more}")
         else:
             self._gate(variant, True, f"{state.consecutive} of {n} failed probe rounds; {first}{more}")
 

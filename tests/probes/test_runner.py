@@ -206,7 +206,7 @@ async def test_the_readiness_gate_closes_after_n_failed_rounds_and_opens_after_a
     status, body = await _ready(app)
     assert status == 503
     assert body["gates"]["probes"]["ok"] is False
-    assert body["gates"]["probes"]["reason"].startswith("2 probe rounds failed in a row; iris-v1: json")
+    assert body["gates"]["probes"]["reason"].startswith("2 failed probe rounds in a row; iris-v1: json")
     m.mode = "good"
     assert await round_of(app) == "ok"
     status, body = await _ready(app)
@@ -234,7 +234,7 @@ async def test_a_canary_answering_wrong_never_takes_the_pod_out(
     await wait_until(reported)
     _, body = await _ready(app)
     assert body["gates"]["probes"]["ok"] is True and "probes:canary" not in body["gates"]
-    assert body["reports"]["probes:canary"]["reason"].startswith("1 probe rounds failed in a row; iris-v1")
+    assert body["reports"]["probes:canary"]["reason"].startswith("1 failed probe round in a row; iris-v1")
     metrics = await scrape_metrics(app.admin_address)
     assert metric(metrics, "infermon_probe_success", probe="iris-v1", variant="canary") == 0  # still exported
     assert metric(metrics, "infermon_probe_success", probe="iris-v1", variant="stable") == 1
