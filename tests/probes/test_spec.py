@@ -8,8 +8,11 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy import config
+from proxy.errors import ConfigError
 from proxy.probes import spec
 from proxy.probes.spec import UNSET, ProbeFileError
+from proxy.settings import ProxyConfig
 
 
 def lines(*objs: Any) -> str:
@@ -155,3 +158,23 @@ def test_nan_in_an_expected_answer_is_read() -> None:
 def test_load_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ProbeFileError, match=r"none.jsonl: cannot read the probe file"):
         spec.load(tmp_path / "none.jsonl")
+
+
+def test_the_examples_in_the_documentation_are_valid_probes() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "probes.md").read_text()
+    examples = [line for line in doc.splitlines() if line.startswith('{"name": ')]
+    assert len(examples) >= 6
+    probes = spec.loads("\n".join(examples), "docs/probes.md", env={"MODEL_TOKEN": "t", "OPENAI_API_KEY": "k"})
+    names = [p.name for p in probes]
+    assert {"iris-v1", "iris-v2", "chat-hello", "ready"} <= set(names)
+
+
+def test_the_configuration_reads_the_file_and_its_cap(tmp_path: Path) -> None:
+    path = tmp_path / "probes.jsonl"
+    path.write_text(lines(*({"path": f"/{i}"} for i in range(3))))
+    cfg = config.load(ProxyConfig, env={}, flags={"probes.file": str(path)}, flag_names={"probes.file": "probes"})
+    assert cfg.probes.file == str(path) and cfg.probes.interval == 30.0 and cfg.probes.readiness_failures is None
+    with pytest.raises(ConfigError) as info:
+        config.load(ProxyConfig, env={"INFERMON_PROBES__MAX_PROBES": "2"}, flags={"probes.file": str(path)})
+    assert str(info.value).startswith(f"config error: probes.file = '{path}' (from flag --file): ")
+    assert f"{path}:3: more than 2 probes" in str(info.value)
