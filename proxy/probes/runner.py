@@ -119,7 +119,8 @@ async def run_probe(
             max_body_bytes=max_body_bytes,
         )
     except Exception as exc:  # an unknown upstream, a request the own-request API refuses
-        return Outcome(False, 0, time.perf_counter() - started, "invalid", f"not sent: {exc}")
+        why = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
+        return Outcome(False, 0, time.perf_counter() - started, "invalid", f"not sent: {why}")
     if pending is not None:
         pending.add(request)
     try:

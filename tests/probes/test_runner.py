@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import ProxyApp
 from proxy.dataplane.exchange import Headers
@@ -16,10 +18,11 @@ from proxy.dataplane.own import OwnRequest
 from proxy.probes import spec
 from proxy.probes.runner import ProbeRunner, run_set
 from tests.conftest import ProxyFactory, ProxyProcess, Serve
-from tests.helpers import TIMEOUT, Client, fetch, free_port, metric, scrape_metrics, wait_until
+from tests.helpers import TIMEOUT, Client, fetch, free_port, metric, scrape, scrape_metrics, wait_until
 from tests.probes.model import IRIS_LABEL, IRIS_V1, SETOSA, VIRGINICA, Model
 
 SECRET = "s3cret-token-value"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def probe_file(tmp_path: Path, *objs: dict[str, Any]) -> str:
@@ -391,3 +394,16 @@ async def test_the_proxy_command_replays_the_set_on_an_interval(
     rep = orjson.loads((await fetch(proc.admin, "/probes")).body)
     assert rep["interval_seconds"] == 0.1
     assert result(rep, "iris-v1")["mismatches"][0]["path"] == "$.predictions[0][0]"
+
+
+async def test_docs_list_every_probe_family(make_proxy: ProxyFactory, serve: Serve, tmp_path: Path) -> None:
+    _, url = await model(serve)
+    app = await probed(make_proxy, url, probe_file(tmp_path, IRIS_V1))
+    _, text = await scrape(app.admin_address)
+    exported = set()
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("infermon_probe"):
+            exported.add(family.name + ("_total" if family.type == "counter" else ""))
+    for page in ("metrics.md", "probes.md"):
+        documented = set(re.findall(r"`(infermon_probe_[a-z_]+)`", (DOCS / page).read_text()))
+        assert documented == exported, page
