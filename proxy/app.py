@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from proxy.canary.observer import CanaryObserver
     from proxy.observe.accesslog import AccessLog
     from proxy.observe.tracing import TracingObserver
+    from proxy.probes.runner import ProbeRunner
     from proxy.routing.split import Splitter
     from proxy.shadow.observer import ShadowObserver
 
@@ -104,6 +105,13 @@ class ProxyApp:
             collector = obs.collector()
             if collector is not None:
                 self.registry.register(collector)
+        #: golden-request probes (docs/probes.md): the probe set replayed to every upstream, no observer
+        self.probe_runner: ProbeRunner | None = None
+        if cfg.probes.file is not None:
+            from proxy.probes.runner import ProbeRunner
+
+            self.probe_runner = ProbeRunner(cfg, self.readiness)
+            self.registry.register(self.probe_runner.collector())
         #: the admin server's routes; capabilities add theirs before start() (add_state_route for
         #: those that change state: they then take the admin token)
         token = cfg.admin.resolved_token()
@@ -124,6 +132,8 @@ class ProxyApp:
                 return json_response(shadow.report())
 
             self.admin_app.router.add_get("/shadow", shadow_view)
+        if self.probe_runner is not None:
+            self.probe_runner.add_routes(self.admin_app)
         self.plane: DataPlane | None = None
         self.probes: list[UpstreamProbe] = []
         self._started: list[Observer] = []
@@ -164,6 +174,8 @@ class ProxyApp:
             health = {p.pool.name: p for p in self.probes}
             # not probed yet counts as up: the first probe round decides
             self.splitter.healthy = lambda name: health[name].healthy is not False if name in health else True
+        if self.probe_runner is not None:
+            self.probe_runner.start(plane)  # straight to every named pool, the first round now
         self._runner = web.AppRunner(self.admin_app, access_log=None, handle_signals=False)
         await self._runner.setup()
         if admin is not None:
@@ -228,6 +240,8 @@ class ProxyApp:
         """Readiness false, keep serving for ``drain.delay``, stop accepting, drain, close."""
         drain = self.cfg.drain
         self.readiness.set("draining", False, "shutting down")
+        if self.probe_runner is not None:
+            await self.probe_runner.aclose()  # no probe holds a connection through the drain
         if drain.delay:
             await asyncio.sleep(drain.delay)  # let endpoints controllers see /readyz fail first
         if self.plane is not None:

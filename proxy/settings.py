@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -581,6 +582,35 @@ class Shadow(_Section):
         return None if value is None else check_upstream_url(value)
 
 
+class Probes(_Section):
+    """Golden-request probes: a probe file replayed to every upstream on an interval (docs/probes.md)."""
+
+    interval: PositiveFloat = 30.0  # seconds between rounds (flag --probe-interval)
+    timeout: PositiveFloat = 10.0  # per probe, for its complete answer; longer: failed (timeout)
+    concurrency: Annotated[int, Field(ge=1)] = 1  # probes in flight at once, per upstream
+    #: consecutive failed rounds of the stable upstream that close the /readyz gate; 0 or null: never
+    readiness_failures: Annotated[int, Field(ge=0)] | None = None
+    rel_tol: Annotated[float, Field(ge=0)] = 1e-5  # numbers in expect.json, for lines without their own
+    abs_tol: Annotated[float, Field(ge=0)] = 1e-7
+    max_probes: Annotated[int, Field(ge=1)] = 100  # probes in the file (each name is a metric label)
+    max_body_bytes: Annotated[int, Field(ge=1)] = 1_048_576  # answer kept for the checks; longer: failed
+    #: the probe file (flag --probes); null: off. Last, so that it is checked against max_probes
+    file: str | None = None
+
+    @field_validator("file")
+    @classmethod
+    def _probe_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        from proxy.probes.spec import ProbeFileError, load
+
+        try:
+            load(value, max_probes=info.data.get("max_probes", 100))
+        except ProbeFileError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
 def _sdk_disabled(raw: str) -> bool:
     return raw.strip().lower() != "true"  # OTEL_SDK_DISABLED=true switches tracing off
 
@@ -694,6 +724,7 @@ class ProxyConfig(_Section):
     split: Split = Field(default_factory=Split)
     canary: Canary = Field(default_factory=Canary)
     shadow: Shadow = Field(default_factory=Shadow)
+    probes: Probes = Field(default_factory=Probes)
     admin: Annotated[Admin, BeforeValidator(_admin_shorthand)] = Field(default_factory=Admin)
     request_id_header: HeaderName = "x-request-id"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

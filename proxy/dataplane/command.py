@@ -62,6 +62,14 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--shadow", metavar="URL", help="also send a share of requests to this upstream and compare")
     p.add_argument("--shadow-ratio", metavar="RATIO", type=float, help="share of requests shadowed (default 0.1)")
+    p.add_argument(
+        "--probes",
+        metavar="FILE",
+        help="golden-request probe file (infermon probe record) replayed to every upstream on an interval",
+    )
+    p.add_argument(
+        "--probe-interval", metavar="SECONDS", type=float, help="seconds between probe rounds (default 30)"
+    )
     p.add_argument("--config", metavar="FILE", help="YAML configuration file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
@@ -107,6 +115,8 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
             "split.sticky": args.sticky,
             "shadow.url": args.shadow,
             "shadow.ratio": args.shadow_ratio,
+            "probes.file": args.probes,
+            "probes.interval": args.probe_interval,
             "admin.listen": args.admin,
             "admin.token": args.admin_token,
             "sampling.rate": args.sample_rate,
@@ -122,6 +132,8 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
             "split.weights": "split",
             "shadow.url": "shadow",
             "shadow.ratio": "shadow-ratio",
+            "probes.file": "probes",
+            "probes.interval": "probe-interval",
         },
     )
 
