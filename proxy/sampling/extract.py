@@ -656,6 +656,20 @@ def adapter_for_path(path: str) -> str | None:
     return None
 
 
+def adapter_for_response(response: Any) -> str | None:
+    """The adapter a response body's shape names, or None: what reads a response kept without its
+    request (feedback) on a path that names no protocol."""
+    if type(response) is not dict:
+        return None
+    if "outputs" in response and _is_tensor_list(response["outputs"]):
+        return "oip_v2"
+    if "predictions" in response:
+        return "kserve_v1"
+    if "outputs" in response:
+        return "tfserving"
+    return None
+
+
 def _is_tensor_list(inputs: Any) -> bool:
     """A list holding an object with a name and a datatype or shape: tensors (the rest may be wrong)."""
     return type(inputs) is list and any(
@@ -722,10 +736,14 @@ class Extractor:
                 raise ValueError(f"{key}.{name}: {exc}") from None
         return paths
 
-    def extract(self, sample: Sample) -> Extracted:
-        """The sample read by its adapter; raises :class:`Dropped` and never anything else."""
+    def extract(self, sample: Sample, bodies: bool = True) -> Extracted:
+        """The sample read by its adapter; raises :class:`Dropped` and never anything else.
+
+        ``bodies=False``: the redacted bodies are not encoded again (``request_body`` and
+        ``response_body`` stay empty), for a caller that only wants rows and predictions.
+        """
         try:
-            return self._extract(sample)
+            return self._extract(sample, bodies)
         except Dropped:
             raise
         except Exception as exc:  # an adapter meeting a body it did not foresee: never a crash
@@ -772,7 +790,7 @@ class Extractor:
 
     # -- the adapter
 
-    def _choose(self, path: str, request: Any) -> str:
+    def _choose(self, path: str, request: Any, response: Any = None) -> str:
         configured = self.cfg.adapter
         if configured != "auto":
             if request is not None and not _fits(configured, request):
@@ -780,7 +798,7 @@ class Extractor:
             return configured
         by_path = adapter_for_path(path)
         if request is None:
-            return by_path or "none"
+            return by_path or adapter_for_response(response) or "none"
         by_body = adapter_for_body(request)
         if by_body is not None:
             return by_body
@@ -788,7 +806,7 @@ class Extractor:
             return "openai"
         return "none"
 
-    def _extract(self, sample: Sample) -> Extracted:
+    def _extract(self, sample: Sample, bodies: bool = True) -> Extracted:
         cfg = self.cfg
         budget = _Budget(cfg.max_parse_seconds, cfg.max_elements)
         redactor = self.redactor
@@ -807,7 +825,7 @@ class Extractor:
             adapter = "none"
         else:
             redactor.redact(request)
-            adapter = self._choose(sample.path, request)
+            adapter = self._choose(sample.path, request, response if request is None else None)
         if response is not _NOT_JSON:
             redactor.redact(response)
         budget.clock()
@@ -853,9 +871,13 @@ class Extractor:
             predictions=predictions,
             request=request if have_request else None,
             response=response if have_response else None,
-            request_body=self._encode(request, sample.request_body),
+            request_body=self._encode(request, sample.request_body) if bodies else b"",
             response_body=(
-                self._encode_stream(events) if events is not None else self._encode(response, sample.response_body)
+                b""
+                if not bodies
+                else self._encode_stream(events)
+                if events is not None
+                else self._encode(response, sample.response_body)
             ),
             usage=usage,
             finish_reason=finish,
