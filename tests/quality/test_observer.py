@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
+import shutil
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from sklearn import metrics as skm
 
 from proxy.app import ProxyApp
 from tests.conftest import ProxyFactory, Serve
-from tests.helpers import TIMEOUT, Client, fetch, metric, scrape_metrics
+from tests.helpers import TIMEOUT, Client, fetch, metric, scrape, scrape_metrics
 
 TOL = 1e-9
 
@@ -369,3 +370,29 @@ async def test_summary_gives_the_canary_accuracy_per_variant(make_proxy: ProxyFa
     predicted = models["classifier"].predict(np.array(x))
     assert summary["stable"]["metric"] == "accuracy" and summary["stable"]["labels"] == 40
     assert abs(summary["stable"]["value"] - skm.accuracy_score(y, predicted)) < TOL
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
+async def test_promtool_accepts_the_quality_exposition(make_proxy: ProxyFactory, serve: Serve) -> None:
+    assert PROMTOOL is not None
+    upstream, models = await model_server(serve)
+    app = await make_proxy(upstream, feedback={"enabled": True}, quality=QUALITY)
+    x, y = models["iris"].data.tolist()[::3], models["iris"].target.tolist()[::3]
+    client = await Client.connect(app.proxy_address)
+    ids = [await predict(client, "iris-proba", [row]) for row in x]
+    await settle(app)
+    await post_feedback(app, orjson.dumps([{"request_id": r, "label": v} for r, v in zip(ids, y, strict=True)]))
+    assert app.quality is not None
+    await app.quality.evaluate()
+    _, text = await scrape(app.admin_address)
+    assert 'infermon_model_score{metric="roc_auc"' in text
+    proc = await asyncio.create_subprocess_exec(
+        PROMTOOL, "check", "metrics", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(text.encode()), TIMEOUT)
+    assert proc.returncode == 0, out.decode()
+    assert out.decode().strip() == ""
