@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import random
 import shutil
 from typing import Any
@@ -396,3 +397,13 @@ async def test_promtool_accepts_the_quality_exposition(make_proxy: ProxyFactory,
     out, _ = await asyncio.wait_for(proc.communicate(text.encode()), TIMEOUT)
     assert proc.returncode == 0, out.decode()
     assert out.decode().strip() == ""
+
+
+def test_the_feedback_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.cli import build_parser
+    from proxy.dataplane.command import load_config
+
+    for name in [k for k in os.environ if k.startswith("INFERMON_")]:
+        monkeypatch.delenv(name)
+    assert load_config(build_parser().parse_args(["proxy", "--feedback"])).feedback.enabled is True
+    assert load_config(build_parser().parse_args(["proxy"])).feedback.enabled is False
