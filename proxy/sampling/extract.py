@@ -736,14 +736,16 @@ class Extractor:
                 raise ValueError(f"{key}.{name}: {exc}") from None
         return paths
 
-    def extract(self, sample: Sample, bodies: bool = True) -> Extracted:
+    def extract(self, sample: Sample, response_only: bool = False) -> Extracted:
         """The sample read by its adapter; raises :class:`Dropped` and never anything else.
 
-        ``bodies=False``: the redacted bodies are not encoded again (``request_body`` and
-        ``response_body`` stay empty), for a caller that only wants rows and predictions.
+        ``response_only=True``: a response kept without its request, for its predictions (feedback).
+        With ``adapter: auto`` on a path that names no protocol, the response's shape chooses the
+        adapter (:func:`adapter_for_response`), and the redacted bodies are not encoded again
+        (``request_body`` and ``response_body`` stay empty).
         """
         try:
-            return self._extract(sample, bodies)
+            return self._extract(sample, not response_only)
         except Dropped:
             raise
         except Exception as exc:  # an adapter meeting a body it did not foresee: never a crash
@@ -825,7 +827,7 @@ class Extractor:
             adapter = "none"
         else:
             redactor.redact(request)
-            adapter = self._choose(sample.path, request, response if request is None else None)
+            adapter = self._choose(sample.path, request, None if bodies else response)
         if response is not _NOT_JSON:
             redactor.redact(response)
         budget.clock()

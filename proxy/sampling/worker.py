@@ -170,7 +170,7 @@ class SidePath:
             response_body=b"".join(resp),
         )
         try:
-            extracted = self.extractor.extract(sample, bodies=False)
+            extracted = self.extractor.extract(sample, response_only=True)
         except Dropped as exc:
             feedback.drop(exc.reason)
             return

@@ -18,7 +18,7 @@ BODIES = Path(__file__).resolve().parent.parent / "sampling" / "bodies"
 def predictions(path: str, response: bytes) -> list[dict[str, Any]]:
     """The extractor on a response kept without its request (what feedback keeps)."""
     sample = Sample("r", 0.0, "POST", path, 200, "m", "v", "stable", [], [], b"", response)
-    return Extractor(Sampling(), lambda: None).extract(sample, bodies=False).predictions
+    return Extractor(Sampling(), lambda: None).extract(sample, response_only=True).predictions
 
 
 @pytest.mark.parametrize(
