@@ -40,6 +40,8 @@ from proxy.settings import Quality
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
+#: the task of a label set that made predictions but got no label yet (its join rate is 0)
+UNLABELLED = "unlabelled"
 #: seconds per join-rate bucket (at most; shorter for windows under an hour)
 BUCKET = 60.0
 #: infermon_feedback_delay_seconds buckets: a second to a week
@@ -142,6 +144,7 @@ class ScoresEngine:
         shortest = min(s for _, s, _ in self.windows)
         self.bucket = max(1.0, min(BUCKET, shortest / 60.0))
         self._lock = threading.Lock()
+        self._evaluating = threading.Lock()
         self._sets: dict[Labels, _Set] = {}
         self.snapshot = EMPTY
         self.dropped_sets = 0  # labels and predictions of label sets over quality.max_label_sets
@@ -203,16 +206,23 @@ class ScoresEngine:
     # -- evaluation (a worker thread) --------------------------------------------------------------
 
     def evaluate(self, now: float | None = None) -> Snapshot:
-        """Recompute what changed and publish a new snapshot."""
+        """Recompute what changed and publish a new snapshot (one evaluation at a time)."""
+        with self._evaluating:
+            return self._evaluate(now)
+
+    def _evaluate(self, now: float | None) -> Snapshot:
         started = time.perf_counter()
         now = self.clock() if now is None else now
         work: list[tuple[Labels, str, _Task, list[Labelled], dict[str, tuple[int, int]]]] = []
         delays: dict[Labels, list[float]] = {}
+        waiting: dict[Labels, dict[str, tuple[int, int]]] = {}  # predictions, no label yet
         with self._lock:
             for labels, s in self._sets.items():
                 self._prune(s, now)
                 delays[labels] = list(s.delay)
                 joins = self._joins(s, now)
+                if not s.tasks:
+                    waiting[labels] = joins
                 for task_name, task in s.tasks.items():
                     records = task.records
                     cutoff = now - self.longest
@@ -232,12 +242,16 @@ class ScoresEngine:
                 task.oldest[name] = kept[first].t_label if first < len(kept) else math.inf
                 windows[name] = self._window(task_name, name, kept[first:], joins.get(name))
             sets[(*labels, task_name)] = windows
+        for labels, joins in waiting.items():
+            key = (*labels, UNLABELLED)
+            fresh.add(key)
+            sets[key] = {name: self._window(UNLABELLED, name, [], joins.get(name)) for name, _, _ in self.windows}
         # join rates move with time even where no label came: refreshed for every label set
         for key, old in list(sets.items()):
             if key in fresh:
                 continue
             one = self._sets.get((key[0], key[1], key[2]))
-            if one is None:
+            if one is None or (key[3] == UNLABELLED and one.tasks):
                 del sets[key]
                 continue
             with self._lock:
@@ -289,6 +303,8 @@ class ScoresEngine:
             "labelled_predictions": joined,
             "delay": delay,
         }
+        if task == UNLABELLED:
+            return WindowScores(scores=scores, missing=missing, **base)
         if n < self.cfg.min_labels:
             reason = f"{n} labels in the window, fewer than quality.min_labels ({self.cfg.min_labels})"
             names = _CLASSIFICATION_SCORES if task == CLASSIFICATION else _REGRESSION_SCORES
@@ -405,7 +421,7 @@ class ScoresEngine:
         out: dict[str, dict[str, Any]] = {}
         for (model, version, variant, task), windows in self.snapshot.sets.items():
             ws = windows.get(first)
-            if ws is None:
+            if ws is None or task not in SUMMARY_METRIC:
                 continue
             if variant in out and out[variant]["labels"] >= ws.labels:
                 continue

@@ -109,3 +109,16 @@ def test_evaluation_and_input_from_several_threads() -> None:
     t.join()
     w = e.evaluate(T0 + 30).sets[(*LABELS, CLASSIFICATION)]["long"]
     assert w.labels == 1000 and w.predictions == 2000  # max_labels of the long window
+
+
+def test_predictions_without_labels_show_a_join_rate_of_zero() -> None:
+    e = engine()
+    e.predicted(LABELS, T0, 8)
+    sets = e.evaluate(T0 + 1).sets
+    w = sets[(*LABELS, "unlabelled")]["short"]
+    assert w.labels == 0 and w.predictions == 8 and w.scores == {"join_rate": 0.0}
+    assert "stable" not in e.summary()
+    e.add([cls("1", "1", T0 + 2, tp=T0)])
+    sets = e.evaluate(T0 + 3).sets
+    assert (*LABELS, "unlabelled") not in sets
+    assert sets[(*LABELS, CLASSIFICATION)]["short"].scores["join_rate"] == 1 / 8
