@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from proxy.admin.server import add_state_route, json_response
 from proxy.dataplane.hooks import Observer
 from proxy.quality.feedback import BadFeedback, apply, parse_body, validate
-from proxy.quality.predictions import Instance, instance
+from proxy.quality.predictions import Instance, instance, kserve_instances
 from proxy.quality.scores import ScoresEngine
 from proxy.quality.store import EVICTIONS, OUTCOMES, FeedbackStore, Labels
 from proxy.settings import ProxyConfig
@@ -57,6 +57,9 @@ class QualityObserver(Observer):
         self.dropped: dict[str, int] = dict.fromkeys(SIDE_REASONS, 0)
         self.instances_cut = 0  # instances beyond feedback.max_instances, not kept
         self.requests: dict[int, int] = {}  # POST /feedback answers by status
+        #: KServe v1 / TF Serving responses are read directly, without the extractor, unless the
+        #: configuration asks the extractor for something (an adapter, a mapping, redaction)
+        self.direct = cfg.sampling.adapter in ("auto", "kserve_v1", "tfserving") and not cfg.sampling.redact_fields
         self.exporter: MlflowExporter | None = None
         if cfg.quality.mlflow.tracking_uri is not None:
             from proxy.quality.mlflow import MlflowExporter
@@ -71,7 +74,27 @@ class QualityObserver(Observer):
         if len(rows) > self.max_instances:
             self.instances_cut += len(rows) - self.max_instances
             rows = rows[: self.max_instances]
-        instances: list[Instance | None] = [instance(row) for row in rows]
+        self.instances(request_id, t, labels, [instance(row) for row in rows])
+
+    def response(self, request_id: str, t: float, labels: Labels, body: bytes) -> bool:
+        """A response kept for feedback, read directly when it is KServe v1 / TF Serving JSON:
+        False when it is another shape (the caller then has the extractor read it)."""
+        if not self.direct or not body.startswith(b"{"):
+            return False
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return False
+        found = kserve_instances(doc, self.max_instances + 1)
+        if found is None:
+            return False
+        if len(found) > self.max_instances:
+            self.instances_cut += len(doc["predictions"]) - self.max_instances
+            found = found[: self.max_instances]
+        self.instances(request_id, t, labels, found)
+        return True
+
+    def instances(self, request_id: str, t: float, labels: Labels, instances: list[Instance | None]) -> None:
         if not any(i is not None for i in instances):
             self.dropped["no_prediction"] += 1
             return

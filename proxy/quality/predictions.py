@@ -21,7 +21,6 @@ decimal form (``1``, ``1.0`` and ``"1"`` are one class), ``true``/``false``.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, NamedTuple
 
 #: scalar names that hold the prediction, in order of preference
@@ -45,7 +44,6 @@ PREFERRED = (
 )
 MAX_CLASS_CHARS = 256
 
-_VECTOR = re.compile(r"^(.*)\[(\d+)\]$")
 
 
 class Instance(NamedTuple):
@@ -100,62 +98,73 @@ def number(value: Any) -> float | None:
 
 
 def _probabilities(values: list[Any]) -> tuple[float, ...] | None:
-    out: list[float] = []
+    """The values as probabilities (numbers in [0, 1], booleans not), or None."""
     for v in values:
-        x = number(v)
-        if x is None or not 0.0 <= x <= 1.0:
+        kind = type(v)
+        if not ((kind is float or kind is int) and 0 <= v <= 1):
             return None
-        out.append(x)
-    return tuple(out)
+    return tuple(map(float, values))
+
+
+_PREFERRED = frozenset(PREFERRED)
 
 
 def instance(row: dict[str, Any]) -> Instance | None:
     """The prediction in one extracted row, or None when it holds none that can be scored."""
     scalars: dict[str, Any] = {}
-    vectors: dict[str, dict[int, Any]] = {}
-    for key, value in row.items():
-        m = _VECTOR.match(key) if key.endswith("]") else None
-        if m is not None:
-            vectors.setdefault(m.group(1), {})[int(m.group(2))] = value
-        else:
-            scalars[key] = value
+    vectors: dict[str, list[Any]] | None = None
+    for name, item in row.items():
+        if name[-1:] == "]":
+            base, sep, index = name[:-1].rpartition("[")
+            if sep and index.isdigit():
+                if vectors is None:
+                    vectors = {}
+                items = vectors.get(base)
+                if items is None:
+                    items = vectors[base] = []
+                if int(index) == len(items):  # the extractor writes a vector in order
+                    items.append(item)
+                continue
+        scalars[name] = item
     scores: tuple[float, ...] | None = None
     classes: tuple[str, ...] | None = None
     first: Any = None
-    if vectors:
+    if vectors is not None:
         names = list(vectors)
-        chosen = [n for n in names if "prob" in n.lower() or "score" in n.lower()] or names
-        for name in chosen:
-            items = vectors[name]
-            values = [items.get(i) for i in range(len(items))]
+        if len(names) > 1:
+            names = [n for n in names if "prob" in n.lower() or "score" in n.lower()] or names
+        for name in names:
+            values = vectors[name]
             if first is None and values:
                 first = values[0]
-            if len(values) >= 2 and None not in values:
+            if len(values) >= 2:
                 scores = _probabilities(values)
                 if scores is not None:
                     classes = index_classes(len(scores))
                     break
-    value_key = next((name for name in PREFERRED if name in scalars), None)
-    if scores is None and value_key is None and len(scalars) >= 2:
-        probs = _probabilities(list(scalars.values()))
-        if probs is not None and abs(sum(probs) - 1.0) <= 1e-6:
-            scores = probs
-            keys = [class_key(k) for k in scalars]
-            classes = tuple(k for k in keys if k is not None)
-            scalars = {}
-    if value_key is None:
-        rest = [v for v in scalars.values() if class_key(v) is not None]
-        value_key_value = rest[0] if len(rest) >= 1 else None
-    else:
-        value_key_value = scalars[value_key]
-    value = value_key_value
-    if value is None or class_key(value) is None:
+    value: Any = None
+    if scalars:
+        if len(scalars) == 1:
+            value = next(iter(scalars.values()))
+            if scores is None and class_key(value) is None:
+                value = None
+        else:
+            preferred = next((n for n in PREFERRED if n in scalars), None) if _PREFERRED & scalars.keys() else None
+            if preferred is not None:
+                value = scalars[preferred]
+            else:
+                if scores is None:
+                    probs = _probabilities(list(scalars.values()))
+                    if probs is not None and abs(sum(probs) - 1.0) <= 1e-6:
+                        keys = tuple(class_key(k) or k for k in scalars)
+                        return Instance(None, probs, keys)  # class -> probability
+                value = next((v for v in scalars.values() if class_key(v) is not None), None)
+    if value is not None and class_key(value) is None:
         value = None
     if value is None and scores is None:
         if first is not None and class_key(first) is not None:
-            value = first
-        else:
-            return None
+            return Instance(first, None, None)
+        return None
     return Instance(value, scores, classes)
 
 
@@ -191,3 +200,42 @@ def usable(inst: Instance, task: str) -> bool:
     if task == "regression":
         return predicted_number(inst) is not None
     return predicted_class(inst) is not None
+
+
+def _flat(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object prediction as the extractor flattens it: scalars by key, lists of scalars as key[i]."""
+    row: dict[str, Any] = {}
+    for key, value in obj.items():
+        if type(value) is list:
+            for i, item in enumerate(value):
+                if type(item) not in (list, dict):
+                    row[f"{key}[{i}]"] = item
+        elif type(value) is not dict:
+            row[key] = value
+    return row
+
+
+def kserve_instances(doc: Any, limit: int) -> list[Instance | None] | None:
+    """The instances of a KServe v1 / TF Serving ``{"predictions": [...]}`` response, read directly
+    (the common case, without the extractor's general machinery); None for any other shape."""
+    if type(doc) is not dict:
+        return None
+    predictions = doc.get("predictions")
+    if type(predictions) is not list:
+        return None
+    out: list[Instance | None] = []
+    for p in predictions[:limit]:
+        kind = type(p)
+        if kind is list:
+            scores = _probabilities(p) if len(p) >= 2 else None
+            if scores is not None:
+                out.append(Instance(None, scores, index_classes(len(scores))))
+            elif p and class_key(p[0]) is not None:
+                out.append(Instance(p[0], None, None))
+            else:
+                out.append(None)
+        elif kind is dict:
+            out.append(instance(_flat(p)))
+        else:
+            out.append(Instance(p, None, None) if class_key(p) is not None else None)
+    return out

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
-from proxy.quality.predictions import Instance, class_key, instance, predicted_class
+from proxy.quality.predictions import Instance, class_key, instance, kserve_instances, predicted_class
 from proxy.sampling.extract import Extractor
 from proxy.sampling.sample import Sample
 from proxy.settings import Sampling
@@ -64,3 +65,19 @@ def test_classes_are_known_by_their_text() -> None:
     assert class_key(1) == class_key(1.0) == class_key("1") == "1"
     assert class_key(True) == "true" and class_key(0.5) == "0.5"
     assert class_key(float("nan")) is None and class_key([1]) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"predictions": [1, 0, "cat", true, 2.5]}',
+        b'{"predictions": [[0.1, 0.9], [0.7, 0.2, 0.1], [3.5, -1.0], [null]]}',
+        b'{"predictions": [{"label": "cat", "probabilities": [0.8, 0.2]}, {"setosa": 0.6, "virginica": 0.4}]}',
+        (BODIES / "kserve_v1_objects_response.json").read_bytes(),
+        (BODIES / "tfserving_half_plus_three_response.json").read_bytes(),
+    ],
+)
+def test_the_direct_kserve_reading_agrees_with_the_extractor(body: bytes) -> None:
+    expected = [instance(row) for row in predictions("/v1/models/m:predict", body)]
+    assert kserve_instances(orjson.loads(body), 100) == expected
+    assert kserve_instances({"outputs": []}, 100) is None
