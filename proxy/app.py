@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from proxy.observe.accesslog import AccessLog
     from proxy.observe.tracing import TracingObserver
     from proxy.probes.runner import ProbeRunner
+    from proxy.quality.observer import QualityObserver
     from proxy.routing.split import Splitter
     from proxy.shadow.observer import ShadowObserver
 
@@ -62,6 +63,15 @@ class ProxyApp:
         #: payload sampling, drift, sinks and LLM usage (docs/drift.md); its observer reads final labels
         self.sampling = Sampling(cfg)
         extra.append(self.sampling.sampler)
+        #: model quality from delayed labels (docs/quality.md): every prediction kept, POST /feedback
+        self.quality: QualityObserver | None = None
+        if cfg.feedback.enabled:
+            from proxy.quality.observer import QualityObserver
+
+            self.quality = QualityObserver(cfg, self.sampling.sampler)
+            extra.append(self.quality)
+            if self.sampling.side is not None:
+                self.sampling.side.feedback = self.quality
         #: canary / A-B split between named upstreams (docs/canary.md): first, it sets ex.variant
         self.splitter: Splitter | None = None
         first: list[Observer] = []
@@ -119,6 +129,12 @@ class ProxyApp:
             log.warning("admin.token is shorter than 16 characters: easy to guess (openssl rand -hex 32 makes one)")
         self.admin_app = build_admin_app(self.registry, self.readiness, cfg.public_dict, token=token)
         self.sampling.add_routes(self.admin_app)
+        if self.quality is not None:
+            self.quality.add_routes(self.admin_app)
+        else:
+            from proxy.quality import add_disabled_routes
+
+            add_disabled_routes(self.admin_app)
         if self.splitter is not None:
             from proxy.routing.admin import add_split_routes
 

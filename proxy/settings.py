@@ -611,6 +611,79 @@ class Probes(_Section):
         return value
 
 
+class Feedback(_Section):
+    """Predictions kept for labels that arrive later (``POST /feedback``; docs/quality.md)."""
+
+    enabled: bool = False  # every request's prediction is kept, whatever sampling.rate (flag --feedback)
+    max_entries: Annotated[int, Field(ge=1)] = 100_000  # predictions waiting for labels; full: oldest evicted
+    ttl: PositiveFloat = 86_400.0  # seconds a prediction waits for its label; older: evicted
+    #: ids of evicted (a label then counts as late) and fully labelled requests (duplicate) remembered
+    remember: Annotated[int, Field(ge=0)] = 100_000
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024  # one POST /feedback body; larger: 413
+    max_instances: Annotated[int, Field(ge=1)] = 1024  # predictions kept per request (a batch); beyond: not kept
+
+
+_WINDOW_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+class QualityWindow(_Section):
+    """One rolling window of labels: no older than ``seconds``, at most ``max_labels``."""
+
+    seconds: PositiveFloat
+    max_labels: Annotated[int, Field(ge=1)]
+
+
+class Mlflow(_Section):
+    """Rolling scores logged to an MLflow tracking server through its REST API (docs/quality.md)."""
+
+    tracking_uri: str | None = None  # http(s)://host:port of the tracking server; null: off
+    experiment: Annotated[str, Field(min_length=1)] = "infermon"
+    interval: PositiveFloat = 60.0  # seconds between exports
+    timeout: PositiveFloat = 10.0  # per call to the tracking server
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _http_uri(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    "must be the http:// or https:// URL of an MLflow tracking server, for example "
+                    "http://mlflow:5000 (file and database URIs need a server in front of them: mlflow server)"
+                )
+        return value
+
+
+class Quality(_Section):
+    """Model quality from delayed labels: rolling scores per model, version and variant (docs/quality.md)."""
+
+    #: window name (the ``window`` label) -> its bounds; the first one is the canary's
+    windows: dict[str, QualityWindow] = Field(
+        default_factory=lambda: {
+            "1h": QualityWindow(seconds=3600.0, max_labels=10_000),
+            "1d": QualityWindow(seconds=86_400.0, max_labels=100_000),
+        }
+    )
+    interval: PositiveFloat = 10.0  # seconds between recomputations of the scores
+    min_labels: Annotated[int, Field(ge=1)] = 30  # fewer labels in a window: no score, and /quality says so
+    max_label_sets: Annotated[int, Field(ge=1)] = 100  # (model, version, variant) scored; more: counted, skipped
+    max_classes: Annotated[int, Field(ge=2)] = 20  # classes in a window beyond which only accuracy is given
+    mlflow: Mlflow = Field(default_factory=Mlflow)
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: dict[str, QualityWindow]) -> dict[str, QualityWindow]:
+        if not value:
+            raise ValueError("needs at least one window, for example {1h: {seconds: 3600, max_labels: 10000}}")
+        for name in value:
+            if not _WINDOW_NAME.match(name):
+                raise ValueError(
+                    f"{name!r} is not a window name: letters, digits, '_', '.', '-', at most 32 (it becomes the "
+                    "window label)"
+                )
+        return value
+
+
 def _sdk_disabled(raw: str) -> bool:
     return raw.strip().lower() != "true"  # OTEL_SDK_DISABLED=true switches tracing off
 
@@ -740,6 +813,8 @@ class ProxyConfig(_Section):
     drift: Drift = Field(default_factory=Drift)
     sinks: Sinks = Field(default_factory=Sinks)
     llm: Llm = Field(default_factory=Llm)
+    feedback: Feedback = Field(default_factory=Feedback)
+    quality: Quality = Field(default_factory=Quality)
 
     @field_validator("upstream")
     @classmethod
@@ -819,6 +894,8 @@ class ProxyConfig(_Section):
         data["sinks"]["cloudevents"]["headers"] = {key: "***" for key in self.sinks.cloudevents.headers}
         if data["sinks"]["cloudevents"]["url"]:
             data["sinks"]["cloudevents"]["url"] = mask_url(data["sinks"]["cloudevents"]["url"])
+        if data["quality"]["mlflow"]["tracking_uri"]:
+            data["quality"]["mlflow"]["tracking_uri"] = mask_url(data["quality"]["mlflow"]["tracking_uri"])
         for key in ("endpoint", "traces_endpoint"):
             if data["tracing"][key]:
                 data["tracing"][key] = mask_url(data["tracing"][key])

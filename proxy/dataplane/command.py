@@ -60,6 +60,12 @@ def register(subparsers: Any) -> None:
         metavar="PROFILE",
         help="reference profile for drift (infermon baseline build); default: the first samples",
     )
+    p.add_argument(
+        "--feedback",
+        action="store_const",
+        const=True,
+        help="keep every request's prediction for labels posted later to POST /feedback (docs/quality.md)",
+    )
     p.add_argument("--shadow", metavar="URL", help="also send a share of requests to this upstream and compare")
     p.add_argument("--shadow-ratio", metavar="RATIO", type=float, help="share of requests shadowed (default 0.1)")
     p.add_argument(
@@ -121,6 +127,7 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
             "admin.token": args.admin_token,
             "sampling.rate": args.sample_rate,
             "drift.reference": args.reference,
+            "feedback.enabled": args.feedback,
             "log_level": args.log_level,
         },
         flag_names={
@@ -128,6 +135,7 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
             "admin.token": "admin-token",
             "sampling.rate": "sample-rate",
             "drift.reference": "reference",
+            "feedback.enabled": "feedback",
             "upstreams": "upstream",
             "split.weights": "split",
             "shadow.url": "shadow",

@@ -656,6 +656,20 @@ def adapter_for_path(path: str) -> str | None:
     return None
 
 
+def adapter_for_response(response: Any) -> str | None:
+    """The adapter a response body's shape names, or None: what reads a response kept without its
+    request (feedback) on a path that names no protocol."""
+    if type(response) is not dict:
+        return None
+    if "outputs" in response and _is_tensor_list(response["outputs"]):
+        return "oip_v2"
+    if "predictions" in response:
+        return "kserve_v1"
+    if "outputs" in response:
+        return "tfserving"
+    return None
+
+
 def _is_tensor_list(inputs: Any) -> bool:
     """A list holding an object with a name and a datatype or shape: tensors (the rest may be wrong)."""
     return type(inputs) is list and any(
@@ -722,10 +736,16 @@ class Extractor:
                 raise ValueError(f"{key}.{name}: {exc}") from None
         return paths
 
-    def extract(self, sample: Sample) -> Extracted:
-        """The sample read by its adapter; raises :class:`Dropped` and never anything else."""
+    def extract(self, sample: Sample, response_only: bool = False) -> Extracted:
+        """The sample read by its adapter; raises :class:`Dropped` and never anything else.
+
+        ``response_only=True``: a response kept without its request, for its predictions (feedback).
+        With ``adapter: auto`` on a path that names no protocol, the response's shape chooses the
+        adapter (:func:`adapter_for_response`), and the redacted bodies are not encoded again
+        (``request_body`` and ``response_body`` stay empty).
+        """
         try:
-            return self._extract(sample)
+            return self._extract(sample, not response_only)
         except Dropped:
             raise
         except Exception as exc:  # an adapter meeting a body it did not foresee: never a crash
@@ -772,7 +792,7 @@ class Extractor:
 
     # -- the adapter
 
-    def _choose(self, path: str, request: Any) -> str:
+    def _choose(self, path: str, request: Any, response: Any = None) -> str:
         configured = self.cfg.adapter
         if configured != "auto":
             if request is not None and not _fits(configured, request):
@@ -780,7 +800,7 @@ class Extractor:
             return configured
         by_path = adapter_for_path(path)
         if request is None:
-            return by_path or "none"
+            return by_path or adapter_for_response(response) or "none"
         by_body = adapter_for_body(request)
         if by_body is not None:
             return by_body
@@ -788,7 +808,7 @@ class Extractor:
             return "openai"
         return "none"
 
-    def _extract(self, sample: Sample) -> Extracted:
+    def _extract(self, sample: Sample, bodies: bool = True) -> Extracted:
         cfg = self.cfg
         budget = _Budget(cfg.max_parse_seconds, cfg.max_elements)
         redactor = self.redactor
@@ -807,7 +827,7 @@ class Extractor:
             adapter = "none"
         else:
             redactor.redact(request)
-            adapter = self._choose(sample.path, request)
+            adapter = self._choose(sample.path, request, None if bodies else response)
         if response is not _NOT_JSON:
             redactor.redact(response)
         budget.clock()
@@ -853,9 +873,13 @@ class Extractor:
             predictions=predictions,
             request=request if have_request else None,
             response=response if have_response else None,
-            request_body=self._encode(request, sample.request_body),
+            request_body=self._encode(request, sample.request_body) if bodies else b"",
             response_body=(
-                self._encode_stream(events) if events is not None else self._encode(response, sample.response_body)
+                b""
+                if not bodies
+                else self._encode_stream(events)
+                if events is not None
+                else self._encode(response, sample.response_body)
             ),
             usage=usage,
             finish_reason=finish,

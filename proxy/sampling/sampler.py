@@ -17,6 +17,13 @@ At the end of the exchange one tuple goes into a deque, unless the deque holds
 The side path (:mod:`proxy.sampling.worker`) takes it from there; nothing here ever waits.
 Counted: ``infermon_samples_dropped_total{reason}`` (reasons of this module: oversized, incomplete,
 queue_full).
+
+With ``feedback.enabled`` (docs/quality.md) the response body of every request (but those on the
+OpenAI routes and event streams) is captured the same way, by reference and up to the cap, whatever
+the coin said: a request the coin did not pick becomes a ``FEEDBACK`` job (its response only), whose
+predictions the side path keeps for the labels that come later; a picked one's ``SAMPLE`` job serves
+both. A response that is not 2xx is let go at its head. A prediction lost here (over the cap, no room,
+cut short) is counted in ``feedback_dropped`` (``infermon_feedback_predictions_dropped_total{reason}``).
 """
 
 from __future__ import annotations
@@ -49,15 +56,18 @@ _SSE = b"text/event-stream"
 #: job kinds in the queue
 SAMPLE = 0  # a sampled exchange: bodies for extraction, drift and sinks
 USAGE = 1  # an OpenAI-route exchange that was not sampled: its response tail, for token usage
+FEEDBACK = 2  # feedback on, the exchange not sampled: its response body, for the predictions it holds
 
 #: a queued job: (kind, exchange, wall time, request chunks, response chunks, event stream, cut, tail, bytes)
 Job = tuple[int, Exchange, float, list[bytes], list[bytes], bool, bool, bytes, int]
 
 
 class _Capture:
-    __slots__ = ("cut", "full", "keep", "over", "req", "req_n", "resp", "resp_n", "sampling", "sse", "tail")
+    __slots__ = (
+        "cut", "fb", "fb_lost", "full", "keep", "over", "req", "req_n", "resp", "resp_n", "sampling", "sse", "tail",
+    )  # fmt: skip
 
-    def __init__(self, keep: bool, sampling: bool, tail: bytearray | None) -> None:
+    def __init__(self, keep: bool, sampling: bool, tail: bytearray | None, fb: bool = False) -> None:
         self.keep = keep  # sampled for sure (coin or a rule matched); False: a candidate
         self.sampling = sampling  # bodies are being kept
         self.req: list[bytes] = []
@@ -69,6 +79,8 @@ class _Capture:
         self.over = False  # a body went over the cap: the sample is dropped
         self.full = False  # the byte budget had no room for a body: the sample is dropped (queue_full)
         self.tail = tail  # the response's last bytes (usage), or None
+        self.fb = fb  # the response body is kept for its predictions (feedback), sampled or not
+        self.fb_lost = ""  # why the predictions were lost on the way (oversized, queue_full)
 
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -103,7 +115,7 @@ def status_matcher(rules: list[str]) -> tuple[frozenset[int], frozenset[int]]:
 class Sampler(Observer):
     name = "sampling"
 
-    def __init__(self, cfg: Sampling, llm: Llm) -> None:
+    def __init__(self, cfg: Sampling, llm: Llm, feedback: bool = False) -> None:
         self.cfg = cfg
         self.rate = cfg.rate
         self.max_body = cfg.max_body_bytes
@@ -127,11 +139,15 @@ class Sampler(Observer):
         self.dropped: dict[str, int] = {"oversized": 0, "incomplete": 0, "queue_full": 0}
         self.usage_dropped = 0  # usage-only jobs that found the queue full
         self.enqueued = 0  # jobs put into the queue
+        #: every request's response is captured for its predictions (feedback.enabled)
+        self.feedback = feedback
+        #: predictions lost on the request path, by reason (infermon_feedback_predictions_dropped_total)
+        self.feedback_dropped: dict[str, int] = {"oversized": 0, "incomplete": 0, "queue_full": 0}
         #: the side path, its sinks and the extra collectors (drift engine): set up by ProxyApp
         self.side: SidePath | None = None
         self.sinks: list[Sink] = []
         self.collectors: list[Collector] = []
-        if not self.sampling_on and not self.llm_routes:  # nothing to do: no hook at all
+        if not self.sampling_on and not self.llm_routes and not feedback:  # nothing to do: no hook at all
             for hook in ("on_request_head", "on_upstream_head", "on_response_body", "on_complete"):
                 setattr(self, hook, None)
         if not self.sampling_on:
@@ -166,9 +182,10 @@ class Sampler(Observer):
         rate = self.rate
         keep = rate > 0 and random() < rate
         llm = ex.path in self.llm_routes
-        if not (keep or self.rules or llm):
+        fb = self.feedback and not llm
+        if not (keep or self.rules or llm or fb):
             return
-        cap = _Capture(keep, keep or self.rules, bytearray() if llm else None)
+        cap = _Capture(keep, keep or self.rules, bytearray() if llm else None, fb)
         if cap.sampling:
             length = ex.header(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -205,18 +222,27 @@ class Sampler(Observer):
         cap: _Capture | None = extra.get(_KEY)
         if cap is None:
             return
+        if cap.fb and not 200 <= ex.status < 300:
+            cap.fb = False  # no prediction in an error
         if cap.sampling and not cap.keep:
             if self._rule(ex):
                 cap.keep = True
-            elif cap.tail is None:
+            elif cap.tail is None and not cap.fb:
                 self._release(cap)
                 del extra[_KEY]
                 return
             else:
                 self._release(cap)
                 cap.sampling = False
+        elif not cap.sampling and cap.tail is None and not cap.fb:
+            del extra[_KEY]  # kept for feedback only, and the status says there is nothing to keep
+            return
         ctype = ex.response_header(b"content-type")
         cap.sse = ctype is not None and ctype.lstrip().lower().startswith(_SSE)
+        if cap.sse and cap.fb:
+            cap.fb = False  # an event stream holds no prediction to label
+            if not cap.sampling and cap.tail is None:
+                del extra[_KEY]
 
     def on_response_body(self, ex: Exchange, chunk: bytes) -> None:
         extra = ex.extra
@@ -225,16 +251,22 @@ class Sampler(Observer):
         cap: _Capture | None = extra.get(_KEY)
         if cap is None:
             return
-        if cap.sampling and not cap.over and not cap.cut and not cap.full:
+        if (cap.sampling and not cap.over and not cap.cut and not cap.full) or cap.fb:
             n = cap.resp_n + len(chunk)
             if n > self.max_body:
                 if cap.sse:
                     self._cut(cap, chunk)
                 else:
                     cap.over = True
+                    if cap.fb:
+                        cap.fb = False
+                        cap.fb_lost = "oversized"
                     self._release(cap)
             elif self._no_room(len(chunk)):
                 cap.full = True
+                if cap.fb:
+                    cap.fb = False
+                    cap.fb_lost = "queue_full"
                 self._release(cap)
             else:
                 cap.resp.append(chunk)
@@ -280,7 +312,11 @@ class Sampler(Observer):
                     return
                 reason = "queue_full"
             self.dropped[reason] += 1
-            # the sample is lost, its token usage need not be: on an OpenAI route it goes on alone
+            # the sample is lost, its token usage need not be: on an OpenAI route it goes on alone;
+            # nor its predictions, when the response was kept whole (the request was the one too large)
+        if cap.fb or cap.fb_lost:
+            self._feedback(ex, cap)
+            return
         if cap.tail is None or not (200 <= ex.status < 300) or ex.aborted or ex.error is not None:
             return  # no usage to read from a failed or cut response
         size = len(tail)
@@ -290,6 +326,23 @@ class Sampler(Observer):
         self.bytes_in += size
         self.enqueued += 1
         self.queue.append((USAGE, ex, time.time(), [], [], cap.sse, False, tail, size))
+
+    def _feedback(self, ex: Exchange, cap: _Capture) -> None:
+        """Queue the response for its predictions (FEEDBACK), or count why it cannot be."""
+        reason = cap.fb_lost
+        if not reason:
+            if ex.aborted or ex.error is not None or not 200 <= ex.status < 300:
+                reason = "incomplete" if ex.t_first_byte else ""
+            else:
+                size = cap.resp_n
+                if len(self.queue) < self.max_queue and not self._no_room(size):
+                    self.bytes_in += size
+                    self.enqueued += 1
+                    self.queue.append((FEEDBACK, ex, time.time(), [], cap.resp, False, False, b"", size))
+                    return
+                reason = "queue_full"
+        if reason:
+            self.feedback_dropped[reason] += 1
 
     # -- helpers --------------------------------------------------------------------------------
 

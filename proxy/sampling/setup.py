@@ -31,11 +31,11 @@ class Sampling:
 
     def __init__(self, cfg: ProxyConfig) -> None:
         self.cfg = cfg
-        self.sampler = Sampler(cfg.sampling, cfg.llm)
+        self.sampler = Sampler(cfg.sampling, cfg.llm, feedback=cfg.feedback.enabled)
         self.engine: DriftEngine | None = None
         self.side: SidePath | None = None
         self.sinks: list[Sink] = []
-        if not (self.sampler.sampling_on or self.sampler.llm_routes):
+        if not (self.sampler.sampling_on or self.sampler.llm_routes or self.sampler.feedback):
             return
         from proxy.sampling.extract import Extractor
         from proxy.sampling.redact import Redactor

@@ -8,7 +8,9 @@ does), and for each job:
    also removes the configured JSON fields); a body it cannot read is dropped and counted
    (``unparsable``, ``hostile``);
 3. feeds the drift engine and offers the sample to every sink (they queue, never block);
-4. counts LLM token usage.
+4. counts LLM token usage;
+5. with feedback on, hands the predictions of each 2xx response (sampled ones and the ``FEEDBACK``
+   jobs that carry a response only) to the feedback store (:attr:`SidePath.feedback`).
 
 Every ``drift.interval`` seconds it has the drift engine evaluate its windows. An exception in any
 step is logged (at most once a minute) and counted as ``internal``; the thread goes on.
@@ -29,10 +31,11 @@ from proxy.sampling.extract import Dropped, Extractor
 from proxy.sampling.llm import usage_from_tail
 from proxy.sampling.redact import Redactor
 from proxy.sampling.sample import Extracted, Sample
-from proxy.sampling.sampler import SAMPLE, Job, Sampler
+from proxy.sampling.sampler import FEEDBACK, SAMPLE, Job, Sampler
 
 if TYPE_CHECKING:  # numpy comes with the drift engine: imported only when sampling is on
     from proxy.drift.engine import DriftEngine
+    from proxy.quality.observer import QualityObserver
     from proxy.sinks.base import Sink
 
 log = logging.getLogger("infermon.sampling")
@@ -75,6 +78,8 @@ class SidePath:
         self.eval_errors = 0
         #: where each sample's predictions go besides drift (the canary analysis): (variant, rows)
         self.predictions: Callable[[str, list[dict[str, Any]]], None] | None = None
+        #: where every 2xx response's predictions go for the labels that come later (feedback.enabled)
+        self.feedback: QualityObserver | None = None
         self._last_error_log = -1e9
         self._progress = threading.Condition()  # notified after each batch of jobs
 
@@ -132,13 +137,53 @@ class SidePath:
         try:
             if kind == SAMPLE:
                 self._sample(ex, wall, req, resp, sse, cut, tail, labels)
+            elif kind == FEEDBACK:
+                self._feedback(ex, wall, resp, labels)
             else:
                 usage, _ = usage_from_tail(tail, sse)
                 if usage is not None:
                     self._usage(labels, usage, ex, sse)
         except Exception as exc:  # a bug here must not end the thread
-            self.dropped["internal"] += 1
+            if kind == FEEDBACK and self.feedback is not None:
+                self.feedback.drop("internal")
+            else:
+                self.dropped["internal"] += 1
             self._log(exc)
+
+    def _feedback(self, ex: Any, wall: float, resp: list[bytes], labels: tuple[str, str, str]) -> None:
+        """A response kept for its predictions only: read them, hand them to the feedback store."""
+        feedback = self.feedback
+        if feedback is None:
+            return
+        encoded = any(k.lower() == b"content-encoding" for k, _ in ex.response_headers)
+        body = resp[0] if len(resp) == 1 else b"".join(resp)
+        if not encoded and feedback.response(ex.request_id, wall, labels, body):
+            return  # the common shape, read without the extractor
+        sample = Sample(
+            request_id=ex.request_id,
+            timestamp=wall,
+            method=ex.method,
+            path=ex.path,
+            status=ex.status,
+            model=labels[0],
+            version=labels[1],
+            variant=labels[2],
+            request_headers=[],
+            # only its content coding matters to reading the body
+            response_headers=[
+                ("content-encoding", v.decode("latin-1"))
+                for k, v in ex.response_headers
+                if k.lower() == b"content-encoding"
+            ],
+            request_body=b"",
+            response_body=body,
+        )
+        try:
+            extracted = self.extractor.extract(sample, response_only=True)
+        except Dropped as exc:
+            feedback.drop(exc.reason)
+            return
+        feedback.prediction(ex.request_id, wall, labels, extracted.predictions)
 
     def _sample(
         self,
@@ -174,10 +219,12 @@ class SidePath:
             trace_id=ex.trace_id,
         )
         extracted: Extracted | None = None
+        lost = ""
         try:
             extracted = self.extractor.extract(sample)
         except Dropped as exc:
             self.dropped[exc.reason] = self.dropped.get(exc.reason, 0) + 1
+            lost = exc.reason
         if extracted is not None:
             self.samples += 1
             self.rows += len(extracted.rows)
@@ -187,6 +234,11 @@ class SidePath:
                 sink.offer(sample, extracted)
             if self.predictions is not None and extracted.predictions:
                 self.predictions(sample.variant, extracted.predictions)
+        if self.feedback is not None and 200 <= ex.status < 300 and not sse and ex.path not in self.sampler.llm_routes:
+            if extracted is None:
+                self.feedback.drop(lost or "unparsable")
+            else:
+                self.feedback.prediction(ex.request_id, wall, labels, extracted.predictions)
         if ex.path in self.sampler.llm_routes and 200 <= ex.status < 300:
             # token usage counts for every OpenAI-route response, whether or not the sample was read
             usage = extracted.usage if extracted is not None else None

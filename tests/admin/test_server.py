@@ -289,7 +289,8 @@ async def test_index_lists_endpoints(make_proxy: ProxyFactory, upstream: str) ->
     app = await make_proxy(upstream)
     resp = await fetch(app.admin_address, "/")
     assert resp.status == 200
-    assert _json(resp.body) == {"endpoints": ["/config", "/drift", "/healthz", "/metrics", "/readyz"]}
+    endpoints = ["/config", "/drift", "/feedback", "/healthz", "/metrics", "/quality", "/readyz"]
+    assert _json(resp.body) == {"endpoints": endpoints}
 
 
 async def test_readyz_false_during_drain_delay(upstream: str) -> None:
