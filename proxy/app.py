@@ -89,7 +89,8 @@ class ProxyApp:
             from proxy.canary.observer import CanaryObserver
 
             engine = self.sampling.engine
-            self.canary = CanaryObserver(cfg, engine.summary if engine is not None else None)
+            quality = self.quality.engine.summary if self.quality is not None else None
+            self.canary = CanaryObserver(cfg, engine.summary if engine is not None else None, quality)
             extra.append(self.canary)
             if self.sampling.side is not None:
                 self.sampling.side.predictions = self.canary.predictions

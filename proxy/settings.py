@@ -559,6 +559,8 @@ class Canary(_Section):
     max_classes: Annotated[int, Field(ge=1)] = 64  # whole numbers with at most this many values are classes
     #: a variant's inputs count as drifted when this share of its feature columns drifted
     drift_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    accuracy_tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.02  # absolute accuracy drop allowed
+    mae_tolerance: Annotated[float, Field(ge=1)] = 1.1  # canary MAE / baseline MAE allowed
 
     @model_validator(mode="after")
     def _window_holds_enough(self) -> Canary:

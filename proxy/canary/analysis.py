@@ -22,12 +22,16 @@ Checks, each pass, inconclusive or fail:
 - drift: the drift engine's verdicts on each variant's own live windows against the reference; fail
   when a prediction column drifted for the canary and not for the baseline, or when the share of the
   canary's feature columns that drifted reaches ``drift_share`` (Evidently's dataset drift, 0.5) and
-  the baseline's does not. Columns are compared only where both sides have a decision.
+  the baseline's does not. Columns are compared only where both sides have a decision;
+- quality: the model-quality scores from delayed labels (``quality``): for classification, a
+  one-sided two-proportion test on the share of wrong answers, failing when p < 1 - confidence and
+  the canary's accuracy is more than ``accuracy_tolerance`` below the baseline's; for regression,
+  failing when the canary's mean absolute error exceeds the baseline's ``mae_tolerance`` times.
 
 Too few requests (``min_requests`` per side) or predictions (``min_predictions``) leave a check
 inconclusive. The verdict is -1 when any check fails, 1 when the errors and latency checks pass and
-the predictions and drift checks pass or have no data on either side, else 0: never a pass on too
-little data.
+the predictions, drift and quality checks pass or have no data on either side, else 0: never a
+pass on too little data.
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ PASS = 1
 INCONCLUSIVE = 0
 FAIL = -1
 OUTCOME_NAMES = {PASS: "pass", INCONCLUSIVE: "inconclusive", FAIL: "fail"}
-CHECKS = ("errors", "latency", "predictions", "drift")
+CHECKS = ("errors", "latency", "predictions", "drift", "quality")
+#: checks that need payload sampling, drift or labels: with no data on either side they hold nothing back
+OPTIONAL_CHECKS = ("predictions", "drift", "quality")
 
 #: the request counts of one interval are kept in this many time buckets (the window's edge is
 #: exact to 1/BUCKETS of the interval)
@@ -83,6 +89,9 @@ class VariantDriftLike(Protocol):
 
 #: the drift engine's per-variant summary (``DriftEngine.summary``), read at each evaluation
 DriftSource = Callable[[], Mapping[str, VariantDriftLike]]
+#: the quality scores' per-variant summary (``ScoresEngine.summary``): {variant: {"task", "metric",
+#: "value" (None when not computed), "labels", "window", "reason"}}
+QualitySource = Callable[[], Mapping[str, Mapping[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,10 @@ class CanaryConfig:
     max_classes: int = 64
     #: the share of feature columns that must drift for a variant's inputs to count as drifted
     drift_share: float = 0.5
+    #: the canary's accuracy may be this much below the baseline's (absolute, 0.02: two points)
+    accuracy_tolerance: float = 0.02
+    #: the canary's mean absolute error may be this many times the baseline's
+    mae_tolerance: float = 1.1
 
     def __post_init__(self) -> None:
         def bad(key: str, fix: str) -> ValueError:
@@ -148,6 +161,10 @@ class CanaryConfig:
             raise bad("min_requests", f"must not exceed canary.window ({self.window})")
         if not 0.0 < self.drift_share <= 1.0:
             raise bad("drift_share", "give a share of feature columns in (0, 1], e.g. 0.5")
+        if not 0.0 <= self.accuracy_tolerance < 1.0:
+            raise bad("accuracy_tolerance", "give an absolute accuracy drop in [0, 1), e.g. 0.02")
+        if not (math.isfinite(self.mae_tolerance) and self.mae_tolerance >= 1.0):
+            raise bad("mae_tolerance", "give a ratio >= 1 of canary to baseline mean absolute error, e.g. 1.1")
 
     @property
     def alpha(self) -> float:
@@ -217,10 +234,14 @@ def _pvalue(p: float) -> float:
 class CanaryAnalyzer:
     """Per-variant windows fed from the request and side paths; verdicts from :meth:`evaluate`."""
 
-    def __init__(self, config: CanaryConfig | None = None, drift: DriftSource | None = None) -> None:
+    def __init__(
+        self, config: CanaryConfig | None = None, drift: DriftSource | None = None, quality: QualitySource | None = None
+    ) -> None:
         self.config = config or CanaryConfig()
         #: the drift engine's per-variant verdicts (None: payload sampling is off)
         self.drift = drift
+        #: the quality scores per variant (None: feedback is off)
+        self.quality = quality
         self._bucket_width = self.config.interval / BUCKETS
         self._lock = threading.Lock()
         self._variants: dict[str, _Variant] = {}
@@ -338,11 +359,12 @@ class CanaryAnalyzer:
         t = time.monotonic() if now is None else now
         windows = self._windows(t)
         drift = dict(self.drift()) if self.drift is not None else None
+        quality = dict(self.quality()) if self.quality is not None else None
         base_name = self.config.baseline
         empty = _Window(0, 0, [], [], [])
         base = windows.get(base_name, empty)
         verdicts = {
-            name: self._judge(name, window, base, drift)
+            name: self._judge(name, window, base, drift, quality)
             for name, window in sorted(windows.items())
             if name != base_name
         }
@@ -354,17 +376,23 @@ class CanaryAnalyzer:
         return verdicts
 
     def _judge(
-        self, name: str, canary: _Window, base: _Window, drift: Mapping[str, VariantDriftLike] | None
+        self,
+        name: str,
+        canary: _Window,
+        base: _Window,
+        drift: Mapping[str, VariantDriftLike] | None,
+        quality: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Verdict:
         checks = {
             "errors": self._errors(canary, base),
             "latency": self._latency(canary, base),
             "predictions": self._predictions(canary, base),
             "drift": self._drift(name, drift),
+            "quality": self._quality(name, quality),
         }
         failed = [c for c in CHECKS if checks[c].outcome == FAIL]
         pending = [c for c in ("errors", "latency") if checks[c].outcome != PASS]
-        for optional in ("predictions", "drift"):
+        for optional in OPTIONAL_CHECKS:
             # a check with no data on either side (no sampling) holds nothing back; one side short does
             check = checks[optional]
             if check.outcome == INCONCLUSIVE and not check.figures.get("no_data"):
@@ -470,6 +498,52 @@ class CanaryAnalyzer:
         if distance >= cfg.prediction_threshold and p < cfg.alpha:
             return CheckResult(FAIL, f"predictions: {text}, at or over {cfg.prediction_threshold:g}", figures)
         return CheckResult(PASS, f"predictions: {text}", figures)
+
+    def _quality(self, name: str, quality: Mapping[str, Mapping[str, Any]] | None) -> CheckResult:
+        cfg = self.config
+        base_name = cfg.baseline
+        figures: dict[str, Any] = {}
+        if quality is None:
+            figures["no_data"] = True
+            return CheckResult(INCONCLUSIVE, "quality: feedback is off (no labels)", figures)
+        c, b = quality.get(name), quality.get(base_name)
+        if c is None and b is None:
+            figures["no_data"] = True
+            return CheckResult(INCONCLUSIVE, "quality: no labels for either variant yet", figures)
+        figures.update(
+            metric=(c or b or {}).get("metric"),
+            window=(c or b or {}).get("window"),
+            labels=int(c.get("labels", 0)) if c else 0,
+            baseline_labels=int(b.get("labels", 0)) if b else 0,
+        )
+        for side, entry in ((name, c), (base_name, b)):
+            if entry is None or entry.get("value") is None:
+                why = "no labels" if entry is None else str(entry.get("reason", "no score"))
+                return CheckResult(INCONCLUSIVE, f"quality: {side} has no score yet ({why})", figures)
+        assert c is not None and b is not None
+        if c.get("metric") != b.get("metric"):
+            text = f"quality: {name} is scored by {c.get('metric')}, {base_name} by {b.get('metric')}"
+            return CheckResult(INCONCLUSIVE, text, figures)
+        value_c, value_b = float(c["value"]), float(b["value"])
+        figures.update(value=_round(value_c), baseline_value=_round(value_b))
+        n_c, n_b = figures["labels"], figures["baseline_labels"]
+        if c["metric"] == "accuracy":
+            # wrong answers of each side: is the canary's share greater?
+            wrong_c, wrong_b = round((1.0 - value_c) * n_c), round((1.0 - value_b) * n_b)
+            z, p = two_proportion_test(wrong_c, n_c, wrong_b, n_b, "greater")
+            drop = value_b - value_c
+            figures.update(tolerance=cfg.accuracy_tolerance, alpha=_round(cfg.alpha))
+            figures.update(z=_round(z, 4), p_value=_pvalue(p))
+            text = f"accuracy {value_c:.2%} against {value_b:.2%} over {n_c} and {n_b} labels (p={p:.3g})"
+            if p < cfg.alpha and drop > cfg.accuracy_tolerance:
+                return CheckResult(FAIL, f"quality: {text}, more than {cfg.accuracy_tolerance:.2%} below", figures)
+            return CheckResult(PASS, f"quality: {text}", figures)
+        ratio = value_c / value_b if value_b > 0.0 else (1.0 if value_c <= 0.0 else math.inf)
+        figures.update(tolerance=cfg.mae_tolerance, ratio=_round(ratio, 4))
+        text = f"{c['metric']} {value_c:.4g} against {value_b:.4g} (x{ratio:.3g}) over {n_c} and {n_b} labels"
+        if ratio > cfg.mae_tolerance:
+            return CheckResult(FAIL, f"quality: {text}, above x{cfg.mae_tolerance:g}", figures)
+        return CheckResult(PASS, f"quality: {text}", figures)
 
     def _histograms(self, canary: _Window, base: _Window) -> tuple[str, np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         """(kind, canary counts, baseline counts) over the same bins: class labels when the window
@@ -613,7 +687,8 @@ class CanaryCollector(Collector):
         )
         check = GaugeMetricFamily(
             "infermon_canary_check",
-            "Outcome of each canary check (errors, latency, predictions, drift): 1 pass, 0 inconclusive, -1 fail",
+            "Outcome of each canary check (errors, latency, predictions, drift, quality): 1 pass, 0 inconclusive, "
+            "-1 fail",
             labels=["variant", "check"],
         )
         count = GaugeMetricFamily(

@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.registry import Collector
 
-from proxy.canary.analysis import CanaryAnalyzer, CanaryConfig, DriftSource, Finished
+from proxy.canary.analysis import CanaryAnalyzer, CanaryConfig, DriftSource, Finished, QualitySource
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.hooks import Observer
 from proxy.observe.labels import OTHER
@@ -37,7 +37,9 @@ DRAIN = 1.0
 class CanaryObserver(Observer):
     name = "canary"
 
-    def __init__(self, cfg: ProxyConfig, drift: DriftSource | None = None) -> None:
+    def __init__(
+        self, cfg: ProxyConfig, drift: DriftSource | None = None, quality: QualitySource | None = None
+    ) -> None:
         c = cfg.canary
         self.every = c.evaluate_every
         self.analyzer = CanaryAnalyzer(
@@ -55,8 +57,11 @@ class CanaryObserver(Observer):
                 prediction_bins=c.prediction_bins,
                 max_classes=c.max_classes,
                 drift_share=c.drift_share,
+                accuracy_tolerance=c.accuracy_tolerance,
+                mae_tolerance=c.mae_tolerance,
             ),
             drift,
+            quality,
         )
         if cfg.upstreams:  # a split: its variants are known from the start, traffic or not
             self.analyzer.track(cfg.variants())

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from scipy import stats as scipy_stats
 
 from proxy.canary.analysis import FAIL, INCONCLUSIVE, PASS, CanaryAnalyzer, CanaryConfig
 
@@ -58,6 +60,7 @@ def test_identical_variants_pass() -> None:
         "latency": PASS,
         "predictions": PASS,
         "drift": INCONCLUSIVE,  # no drift windows (sampling off): it holds nothing back
+        "quality": INCONCLUSIVE,  # no labels (feedback off): the same
     }
     assert result.reason.startswith("canary passes")
 
@@ -427,3 +430,73 @@ def test_prediction_threshold_is_a_natural_log_distance() -> None:
 
     with pytest.raises(ValueError, match=r"canary\.prediction_threshold"):
         ProxyConfig.model_validate({"canary": {"prediction_threshold": 0.9}})
+
+
+def quality_case(
+    stable: dict[str, object] | None, canary: dict[str, object] | None, **cfg: float
+) -> tuple[int, dict[str, object]]:
+    """(verdict, the quality check) for two healthy variants with these quality summaries."""
+    summary = {k: v for k, v in (("stable", stable), ("canary", canary)) if v is not None}
+    analyzer = CanaryAnalyzer(CanaryConfig(**cfg), quality=lambda: summary)  # type: ignore[arg-type]
+    feed(analyzer, "stable", 400)
+    feed(analyzer, "canary", 400, seed=SEED + 1)
+    result = analyzer.evaluate(now=NOW)["canary"]
+    return result.verdict, result.checks["quality"].as_dict()
+
+
+def accuracy(value: float | None, labels: int, reason: str = "") -> dict[str, object]:
+    entry: dict[str, object] = {"task": "classification", "metric": "accuracy", "value": value, "labels": labels}
+    entry["window"] = "1h"
+    if value is None:
+        entry["reason"] = reason
+    return entry
+
+
+def test_quality_check_fails_a_canary_significantly_less_accurate() -> None:
+    verdict, check = quality_case(accuracy(0.95, 1000), accuracy(0.85, 400))
+    assert (verdict, check["outcome"]) == (FAIL, FAIL), check["reason"]
+    assert (check["value"], check["baseline_value"], check["labels"], check["baseline_labels"]) == (
+        0.85, 0.95, 400, 1000
+    )  # fmt: skip
+    # the pooled one-sided z-test on wrong answers, 60 of 400 against 50 of 1000, by hand and scipy's normal
+    pooled = 110 / 1400
+    z = (60 / 400 - 50 / 1000) / math.sqrt(pooled * (1 - pooled) * (1 / 400 + 1 / 1000))
+    assert abs(float(check["z"]) - z) < 1e-3  # type: ignore[arg-type]
+    assert math.isclose(float(check["p_value"]), float(scipy_stats.norm.sf(z)), rel_tol=1e-3)  # type: ignore[arg-type]
+
+
+def test_quality_check_passes_within_the_tolerance_or_without_significance() -> None:
+    # one point less accurate: within accuracy_tolerance 0.02
+    assert quality_case(accuracy(0.95, 5000), accuracy(0.94, 5000))[0] == PASS
+    # ten points less on 30 labels: not significant at 0.98
+    verdict, check = quality_case(accuracy(0.9, 30), accuracy(0.8, 30))
+    assert (verdict, check["outcome"]) == (PASS, PASS) and float(check["p_value"]) > 0.02  # type: ignore[arg-type]
+    # a stricter tolerance catches the one point on many labels
+    assert quality_case(accuracy(0.95, 50_000), accuracy(0.94, 50_000), accuracy_tolerance=0.005)[0] == FAIL
+    # a more accurate canary passes
+    assert quality_case(accuracy(0.9, 1000), accuracy(0.97, 1000))[0] == PASS
+
+
+def test_quality_check_compares_mean_absolute_errors() -> None:
+    def mae(value: float, labels: int = 200) -> dict[str, object]:
+        return {"task": "regression", "metric": "mae", "value": value, "labels": labels, "window": "1h"}
+
+    verdict, check = quality_case(mae(10.0), mae(12.0))
+    assert (verdict, check["ratio"]) == (FAIL, 1.2), check["reason"]
+    assert quality_case(mae(10.0), mae(10.5))[0] == PASS
+    assert quality_case(mae(10.0), mae(12.0), mae_tolerance=1.25)[0] == PASS
+
+
+def test_quality_check_waits_for_scores_and_holds_nothing_back_without_labels() -> None:
+    # the canary's window has too few labels: its score is absent, the verdict waits
+    verdict, check = quality_case(accuracy(0.95, 1000), accuracy(None, 12, "12 labels, 30 needed"))
+    assert (verdict, check["outcome"]) == (INCONCLUSIVE, INCONCLUSIVE)
+    assert "12 labels" in str(check["reason"]) and "canary" in str(check["reason"])
+    assert quality_case(None, accuracy(0.9, 100))[0] == INCONCLUSIVE
+    # no labels for anyone, or feedback off: no data, nothing held back
+    verdict, check = quality_case(None, None)
+    assert (verdict, check["outcome"], check["no_data"]) == (PASS, INCONCLUSIVE, True)
+    off = CanaryAnalyzer(CanaryConfig())
+    feed(off, "stable", 400)
+    feed(off, "canary", 400, seed=SEED + 1)
+    assert off.evaluate(now=NOW)["canary"].checks["quality"].figures["no_data"] is True

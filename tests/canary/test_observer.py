@@ -184,3 +184,36 @@ async def test_a_variant_without_a_single_request_is_inconclusive(make_proxy: Pr
     m = await scrape_metrics(app.admin_address)
     assert metric(m, "infermon_canary_verdict", variant="canary") == 0
     assert metric(m, "infermon_canary_samples", variant="canary") == 0
+
+
+async def test_a_canary_with_wrong_answers_fails_the_quality_check(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """Labels posted to /feedback after the answers: stable answers 0 (right), the canary 1 (wrong)."""
+    app = await split(
+        make_proxy,
+        await model(serve, label=0),
+        await model(serve, label=1),
+        feedback={"enabled": True},
+        quality={"windows": {"1h": {"seconds": 3600, "max_labels": 10_000}}, "min_labels": 20, "interval": 3600},
+    )
+    client = await Client.connect(app.proxy_address)
+    body = orjson.dumps({"instances": [[1.0, 2.0]]})
+    ids = []
+    for _ in range(300):
+        resp = await client.request(
+            "POST", "/v1/models/m:predict", headers={"Content-Type": "application/json"}, body=body
+        )
+        ids.append(resp.header("x-request-id"))
+    side = app.sampling.side
+    assert side is not None and app.quality is not None and app.canary is not None
+    assert await asyncio.to_thread(side.wait_idle, TIMEOUT)
+    feedback = orjson.dumps([{"request_id": rid, "label": 0} for rid in ids])
+    admin = await Client.connect(app.admin_address)
+    resp = await admin.request("POST", "/feedback", headers={"Content-Type": "application/json"}, body=feedback)
+    assert resp.status == 200, resp.body
+    await app.quality.evaluate()
+    await app.canary.evaluate()
+    canary = (await verdict(app))["variants"]["canary"]
+    check = canary["checks"]["quality"]
+    assert check["outcome"] == -1 and canary["verdict"] == -1, check["reason"]
+    assert (check["metric"], check["value"], check["baseline_value"]) == ("accuracy", 0.0, 1.0)
+    assert check["labels"] + check["baseline_labels"] == 300
