@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "proxy.demo.command",
     "proxy.agent.command",
     "proxy.drift.baseline",
+    "proxy.deploy.command",
 )
 
 
