@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "proxy.agent.command",
     "proxy.drift.baseline",
     "proxy.probes.command",
+    "proxy.deploy.command",
 )
 
 
