@@ -28,10 +28,11 @@ import orjson
 from proxy.errors import ConfigError
 from proxy.sampling.extract import JsonPath, parse_path
 
-#: a probe name becomes the ``probe`` label: short, and only these characters
-NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_METHOD = re.compile(r"^[A-Z]{1,20}$")
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: a probe name becomes the ``probe`` label: short, and only these characters. These patterns are
+#: used with ``fullmatch``: ``$`` would also match before a final newline, which would then be sent
+NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_METHOD = re.compile(r"[A-Z]{1,20}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: header fields a probe may not set: the data plane frames the request itself
 FRAMING = frozenset(
@@ -297,7 +298,7 @@ def _headers(value: Any, env: dict[str, str] | os._Environ[str]) -> tuple[tuple[
         )
     out: list[tuple[bytes, bytes]] = []
     for name, raw in value.items():
-        if not _TOKEN.match(name):
+        if not _TOKEN.fullmatch(name):
             raise _LineError(f"header name {name!r} is not a valid HTTP field name")
         if name.lower() in FRAMING:
             raise _LineError(f"header {name!r} is set by the proxy for each request: remove it")
@@ -327,7 +328,7 @@ def parse_line(obj: Any, line: int, env: dict[str, str] | os._Environ[str] | Non
         raise _LineError(f"a probe is a JSON object, not {_kind(obj)}")
     _unknown(obj, LINE_KEYS, "the probe")
     name = obj.get("name", f"line-{line}")
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise _LineError("name must be 1 to 64 letters, digits, '_', '.', ':' or '-' (it becomes the probe label)")
     if "body" in obj and "body_text" in obj:
         raise _LineError("give body (JSON) or body_text (sent as it is), not both")
@@ -344,7 +345,7 @@ def parse_line(obj: Any, line: int, env: dict[str, str] | os._Environ[str] | Non
             raise _LineError("body_text must be a string")
         body = obj["body_text"].encode("utf-8")
     method = obj.get("method", "POST" if "body" in obj or "body_text" in obj else "GET")
-    if not isinstance(method, str) or not _METHOD.match(method):
+    if not isinstance(method, str) or not _METHOD.fullmatch(method):
         raise _LineError("method must be an HTTP method in capitals, such as GET or POST")
     if method == "CONNECT":
         raise _LineError("method CONNECT cannot be probed")

@@ -114,6 +114,21 @@ def test_bad_lines_name_the_file_the_line_and_the_key(obj: Any, message: str) ->
     assert message in error(lines(obj))
 
 
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        ({"path": "/x", "name": "iris\n"}, "name must be 1 to 64 letters"),
+        ({"path": "/x", "method": "GET\n"}, "method must be an HTTP method in capitals"),
+        ({"path": "/x", "headers": {"x-model\n": "v"}}, "not a valid HTTP field name"),
+    ],
+)
+def test_a_trailing_line_break_is_refused_where_it_would_be_sent(obj: Any, message: str) -> None:
+    # the name goes out as x-infermon-probe, the method and header names into the request head: a
+    # trailing LF there ends a header line early (a regular expression's $ matches before a final
+    # newline, so each must match the whole string)
+    assert message in error(lines(obj))
+
+
 def test_malformed_json_names_the_line() -> None:
     text = lines({"path": "/ok"}) + '{"path": "/x", \n'
     message = error(text)
