@@ -25,7 +25,7 @@ from proxy.sampling.extract import JsonPath
 MAX_MISMATCHES = 20
 #: characters of a value shown in a mismatch
 MAX_SHOWN = 200
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 Steps = tuple[str | int, ...]
 
@@ -119,15 +119,32 @@ def _cut(text: str) -> str:
 
 
 def path_text(steps: Steps) -> str:
+    """The path of a concrete value, in the syntax a probe file reads back (``ignore``, conditions).
+
+    That syntax has no escapes: a key holding ``'`` is written ``["..."]``; one holding both quotes
+    cannot be written at all and is shown as RFC 9535 would (``['it\\'s "x"']``), for a reader only.
+    """
     parts = ["$"]
     for step in steps:
         if isinstance(step, int):
             parts.append(f"[{step}]")
-        elif _IDENT.match(step):
+        elif _IDENT.fullmatch(step):
             parts.append(f".{step}")
+        elif "'" not in step:
+            parts.append(f"['{step}']")
+        elif '"' not in step:
+            parts.append(f'["{step}"]')
         else:
-            parts.append("['" + step.replace("'", "\\'") + "']")
+            parts.append("['" + step.replace("\\", "\\\\").replace("'", "\\'") + "']")
     return "".join(parts)
+
+
+def _writable(steps: Steps) -> Steps:
+    """``steps`` up to the first key no path can name (one holding both quotes)."""
+    for i, step in enumerate(steps):
+        if isinstance(step, str) and "'" in step and '"' in step:
+            return steps[:i]
+    return steps
 
 
 def walk(path: JsonPath, doc: Any) -> list[tuple[Steps, Any]]:
@@ -444,7 +461,7 @@ class _Unbounded(_Report):
         self.paths = paths
 
     def add(self, check: str, steps: Steps | str, expected: Any, got: Any, detail: str = "") -> None:
-        self.paths.add(steps if isinstance(steps, str) else path_text(steps))
+        self.paths.add(steps if isinstance(steps, str) else path_text(_writable(steps)))
 
 
 def has_float(doc: Any) -> bool:

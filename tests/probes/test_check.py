@@ -11,6 +11,7 @@ import pytest
 from proxy.probes import check as c
 from proxy.probes import spec
 from proxy.probes.check import Outcome
+from proxy.sampling.extract import parse_path
 
 
 def probe(expect: dict[str, Any]) -> spec.Probe:
@@ -94,6 +95,25 @@ def test_missing_extra_and_odd_keys() -> None:
         ("$.gone", 2, "<missing>"),
         ("$.new", "<absent>", 3),
     ]
+
+
+@pytest.mark.parametrize("key", ["it's", "a b", "model-name", "a.b", "", "0", "abc\n", "x]['y", 'say "hi"'])
+def test_a_reported_path_reads_back_as_the_same_path(key: str) -> None:
+    # what /probes and probe check show is what an ignore or a condition accepts (and what record
+    # writes into expect.ignore): the same key, whatever characters it holds
+    text = c.path_text((key, 0))
+    assert parse_path(text).steps == (key, 0), text
+    [m] = mismatches(run({"json": {key: [1]}}, {key: [2]}))
+    assert m["path"] == text
+
+
+def test_a_key_the_path_syntax_cannot_write_is_left_out_by_its_parent() -> None:
+    # the path syntax has no escapes: a key holding both quotes has no path; record then leaves out
+    # the object that holds it, never a path the probe file refuses
+    key = 'it\'s "x"'
+    a, b = {"meta": {key: 1, "k": "a"}}, {"meta": {key: 2, "k": "a"}}
+    assert c.differences([a, b], 0.0, 0.0) == ["$.meta"]
+    assert c.path_text(("meta", key)) == "$.meta['it\\'s \"x\"']"  # shown as RFC 9535 writes it
 
 
 def test_lists_of_another_length_and_other_types() -> None:
