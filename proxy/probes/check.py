@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from proxy.probes.spec import UNSET, Condition, Expect, LabelCheck, Probe
+from proxy.probes.spec import UNSET, Condition, Expect, LabelCheck, Probe, parse_json
 from proxy.sampling.extract import JsonPath
 
 #: mismatches listed per probe result; the rest are counted (``more``)
@@ -179,11 +179,24 @@ def close(got: float, expected: float, rel_tol: float, abs_tol: float) -> bool:
     class indices, counts, timestamps) only when equal."""
     if type(got) is int and type(expected) is int:
         return got == expected
-    if math.isnan(got) or math.isnan(expected):
-        return math.isnan(got) and math.isnan(expected)
-    if got == expected:
-        return True
-    return math.isclose(got, expected, rel_tol=rel_tol, abs_tol=abs_tol)
+    try:
+        if math.isnan(got) or math.isnan(expected):
+            return math.isnan(got) and math.isnan(expected)
+        if got == expected:
+            return True
+        return math.isclose(got, expected, rel_tol=rel_tol, abs_tol=abs_tol)
+    except OverflowError:  # an integer beyond the range of a float, and a float: never close
+        return False
+
+
+def _differs(got: float, expected: float) -> str:
+    """How far apart two numbers are, for a mismatch ("" when a float cannot say)."""
+    try:
+        if type(got) is int and type(expected) is int:
+            return f"differs by {abs(got - expected):.3g}; "
+        return f"differs by {abs(float(got) - float(expected)):.3g}; "
+    except OverflowError:
+        return ""
 
 
 class _Ignore:
@@ -260,8 +273,7 @@ def _compare(
     te, tg = type(expected), type(got)
     if _is_number(expected) and _is_number(got):
         if not close(got, expected, rel_tol, abs_tol):
-            diff = abs(float(got) - float(expected))
-            out.add("json", steps, expected, got, f"differs by {diff:.3g}; rel_tol {rel_tol:g}, abs_tol {abs_tol:g}")
+            out.add("json", steps, expected, got, f"{_differs(got, expected)}rel_tol {rel_tol:g}, abs_tol {abs_tol:g}")
         return
     if te is dict and tg is dict:
         for key, value in expected.items():
@@ -381,16 +393,13 @@ def _check_condition(cond: Condition, doc: Any, rel_tol: float, abs_tol: float, 
 
 
 def parse_body(body: bytes) -> Any:
-    """The answer's JSON, or UNSET when it is not JSON (NaN and Infinity accepted)."""
+    """The answer's JSON, or UNSET when it is not JSON (NaN and Infinity accepted, integers exact)."""
     if not body.strip():
         return UNSET
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return UNSET
+        return parse_json(body)
+    except ValueError:
+        return UNSET
 
 
 def tolerances(expect: Expect, rel_tol: float, abs_tol: float) -> tuple[float, float]:

@@ -61,6 +61,33 @@ CONDITION_KEYS = ("path", "exists", "equals", "one_of", "type", "min", "max", "m
 TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
 
 
+#: a run of 20 digits: maybe an integer beyond 64 bits, which orjson would read as a float
+_LONG_DIGITS = re.compile(rb"[0-9]{20}")
+
+
+def parse_json(raw: bytes) -> Any:
+    """One JSON document, as probes compare it; ValueError when it is not JSON.
+
+    orjson, but integers of any size stay exact integers (orjson reads one beyond 64 bits as a
+    float, so two different ones would agree within a relative tolerance), and ``NaN`` and
+    ``Infinity`` (which TensorFlow Serving writes and orjson refuses) are read. The stdlib reads
+    what orjson does not.
+    """
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:  # NaN, Infinity, an integer beyond the range of a double
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise ValueError(str(exc)) from None  # orjson's message: where, never what
+    if _LONG_DIGITS.search(raw) is not None:
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            return doc
+    return doc
+
+
 class ProbeFileError(ConfigError):
     """A probe file that cannot be used; ``str(exc)`` names the file and line (``FILE:LINE: ...``)."""
 
@@ -383,12 +410,9 @@ def loads(
             continue
         try:
             try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                try:  # NaN and Infinity, which orjson refuses, in an expected answer
-                    obj = json.loads(line)
-                except ValueError:
-                    raise _LineError(f"not valid JSON ({exc})") from None
+                obj = parse_json(line)
+            except ValueError as exc:
+                raise _LineError(f"not valid JSON ({exc})") from None
             probe = parse_line(obj, number, env)
         except _LineError as exc:
             raise ProbeFileError(f"{source}:{number}: {exc}") from None
@@ -432,5 +456,6 @@ __all__ = [
     "load",
     "loads",
     "parse_expect",
+    "parse_json",
     "parse_line",
 ]

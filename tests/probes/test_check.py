@@ -54,6 +54,25 @@ def test_number_tolerance_edges(expected: float, got: float, rel: float, abs_: f
     assert outcome.ok is ok, outcome.reason
 
 
+def test_integers_beyond_64_bits_agree_only_when_equal() -> None:
+    # JSON integers of any size (RFC 8259 sets no limit): orjson reads one beyond 64 bits as a float,
+    # which let two different ones agree within a relative tolerance
+    big = 123456789012345678901234567890
+    assert not run({"json": {"v": big}}, b'{"v": 123456789012345678901234567891}', rel_tol=1e-5).ok
+    assert run({"json": {"v": big}}, b'{"v": 123456789012345678901234567890}', rel_tol=1e-5).ok
+    [p] = spec.loads('{"path": "/x", "expect": {"json": {"v": 123456789012345678901234567890}}}', "f")
+    assert p.expect.json == {"v": big} and type(p.expect.json["v"]) is int
+    assert c.differences([{"id": big}, {"id": big + 1}], 1e-5, 1e-7) == ["$.id"]  # record ignores it
+
+
+def test_an_integer_beyond_the_range_of_a_float_is_a_mismatch_not_a_broken_check() -> None:
+    huge = b"1" + b"0" * 400
+    for expected in (1.5, 10**400 + 1, math.nan):
+        out = run({"json": {"v": expected}}, b'{"v": ' + huge + b"}", rel_tol=1e-5, abs_tol=1e-7)
+        assert [m["check"] for m in mismatches(out)] == ["json"], out.reason
+    assert c.differences([[10**400], [1.5]], 1e-5, 1e-7) == ["$[0]"]
+
+
 def test_the_probe_s_own_tolerances_win_over_the_defaults() -> None:
     assert run({"json": [1.0], "rel_tol": 0.1}, [1.05], rel_tol=0.0).ok
     assert not run({"json": [1.0], "rel_tol": 0.0}, [1.05], rel_tol=0.1).ok
