@@ -34,7 +34,7 @@ NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _METHOD = re.compile(r"[A-Z]{1,20}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-#: header fields a probe may not set: the data plane frames the request itself
+#: header fields a probe may not set: the data plane frames the request itself, and names the probe
 FRAMING = frozenset(
     {
         "connection",
@@ -47,6 +47,7 @@ FRAMING = frozenset(
         "transfer-encoding",
         "upgrade",
         "expect",
+        "x-infermon-probe",  # the probe's name, added to every probe request
     }
 )
 #: tolerances a recorded probe gets (and a line without its own, unless the configuration says
@@ -329,6 +330,8 @@ def _headers(value: Any, env: dict[str, str] | os._Environ[str]) -> tuple[tuple[
             raise _LineError(f"header name {name!r} is not a valid HTTP field name")
         if name.lower() in FRAMING:
             raise _LineError(f"header {name!r} is set by the proxy for each request: remove it")
+        if any(n == name.lower().encode("ascii") for n, _ in out):
+            raise _LineError(f"header {name.lower()!r} is given twice (field names are case-insensitive)")
         if not isinstance(raw, str):
             raise _LineError(f"header {name!r} must have a string value")  # the value is never shown
 

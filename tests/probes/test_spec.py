@@ -107,6 +107,9 @@ def test_expectations_parse() -> None:
         ({"path": "/x", "expect": {"conditions": [{"path": "$.a", "matches": "("}]}}, "not a regular expression"),
         ({"path": "/x", "headers": {"Content-Length": "3"}}, "header 'Content-Length' is set by the proxy"),
         ({"path": "/x", "headers": {"bad name": "v"}}, "not a valid HTTP field name"),
+        # field names are case-insensitive: two Host lines are a request every server must refuse
+        ({"path": "/x", "headers": {"Host": "a", "host": "b"}}, "header 'host' is given twice"),
+        ({"path": "/x", "headers": {"X-Infermon-Probe": "p"}}, "header 'X-Infermon-Probe' is set by the proxy"),
         ([1, 2], "a probe is a JSON object, not a list"),
     ],
 )
