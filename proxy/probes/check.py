@@ -139,7 +139,7 @@ def path_text(steps: Steps) -> str:
     return "".join(parts)
 
 
-def _writable(steps: Steps) -> Steps:
+def writable(steps: Steps) -> Steps:
     """``steps`` up to the first key no path can name (one holding both quotes)."""
     for i, step in enumerate(steps):
         if isinstance(step, str) and "'" in step and '"' in step:
@@ -470,7 +470,7 @@ class _Unbounded(_Report):
         self.paths = paths
 
     def add(self, check: str, steps: Steps | str, expected: Any, got: Any, detail: str = "") -> None:
-        self.paths.add(steps if isinstance(steps, str) else path_text(_writable(steps)))
+        self.paths.add(steps if isinstance(steps, str) else path_text(writable(steps)))
 
 
 def has_float(doc: Any) -> bool:
@@ -487,4 +487,15 @@ def has_float(doc: Any) -> bool:
     return False
 
 
-__all__ = ["MAX_MISMATCHES", "Mismatch", "Outcome", "check", "compare", "differences", "parse_body", "walk"]
+__all__ = [
+    "MAX_MISMATCHES",
+    "Mismatch",
+    "Outcome",
+    "check",
+    "compare",
+    "differences",
+    "parse_body",
+    "path_text",
+    "walk",
+    "writable",
+]

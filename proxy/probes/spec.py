@@ -33,7 +33,8 @@ from proxy.sampling.extract import JsonPath, parse_path
 NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _METHOD = re.compile(r"[A-Z]{1,20}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: ``${NAME}`` in a header value: the environment variable NAME
+ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: header fields a probe may not set: the data plane frames the request itself, and names the probe
 FRAMING = frozenset(
     {
@@ -341,7 +342,7 @@ def _headers(value: Any, env: dict[str, str] | os._Environ[str]) -> tuple[tuple[
                 raise _LineError(f"header {name!r} uses ${{{var}}}, which is not set in the environment")
             return env[var]
 
-        text = _ENV.sub(expand, raw)
+        text = ENV.sub(expand, raw)
         if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in text):
             raise _LineError(f"header {name!r} has a control character (a line break?) in its value")
         try:
@@ -450,6 +451,7 @@ def load(
 __all__ = [
     "DEFAULT_ABS_TOL",
     "DEFAULT_REL_TOL",
+    "ENV",
     "UNSET",
     "Condition",
     "Expect",
