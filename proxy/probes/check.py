@@ -222,16 +222,39 @@ class _Ignore:
         return False
 
 
+def scrub(value: Any, secrets: tuple[tuple[str, str], ...]) -> Any:
+    """``value``, or ``<redacted: holds ${NAME}>`` when it holds (anywhere inside) the value of a
+    secret: a model server may echo the caller's token in an answer this module reports."""
+    if not secrets or value is None or type(value) in (bool, int, float):
+        return value
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            text = repr(value)
+    for var, secret in secrets:
+        # in a list or an object (JSON text) a secret with a quote or a backslash is escaped
+        escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
+        if secret in text or (escaped != secret and escaped in text):
+            return f"<redacted: holds ${{{var}}}>"
+    return value
+
+
 class _Report:
-    def __init__(self) -> None:
+    def __init__(self, secrets: tuple[tuple[str, str], ...] = ()) -> None:
         self.mismatches: list[Mismatch] = []
         self.more = 0
+        self.secrets = secrets
 
     def add(self, check: str, steps: Steps | str, expected: Any, got: Any, detail: str = "") -> None:
         if len(self.mismatches) >= MAX_MISMATCHES:
             self.more += 1
             return
         where = steps if isinstance(steps, str) else path_text(steps)
+        if self.secrets:  # before show() cuts a value: a token across the cut would still show in part
+            expected, got, detail = (scrub(v, self.secrets) for v in (expected, got, detail))
         self.mismatches.append(Mismatch(check, where, show(expected), show(got), detail))
 
 
@@ -402,6 +425,14 @@ def parse_body(body: bytes) -> Any:
         return UNSET
 
 
+def _snippet(body: bytes, secrets: tuple[tuple[str, str], ...]) -> str:
+    """The start of a body, as a mismatch shows it; redacted when a secret begins within it."""
+    longest = max((len(secret.encode("utf-8")) for _, secret in secrets), default=0)
+    head = body[: MAX_SHOWN + longest].decode("utf-8", "replace")
+    cleaned = scrub(head, secrets)
+    return str(cleaned) if cleaned is not head else body[:MAX_SHOWN].decode("utf-8", "replace")
+
+
 def tolerances(expect: Expect, rel_tol: float, abs_tol: float) -> tuple[float, float]:
     """The probe's own tolerances, or the defaults given."""
     return (
@@ -426,13 +457,13 @@ def check(
     if error_kind is not None:
         return Outcome(False, status, duration, error_kind, error or error_kind)
     expect = probe.expect
-    out = _Report()
+    out = _Report(probe.secrets)
     if expect.max_latency_ms is not None and duration * 1000.0 > expect.max_latency_ms:
         out.add("latency", "", f"<at most {expect.max_latency_ms:g} ms>", f"<{duration * 1000.0:.1f} ms>")
     wanted = expect.status
     if (wanted is None and not 200 <= status < 300) or (wanted is not None and status not in wanted):
         shown = wanted[0] if wanted is not None and len(wanted) == 1 else list(wanted) if wanted else "<2xx>"
-        snippet = body[:MAX_SHOWN].decode("utf-8", "replace")
+        snippet = _snippet(body, probe.secrets)
         out.add("status", "", shown, status, f"body: {snippet}" if snippet.strip() else "")
         return Outcome(False, status, duration, mismatches=out.mismatches, more=out.more)
     doc = parse_body(body) if not truncated else UNSET
@@ -440,7 +471,7 @@ def check(
         if truncated:
             out.add("body", "$", "<a JSON answer>", "<a body over the size limit, cut>")
         elif doc is UNSET:
-            out.add("body", "$", "<a JSON answer>", body[:MAX_SHOWN].decode("utf-8", "replace") or "<empty>")
+            out.add("body", "$", "<a JSON answer>", _snippet(body, probe.secrets) or "<empty>")
         else:
             rtol, atol = tolerances(expect, rel_tol, abs_tol)
             if expect.json is not UNSET:

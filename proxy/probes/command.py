@@ -42,9 +42,6 @@ from proxy.sampling.extract import parse_path
 from proxy.settings import Upstream, check_upstream_url
 
 UPSTREAM = "stable"
-#: an environment value a header uses (``${NAME}``) this long or longer is taken for a secret: an
-#: answer string holding it is never written by record (shorter ones, a tenant "1", are everywhere)
-SECRET_MIN_CHARS = 8
 
 
 class PoolSender:
@@ -328,18 +325,6 @@ async def _record(url: str, probes: list[Probe], args: argparse.Namespace, say: 
     return lines, problems
 
 
-def _secrets(probe: Probe) -> dict[str, str]:
-    """The environment values the line's headers use, by variable name: what record never writes."""
-    out: dict[str, str] = {}
-    headers = probe.raw.get("headers")
-    for raw in headers.values() if isinstance(headers, dict) else ():
-        for var in spec.ENV.findall(raw) if isinstance(raw, str) else ():
-            value = os.environ.get(var, "")
-            if len(value) >= SECRET_MIN_CHARS:
-                out[var] = value
-    return out
-
-
 def _redact(doc: Any, secrets: dict[str, str]) -> tuple[Any, list[str]]:
     """``doc`` with every string that holds a secret replaced by ``<redacted: ${NAME}>`` (in place),
     and the paths of those strings (a server that echoes the caller's token in its answer)."""
@@ -383,7 +368,7 @@ def _recorded(probe: Probe, outcomes: list[Outcome], args: argparse.Namespace) -
         rel = probe.expect.rel_tol if probe.expect.rel_tol is not None else args.rel_tol
         abs_ = probe.expect.abs_tol if probe.expect.abs_tol is not None else args.abs_tol
         differ = differences(answers, rel, abs_)
-        secrets = _secrets(probe)
+        secrets = dict(probe.secrets)  # the environment values its headers use: never written
         expect["json"], redacted = _redact(first.answer, secrets)
         if has_float(first.answer):
             expect.setdefault("rel_tol", rel)

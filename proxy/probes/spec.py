@@ -55,6 +55,10 @@ FRAMING = frozenset(
 #: otherwise): about 80 float32 ulps relative, float32's epsilon absolute (docs/probes.md: why)
 DEFAULT_REL_TOL = 1e-5
 DEFAULT_ABS_TOL = 1e-7
+#: a value a header takes from the environment (``${NAME}``) this long or longer is a secret: never
+#: shown in a report of the answer (a server may echo it) nor written by record; shorter ones (a
+#: tenant "1") would be found everywhere
+SECRET_MIN_CHARS = 8
 
 LINE_KEYS = ("name", "method", "path", "headers", "body", "body_text", "expect")
 EXPECT_KEYS = ("status", "json", "ignore", "abs_tol", "rel_tol", "label", "conditions", "max_latency_ms")
@@ -162,6 +166,8 @@ class Probe:
     expect: Expect
     #: the line as written (``${NAME}`` unexpanded): what ``probe record`` writes back
     raw: dict[str, Any] = field(repr=False, compare=False)
+    #: (NAME, value) of each ``${NAME}`` the headers use, the value SECRET_MIN_CHARS or longer
+    secrets: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def path(self) -> str:
@@ -320,12 +326,15 @@ def parse_expect(value: Any) -> Expect:
     )
 
 
-def _headers(value: Any, env: dict[str, str] | os._Environ[str]) -> tuple[tuple[bytes, bytes], ...]:
+def _headers(
+    value: Any, env: dict[str, str] | os._Environ[str]
+) -> tuple[tuple[tuple[bytes, bytes], ...], tuple[tuple[str, str], ...]]:
     if not isinstance(value, dict):
         raise _LineError(
             'headers must be an object of name: value strings, such as {"authorization": "Bearer ${TOKEN}"}'
         )
     out: list[tuple[bytes, bytes]] = []
+    secrets: dict[str, str] = {}
     for name, raw in value.items():
         if not _TOKEN.fullmatch(name):
             raise _LineError(f"header name {name!r} is not a valid HTTP field name")
@@ -340,6 +349,8 @@ def _headers(value: Any, env: dict[str, str] | os._Environ[str]) -> tuple[tuple[
             var = m.group(1)
             if var not in env:
                 raise _LineError(f"header {name!r} uses ${{{var}}}, which is not set in the environment")
+            if len(env[var]) >= SECRET_MIN_CHARS:
+                secrets[var] = env[var]
             return env[var]
 
         text = ENV.sub(expand, raw)
@@ -350,7 +361,7 @@ def _headers(value: Any, env: dict[str, str] | os._Environ[str]) -> tuple[tuple[
         except UnicodeEncodeError:
             raise _LineError(f"header {name!r} has a value that is not Latin-1 text") from None
         out.append((name.lower().encode("ascii"), encoded))
-    return tuple(out)
+    return tuple(out), tuple(secrets.items())
 
 
 def parse_line(obj: Any, line: int, env: dict[str, str] | os._Environ[str] | None = None) -> Probe:
@@ -390,11 +401,11 @@ def parse_line(obj: Any, line: int, env: dict[str, str] | os._Environ[str] | Non
         or any(c <= " " or c == "\x7f" for c in path)
     ):
         raise _LineError("path must start with '/' and be ASCII without spaces (percent-encode the rest)")
-    headers = _headers(obj.get("headers", {}), os.environ if env is None else env)
+    headers, secrets = _headers(obj.get("headers", {}), os.environ if env is None else env)
     if json_body and not any(n == b"content-type" for n, _ in headers):
         headers = (*headers, (b"content-type", b"application/json"))
     expect = parse_expect(obj.get("expect", {}))
-    return Probe(name, line, method, path.encode("ascii"), headers, body, expect, obj)
+    return Probe(name, line, method, path.encode("ascii"), headers, body, expect, obj, secrets)
 
 
 def loads(
@@ -452,6 +463,7 @@ __all__ = [
     "DEFAULT_ABS_TOL",
     "DEFAULT_REL_TOL",
     "ENV",
+    "SECRET_MIN_CHARS",
     "UNSET",
     "Condition",
     "Expect",

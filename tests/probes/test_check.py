@@ -178,6 +178,29 @@ def test_long_values_are_cut_in_the_report() -> None:
     orjson.dumps(mismatches(run({"json": [1]}, b"[NaN]")))  # what /probes shows is always valid JSON
 
 
+def test_a_token_the_answer_echoes_is_never_shown() -> None:
+    # a server that echoes the caller's credentials: what /probes, the log line and probe check show
+    # of a failing answer never holds the value of a ${NAME} the probe's headers use
+    token = "s3cret-token-from-the-environment"
+    line = {"name": "p", "path": "/x", "headers": {"Authorization": "Bearer ${TOKEN}"}}
+    p = spec.parse_line({**line, "expect": {"json": {"user": "a", "n": 1}}}, 1, env={"TOKEN": token})
+    echo = {"user": f"Bearer {token}", "n": 2, "extra": {"auth": token}}
+    out = c.check(p, status=200, body=orjson.dumps(echo), duration=0.01, rel_tol=0.0, abs_tol=0.0)
+    shown = [(m["path"], m["got"]) for m in mismatches(out)]
+    assert shown == [
+        ("$.user", "<redacted: holds ${TOKEN}>"),
+        ("$.n", 2),
+        ("$.extra", "<redacted: holds ${TOKEN}>"),
+    ]
+    error = orjson.dumps({"error": f"token {token} has expired"})
+    out = c.check(p, status=401, body=error, duration=0.01, rel_tol=0.0, abs_tol=0.0)
+    assert token not in out.reason and "redacted" in out.reason
+    assert token not in orjson.dumps(out.to_dict()).decode()
+    cut = orjson.dumps({"error": "x" * (c.MAX_SHOWN - 20) + token})  # straddling the cut
+    out = c.check(p, status=401, body=cut, duration=0.01, rel_tol=0.0, abs_tol=0.0)
+    assert token[:12] not in out.reason
+
+
 # -- status, latency, body ------------------------------------------------------------------------
 
 
