@@ -18,14 +18,14 @@ from typing import Any
 
 import orjson
 
-from proxy.probes.spec import UNSET, Condition, Expect, LabelCheck, Probe
+from proxy.probes.spec import UNSET, Condition, Expect, LabelCheck, Probe, parse_json
 from proxy.sampling.extract import JsonPath
 
 #: mismatches listed per probe result; the rest are counted (``more``)
 MAX_MISMATCHES = 20
 #: characters of a value shown in a mismatch
 MAX_SHOWN = 200
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 Steps = tuple[str | int, ...]
 
@@ -119,15 +119,32 @@ def _cut(text: str) -> str:
 
 
 def path_text(steps: Steps) -> str:
+    """The path of a concrete value, in the syntax a probe file reads back (``ignore``, conditions).
+
+    That syntax has no escapes: a key holding ``'`` is written ``["..."]``; one holding both quotes
+    cannot be written at all and is shown as RFC 9535 would (``['it\\'s "x"']``), for a reader only.
+    """
     parts = ["$"]
     for step in steps:
         if isinstance(step, int):
             parts.append(f"[{step}]")
-        elif _IDENT.match(step):
+        elif _IDENT.fullmatch(step):
             parts.append(f".{step}")
+        elif "'" not in step:
+            parts.append(f"['{step}']")
+        elif '"' not in step:
+            parts.append(f'["{step}"]')
         else:
-            parts.append("['" + step.replace("'", "\\'") + "']")
+            parts.append("['" + step.replace("\\", "\\\\").replace("'", "\\'") + "']")
     return "".join(parts)
+
+
+def writable(steps: Steps) -> Steps:
+    """``steps`` up to the first key no path can name (one holding both quotes)."""
+    for i, step in enumerate(steps):
+        if isinstance(step, str) and "'" in step and '"' in step:
+            return steps[:i]
+    return steps
 
 
 def walk(path: JsonPath, doc: Any) -> list[tuple[Steps, Any]]:
@@ -162,11 +179,24 @@ def close(got: float, expected: float, rel_tol: float, abs_tol: float) -> bool:
     class indices, counts, timestamps) only when equal."""
     if type(got) is int and type(expected) is int:
         return got == expected
-    if math.isnan(got) or math.isnan(expected):
-        return math.isnan(got) and math.isnan(expected)
-    if got == expected:
-        return True
-    return math.isclose(got, expected, rel_tol=rel_tol, abs_tol=abs_tol)
+    try:
+        if math.isnan(got) or math.isnan(expected):
+            return math.isnan(got) and math.isnan(expected)
+        if got == expected:
+            return True
+        return math.isclose(got, expected, rel_tol=rel_tol, abs_tol=abs_tol)
+    except OverflowError:  # an integer beyond the range of a float, and a float: never close
+        return False
+
+
+def _differs(got: float, expected: float) -> str:
+    """How far apart two numbers are, for a mismatch ("" when a float cannot say)."""
+    try:
+        if type(got) is int and type(expected) is int:
+            return f"differs by {abs(got - expected):.3g}; "
+        return f"differs by {abs(float(got) - float(expected)):.3g}; "
+    except OverflowError:
+        return ""
 
 
 class _Ignore:
@@ -192,16 +222,39 @@ class _Ignore:
         return False
 
 
+def scrub(value: Any, secrets: tuple[tuple[str, str], ...]) -> Any:
+    """``value``, or ``<redacted: holds ${NAME}>`` when it holds (anywhere inside) the value of a
+    secret: a model server may echo the caller's token in an answer this module reports."""
+    if not secrets or value is None or type(value) in (bool, int, float):
+        return value
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            text = repr(value)
+    for var, secret in secrets:
+        # in a list or an object (JSON text) a secret with a quote or a backslash is escaped
+        escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
+        if secret in text or (escaped != secret and escaped in text):
+            return f"<redacted: holds ${{{var}}}>"
+    return value
+
+
 class _Report:
-    def __init__(self) -> None:
+    def __init__(self, secrets: tuple[tuple[str, str], ...] = ()) -> None:
         self.mismatches: list[Mismatch] = []
         self.more = 0
+        self.secrets = secrets
 
     def add(self, check: str, steps: Steps | str, expected: Any, got: Any, detail: str = "") -> None:
         if len(self.mismatches) >= MAX_MISMATCHES:
             self.more += 1
             return
         where = steps if isinstance(steps, str) else path_text(steps)
+        if self.secrets:  # before show() cuts a value: a token across the cut would still show in part
+            expected, got, detail = (scrub(v, self.secrets) for v in (expected, got, detail))
         self.mismatches.append(Mismatch(check, where, show(expected), show(got), detail))
 
 
@@ -238,13 +291,12 @@ def _compare(
     ignore: _Ignore,
     out: _Report,
 ) -> None:
-    if ignore.patterns and steps and ignore(steps, sizes):
+    if ignore.patterns and ignore(steps, sizes):  # $ itself too: an answer that differs as a whole
         return
     te, tg = type(expected), type(got)
     if _is_number(expected) and _is_number(got):
         if not close(got, expected, rel_tol, abs_tol):
-            diff = abs(float(got) - float(expected))
-            out.add("json", steps, expected, got, f"differs by {diff:.3g}; rel_tol {rel_tol:g}, abs_tol {abs_tol:g}")
+            out.add("json", steps, expected, got, f"{_differs(got, expected)}rel_tol {rel_tol:g}, abs_tol {abs_tol:g}")
         return
     if te is dict and tg is dict:
         for key, value in expected.items():
@@ -364,16 +416,21 @@ def _check_condition(cond: Condition, doc: Any, rel_tol: float, abs_tol: float, 
 
 
 def parse_body(body: bytes) -> Any:
-    """The answer's JSON, or UNSET when it is not JSON (NaN and Infinity accepted)."""
+    """The answer's JSON, or UNSET when it is not JSON (NaN and Infinity accepted, integers exact)."""
     if not body.strip():
         return UNSET
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return UNSET
+        return parse_json(body)
+    except ValueError:
+        return UNSET
+
+
+def _snippet(body: bytes, secrets: tuple[tuple[str, str], ...]) -> str:
+    """The start of a body, as a mismatch shows it; redacted when a secret begins within it."""
+    longest = max((len(secret.encode("utf-8")) for _, secret in secrets), default=0)
+    head = body[: MAX_SHOWN + longest].decode("utf-8", "replace")
+    cleaned = scrub(head, secrets)
+    return str(cleaned) if cleaned is not head else body[:MAX_SHOWN].decode("utf-8", "replace")
 
 
 def tolerances(expect: Expect, rel_tol: float, abs_tol: float) -> tuple[float, float]:
@@ -400,13 +457,13 @@ def check(
     if error_kind is not None:
         return Outcome(False, status, duration, error_kind, error or error_kind)
     expect = probe.expect
-    out = _Report()
+    out = _Report(probe.secrets)
     if expect.max_latency_ms is not None and duration * 1000.0 > expect.max_latency_ms:
         out.add("latency", "", f"<at most {expect.max_latency_ms:g} ms>", f"<{duration * 1000.0:.1f} ms>")
     wanted = expect.status
     if (wanted is None and not 200 <= status < 300) or (wanted is not None and status not in wanted):
         shown = wanted[0] if wanted is not None and len(wanted) == 1 else list(wanted) if wanted else "<2xx>"
-        snippet = body[:MAX_SHOWN].decode("utf-8", "replace")
+        snippet = _snippet(body, probe.secrets)
         out.add("status", "", shown, status, f"body: {snippet}" if snippet.strip() else "")
         return Outcome(False, status, duration, mismatches=out.mismatches, more=out.more)
     doc = parse_body(body) if not truncated else UNSET
@@ -414,7 +471,7 @@ def check(
         if truncated:
             out.add("body", "$", "<a JSON answer>", "<a body over the size limit, cut>")
         elif doc is UNSET:
-            out.add("body", "$", "<a JSON answer>", body[:MAX_SHOWN].decode("utf-8", "replace") or "<empty>")
+            out.add("body", "$", "<a JSON answer>", _snippet(body, probe.secrets) or "<empty>")
         else:
             rtol, atol = tolerances(expect, rel_tol, abs_tol)
             if expect.json is not UNSET:
@@ -444,7 +501,7 @@ class _Unbounded(_Report):
         self.paths = paths
 
     def add(self, check: str, steps: Steps | str, expected: Any, got: Any, detail: str = "") -> None:
-        self.paths.add(steps if isinstance(steps, str) else path_text(steps))
+        self.paths.add(steps if isinstance(steps, str) else path_text(writable(steps)))
 
 
 def has_float(doc: Any) -> bool:
@@ -461,4 +518,15 @@ def has_float(doc: Any) -> bool:
     return False
 
 
-__all__ = ["MAX_MISMATCHES", "Mismatch", "Outcome", "check", "compare", "differences", "parse_body", "walk"]
+__all__ = [
+    "MAX_MISMATCHES",
+    "Mismatch",
+    "Outcome",
+    "check",
+    "compare",
+    "differences",
+    "parse_body",
+    "path_text",
+    "walk",
+    "writable",
+]

@@ -35,7 +35,7 @@ from proxy.dataplane.own import DEFAULT_MAX_BODY, OwnRequest, OwnResult, build_r
 from proxy.dataplane.upstream import UpstreamPool
 from proxy.errors import ConfigError
 from proxy.probes import spec
-from proxy.probes.check import Outcome, differences, has_float
+from proxy.probes.check import Outcome, differences, has_float, path_text, writable
 from proxy.probes.runner import run_probe, run_set
 from proxy.probes.spec import UNSET, Probe
 from proxy.sampling.extract import parse_path
@@ -325,6 +325,37 @@ async def _record(url: str, probes: list[Probe], args: argparse.Namespace, say: 
     return lines, problems
 
 
+def _redact(doc: Any, secrets: dict[str, str]) -> tuple[Any, list[str]]:
+    """``doc`` with every string that holds a secret replaced by ``<redacted: ${NAME}>`` (in place),
+    and the paths of those strings (a server that echoes the caller's token in its answer)."""
+    paths: list[str] = []
+
+    def clean(value: str, steps: tuple[str | int, ...]) -> str | None:
+        for var, secret in secrets.items():
+            if secret in value:
+                paths.append(path_text(writable(steps)))
+                return f"<redacted: ${{{var}}}>"
+        return None
+
+    if not secrets:
+        return doc, paths
+    if type(doc) is str:
+        cleaned = clean(doc, ())
+        return (doc if cleaned is None else cleaned), paths
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(doc, ())]
+    while stack:  # no recursion: an answer may nest deeper than Python's stack
+        node, steps = stack.pop()
+        items = enumerate(node) if type(node) is list else node.items() if type(node) is dict else ()
+        for key, value in items:
+            if type(value) is str:
+                cleaned = clean(value, (*steps, key))
+                if cleaned is not None:
+                    node[key] = cleaned
+            elif type(value) is list or type(value) is dict:
+                stack.append((value, (*steps, key)))
+    return doc, sorted(paths)
+
+
 def _recorded(probe: Probe, outcomes: list[Outcome], args: argparse.Namespace) -> tuple[str, str]:
     raw = {"name": probe.name, **{k: v for k, v in probe.raw.items() if k != "name"}}
     expect: dict[str, Any] = dict(raw.get("expect") or {})
@@ -337,16 +368,20 @@ def _recorded(probe: Probe, outcomes: list[Outcome], args: argparse.Namespace) -
         rel = probe.expect.rel_tol if probe.expect.rel_tol is not None else args.rel_tol
         abs_ = probe.expect.abs_tol if probe.expect.abs_tol is not None else args.abs_tol
         differ = differences(answers, rel, abs_)
-        expect["json"] = first.answer
+        secrets = dict(probe.secrets)  # the environment values its headers use: never written
+        expect["json"], redacted = _redact(first.answer, secrets)
         if has_float(first.answer):
             expect.setdefault("rel_tol", rel)
             expect.setdefault("abs_tol", abs_)
             notes.append(f"numbers within rel_tol {rel:g} / abs_tol {abs_:g}")
-        ignore = _prune([*expect.get("ignore", []), *args.ignore, *differ])
+        ignore = _prune([*expect.get("ignore", []), *args.ignore, *differ, *redacted])
         if ignore:
             expect["ignore"] = ignore
         if differ:
             notes.append(f"not compared (they differed between {len(answers)} answers): {', '.join(_prune(differ))}")
+        if redacted:
+            names = ", ".join(f"${{{var}}}" for var in secrets)
+            notes.append(f"redacted (they hold the value of {names}): {', '.join(_prune(redacted))}")
         notes.insert(1, "JSON answer")
     elif args.match == "json":
         notes.append("the answer is not JSON: status only")

@@ -28,12 +28,14 @@ import orjson
 from proxy.errors import ConfigError
 from proxy.sampling.extract import JsonPath, parse_path
 
-#: a probe name becomes the ``probe`` label: short, and only these characters
-NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_METHOD = re.compile(r"^[A-Z]{1,20}$")
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-#: header fields a probe may not set: the data plane frames the request itself
+#: a probe name becomes the ``probe`` label: short, and only these characters. These patterns are
+#: used with ``fullmatch``: ``$`` would also match before a final newline, which would then be sent
+NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_METHOD = re.compile(r"[A-Z]{1,20}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: ``${NAME}`` in a header value: the environment variable NAME
+ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: header fields a probe may not set: the data plane frames the request itself, and names the probe
 FRAMING = frozenset(
     {
         "connection",
@@ -46,18 +48,50 @@ FRAMING = frozenset(
         "transfer-encoding",
         "upgrade",
         "expect",
+        "x-infermon-probe",  # the probe's name, added to every probe request
     }
 )
 #: tolerances a recorded probe gets (and a line without its own, unless the configuration says
 #: otherwise): about 80 float32 ulps relative, float32's epsilon absolute (docs/probes.md: why)
 DEFAULT_REL_TOL = 1e-5
 DEFAULT_ABS_TOL = 1e-7
+#: a value a header takes from the environment (``${NAME}``) this long or longer is a secret: never
+#: shown in a report of the answer (a server may echo it) nor written by record; shorter ones (a
+#: tenant "1") would be found everywhere
+SECRET_MIN_CHARS = 8
 
 LINE_KEYS = ("name", "method", "path", "headers", "body", "body_text", "expect")
 EXPECT_KEYS = ("status", "json", "ignore", "abs_tol", "rel_tol", "label", "conditions", "max_latency_ms")
 LABEL_KEYS = ("path", "value", "argmax")
 CONDITION_KEYS = ("path", "exists", "equals", "one_of", "type", "min", "max", "min_length", "max_length", "matches")
 TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
+
+
+#: a run of 20 digits: maybe an integer beyond 64 bits, which orjson would read as a float
+_LONG_DIGITS = re.compile(rb"[0-9]{20}")
+
+
+def parse_json(raw: bytes) -> Any:
+    """One JSON document, as probes compare it; ValueError when it is not JSON.
+
+    orjson, but integers of any size stay exact integers (orjson reads one beyond 64 bits as a
+    float, so two different ones would agree within a relative tolerance), and ``NaN`` and
+    ``Infinity`` (which TensorFlow Serving writes and orjson refuses) are read. The stdlib reads
+    what orjson does not.
+    """
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:  # NaN, Infinity, an integer beyond the range of a double
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise ValueError(str(exc)) from None  # orjson's message: where, never what
+    if _LONG_DIGITS.search(raw) is not None:
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            return doc
+    return doc
 
 
 class ProbeFileError(ConfigError):
@@ -132,6 +166,8 @@ class Probe:
     expect: Expect
     #: the line as written (``${NAME}`` unexpanded): what ``probe record`` writes back
     raw: dict[str, Any] = field(repr=False, compare=False)
+    #: (NAME, value) of each ``${NAME}`` the headers use, the value SECRET_MIN_CHARS or longer
+    secrets: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def path(self) -> str:
@@ -290,17 +326,22 @@ def parse_expect(value: Any) -> Expect:
     )
 
 
-def _headers(value: Any, env: dict[str, str] | os._Environ[str]) -> tuple[tuple[bytes, bytes], ...]:
+def _headers(
+    value: Any, env: dict[str, str] | os._Environ[str]
+) -> tuple[tuple[tuple[bytes, bytes], ...], tuple[tuple[str, str], ...]]:
     if not isinstance(value, dict):
         raise _LineError(
             'headers must be an object of name: value strings, such as {"authorization": "Bearer ${TOKEN}"}'
         )
     out: list[tuple[bytes, bytes]] = []
+    secrets: dict[str, str] = {}
     for name, raw in value.items():
-        if not _TOKEN.match(name):
+        if not _TOKEN.fullmatch(name):
             raise _LineError(f"header name {name!r} is not a valid HTTP field name")
         if name.lower() in FRAMING:
             raise _LineError(f"header {name!r} is set by the proxy for each request: remove it")
+        if any(n == name.lower().encode("ascii") for n, _ in out):
+            raise _LineError(f"header {name.lower()!r} is given twice (field names are case-insensitive)")
         if not isinstance(raw, str):
             raise _LineError(f"header {name!r} must have a string value")  # the value is never shown
 
@@ -308,9 +349,11 @@ def _headers(value: Any, env: dict[str, str] | os._Environ[str]) -> tuple[tuple[
             var = m.group(1)
             if var not in env:
                 raise _LineError(f"header {name!r} uses ${{{var}}}, which is not set in the environment")
+            if len(env[var]) >= SECRET_MIN_CHARS:
+                secrets[var] = env[var]
             return env[var]
 
-        text = _ENV.sub(expand, raw)
+        text = ENV.sub(expand, raw)
         if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in text):
             raise _LineError(f"header {name!r} has a control character (a line break?) in its value")
         try:
@@ -318,7 +361,7 @@ def _headers(value: Any, env: dict[str, str] | os._Environ[str]) -> tuple[tuple[
         except UnicodeEncodeError:
             raise _LineError(f"header {name!r} has a value that is not Latin-1 text") from None
         out.append((name.lower().encode("ascii"), encoded))
-    return tuple(out)
+    return tuple(out), tuple(secrets.items())
 
 
 def parse_line(obj: Any, line: int, env: dict[str, str] | os._Environ[str] | None = None) -> Probe:
@@ -327,7 +370,7 @@ def parse_line(obj: Any, line: int, env: dict[str, str] | os._Environ[str] | Non
         raise _LineError(f"a probe is a JSON object, not {_kind(obj)}")
     _unknown(obj, LINE_KEYS, "the probe")
     name = obj.get("name", f"line-{line}")
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise _LineError("name must be 1 to 64 letters, digits, '_', '.', ':' or '-' (it becomes the probe label)")
     if "body" in obj and "body_text" in obj:
         raise _LineError("give body (JSON) or body_text (sent as it is), not both")
@@ -344,7 +387,7 @@ def parse_line(obj: Any, line: int, env: dict[str, str] | os._Environ[str] | Non
             raise _LineError("body_text must be a string")
         body = obj["body_text"].encode("utf-8")
     method = obj.get("method", "POST" if "body" in obj or "body_text" in obj else "GET")
-    if not isinstance(method, str) or not _METHOD.match(method):
+    if not isinstance(method, str) or not _METHOD.fullmatch(method):
         raise _LineError("method must be an HTTP method in capitals, such as GET or POST")
     if method == "CONNECT":
         raise _LineError("method CONNECT cannot be probed")
@@ -358,11 +401,11 @@ def parse_line(obj: Any, line: int, env: dict[str, str] | os._Environ[str] | Non
         or any(c <= " " or c == "\x7f" for c in path)
     ):
         raise _LineError("path must start with '/' and be ASCII without spaces (percent-encode the rest)")
-    headers = _headers(obj.get("headers", {}), os.environ if env is None else env)
+    headers, secrets = _headers(obj.get("headers", {}), os.environ if env is None else env)
     if json_body and not any(n == b"content-type" for n, _ in headers):
         headers = (*headers, (b"content-type", b"application/json"))
     expect = parse_expect(obj.get("expect", {}))
-    return Probe(name, line, method, path.encode("ascii"), headers, body, expect, obj)
+    return Probe(name, line, method, path.encode("ascii"), headers, body, expect, obj, secrets)
 
 
 def loads(
@@ -382,12 +425,9 @@ def loads(
             continue
         try:
             try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                try:  # NaN and Infinity, which orjson refuses, in an expected answer
-                    obj = json.loads(line)
-                except ValueError:
-                    raise _LineError(f"not valid JSON ({exc})") from None
+                obj = parse_json(line)
+            except ValueError as exc:
+                raise _LineError(f"not valid JSON ({exc})") from None
             probe = parse_line(obj, number, env)
         except _LineError as exc:
             raise ProbeFileError(f"{source}:{number}: {exc}") from None
@@ -422,6 +462,8 @@ def load(
 __all__ = [
     "DEFAULT_ABS_TOL",
     "DEFAULT_REL_TOL",
+    "ENV",
+    "SECRET_MIN_CHARS",
     "UNSET",
     "Condition",
     "Expect",
@@ -431,5 +473,6 @@ __all__ = [
     "load",
     "loads",
     "parse_expect",
+    "parse_json",
     "parse_line",
 ]

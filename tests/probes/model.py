@@ -100,6 +100,13 @@ class Model:
         }
         return web.json_response(answer)
 
+    async def whoami(self, request: web.Request) -> web.StreamResponse:
+        # a server that echoes the caller's credentials in its answer (a debug field, a "user")
+        await self._misbehave(request)
+        return web.json_response(
+            {"model": "iris", "caller": {"auth": request.headers.get("Authorization", ""), "role": "reader"}}
+        )
+
     async def big(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"data": "x" * 4096})
 
@@ -109,6 +116,7 @@ class Model:
         app.router.add_post("/v2/models/iris/infer", self.v2)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/big", self.big)
+        app.router.add_get("/whoami", self.whoami)
         return app
 
 

@@ -11,6 +11,7 @@ import pytest
 from proxy.probes import check as c
 from proxy.probes import spec
 from proxy.probes.check import Outcome
+from proxy.sampling.extract import parse_path
 
 
 def probe(expect: dict[str, Any]) -> spec.Probe:
@@ -51,6 +52,25 @@ def mismatches(outcome: Outcome) -> list[dict[str, Any]]:
 def test_number_tolerance_edges(expected: float, got: float, rel: float, abs_: float, ok: bool) -> None:
     outcome = run({"json": {"v": expected}}, {"v": got}, rel_tol=rel, abs_tol=abs_)
     assert outcome.ok is ok, outcome.reason
+
+
+def test_integers_beyond_64_bits_agree_only_when_equal() -> None:
+    # JSON integers of any size (RFC 8259 sets no limit): orjson reads one beyond 64 bits as a float,
+    # which let two different ones agree within a relative tolerance
+    big = 123456789012345678901234567890
+    assert not run({"json": {"v": big}}, b'{"v": 123456789012345678901234567891}', rel_tol=1e-5).ok
+    assert run({"json": {"v": big}}, b'{"v": 123456789012345678901234567890}', rel_tol=1e-5).ok
+    [p] = spec.loads('{"path": "/x", "expect": {"json": {"v": 123456789012345678901234567890}}}', "f")
+    assert p.expect.json == {"v": big} and type(p.expect.json["v"]) is int
+    assert c.differences([{"id": big}, {"id": big + 1}], 1e-5, 1e-7) == ["$.id"]  # record ignores it
+
+
+def test_an_integer_beyond_the_range_of_a_float_is_a_mismatch_not_a_broken_check() -> None:
+    huge = b"1" + b"0" * 400
+    for expected in (1.5, 10**400 + 1, math.nan):
+        out = run({"json": {"v": expected}}, b'{"v": ' + huge + b"}", rel_tol=1e-5, abs_tol=1e-7)
+        assert [m["check"] for m in mismatches(out)] == ["json"], out.reason
+    assert c.differences([[10**400], [1.5]], 1e-5, 1e-7) == ["$[0]"]
 
 
 def test_the_probe_s_own_tolerances_win_over_the_defaults() -> None:
@@ -96,6 +116,25 @@ def test_missing_extra_and_odd_keys() -> None:
     ]
 
 
+@pytest.mark.parametrize("key", ["it's", "a b", "model-name", "a.b", "", "0", "abc\n", "x]['y", 'say "hi"'])
+def test_a_reported_path_reads_back_as_the_same_path(key: str) -> None:
+    # what /probes and probe check show is what an ignore or a condition accepts (and what record
+    # writes into expect.ignore): the same key, whatever characters it holds
+    text = c.path_text((key, 0))
+    assert parse_path(text).steps == (key, 0), text
+    [m] = mismatches(run({"json": {key: [1]}}, {key: [2]}))
+    assert m["path"] == text
+
+
+def test_a_key_the_path_syntax_cannot_write_is_left_out_by_its_parent() -> None:
+    # the path syntax has no escapes: a key holding both quotes has no path; record then leaves out
+    # the object that holds it, never a path the probe file refuses
+    key = 'it\'s "x"'
+    a, b = {"meta": {key: 1, "k": "a"}}, {"meta": {key: 2, "k": "a"}}
+    assert c.differences([a, b], 0.0, 0.0) == ["$.meta"]
+    assert c.path_text(("meta", key)) == "$.meta['it\\'s \"x\"']"  # shown as RFC 9535 writes it
+
+
 def test_lists_of_another_length_and_other_types() -> None:
     out = run({"json": {"p": [1, 2, 3], "q": {"x": 1}}}, {"p": [1, 5], "q": [1]})
     assert [(m["path"], m["expected"], m["got"]) for m in mismatches(out)] == [
@@ -116,6 +155,16 @@ def test_ignored_paths_are_not_compared() -> None:
     assert run({"json": {"a": 1}, "ignore": ["$.extra"]}, {"a": 1, "extra": 2}).ok  # an extra ignored key
 
 
+def test_an_answer_that_differs_as_a_whole_is_ignored_as_a_whole() -> None:
+    # probe record writes $ when repeated answers differ at the root (a bare sampled string, a list
+    # of generated tokens of another length): the comparison then leaves the whole answer out
+    assert c.differences([[1, 2, 3], [1, 2]], 0.0, 0.0) == ["$"]
+    assert c.differences(["sampled a", "sampled b"], 0.0, 0.0) == ["$"]
+    assert run({"json": [1, 2, 3], "ignore": ["$"]}, [4]).ok
+    assert run({"json": "sampled a", "ignore": ["$"]}, "sampled c").ok
+    assert not run({"json": "sampled a", "ignore": ["$"]}, "x", status=500).ok  # the other checks still hold
+
+
 def test_mismatches_are_capped_and_counted() -> None:
     out = run({"json": list(range(50))}, [x + 1 for x in range(50)])
     assert len(out.mismatches) == c.MAX_MISMATCHES and out.more == 50 - c.MAX_MISMATCHES
@@ -127,6 +176,29 @@ def test_long_values_are_cut_in_the_report() -> None:
     got = mismatches(out)[0]["got"]
     assert isinstance(got, str) and len(got) == c.MAX_SHOWN + 3
     orjson.dumps(mismatches(run({"json": [1]}, b"[NaN]")))  # what /probes shows is always valid JSON
+
+
+def test_a_token_the_answer_echoes_is_never_shown() -> None:
+    # a server that echoes the caller's credentials: what /probes, the log line and probe check show
+    # of a failing answer never holds the value of a ${NAME} the probe's headers use
+    token = "s3cret-token-from-the-environment"
+    line = {"name": "p", "path": "/x", "headers": {"Authorization": "Bearer ${TOKEN}"}}
+    p = spec.parse_line({**line, "expect": {"json": {"user": "a", "n": 1}}}, 1, env={"TOKEN": token})
+    echo = {"user": f"Bearer {token}", "n": 2, "extra": {"auth": token}}
+    out = c.check(p, status=200, body=orjson.dumps(echo), duration=0.01, rel_tol=0.0, abs_tol=0.0)
+    shown = [(m["path"], m["got"]) for m in mismatches(out)]
+    assert shown == [
+        ("$.user", "<redacted: holds ${TOKEN}>"),
+        ("$.n", 2),
+        ("$.extra", "<redacted: holds ${TOKEN}>"),
+    ]
+    error = orjson.dumps({"error": f"token {token} has expired"})
+    out = c.check(p, status=401, body=error, duration=0.01, rel_tol=0.0, abs_tol=0.0)
+    assert token not in out.reason and "redacted" in out.reason
+    assert token not in orjson.dumps(out.to_dict()).decode()
+    cut = orjson.dumps({"error": "x" * (c.MAX_SHOWN - 20) + token})  # straddling the cut
+    out = c.check(p, status=401, body=cut, duration=0.01, rel_tol=0.0, abs_tol=0.0)
+    assert token[:12] not in out.reason
 
 
 # -- status, latency, body ------------------------------------------------------------------------

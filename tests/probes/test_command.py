@@ -136,6 +136,29 @@ async def test_record_options_and_a_re_recording(serve: Serve, tmp_path: Path) -
     assert rc == 0 and stdout.count("\n") == 1 and "wrote 1 probes to -" in stderr
 
 
+async def test_record_never_writes_a_token_from_the_environment_that_the_answer_echoes(
+    serve: Serve, tmp_path: Path
+) -> None:
+    m = Model()
+    url = await serve(m.app())
+    token = "s3cret-t0ken-from-a-k8s-secret"
+    request = {"name": "whoami", "path": "/whoami", "headers": {"Authorization": "Bearer ${PROBE_TOKEN}"}}
+    requests = write(tmp_path / "requests.jsonl", request)
+    out = tmp_path / "probes.jsonl"
+    env = clean_env(PROBE_TOKEN=token)
+    rc, stdout, stderr = await infermon(
+        "probe", "record", "--upstream", url, "--requests", requests, "--out", str(out), env=env
+    )
+    assert rc == 0, stderr
+    assert token not in out.read_text() and token not in stdout + stderr
+    [probe] = read(out)
+    assert probe["expect"]["json"]["caller"] == {"auth": "<redacted: ${PROBE_TOKEN}>", "role": "reader"}
+    assert probe["expect"]["ignore"] == ["$.caller.auth"]
+    assert "redacted (they hold the value of ${PROBE_TOKEN}): $.caller.auth" in stdout
+    rc, stdout, stderr = await infermon("probe", "check", str(out), "--upstream", url, env=env)
+    assert rc == 0, stdout + stderr  # the rest of the answer is still compared
+
+
 async def test_record_refuses_a_server_that_is_not_good(serve: Serve, tmp_path: Path) -> None:
     m = Model()
     m.mode = "error"

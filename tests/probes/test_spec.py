@@ -107,10 +107,28 @@ def test_expectations_parse() -> None:
         ({"path": "/x", "expect": {"conditions": [{"path": "$.a", "matches": "("}]}}, "not a regular expression"),
         ({"path": "/x", "headers": {"Content-Length": "3"}}, "header 'Content-Length' is set by the proxy"),
         ({"path": "/x", "headers": {"bad name": "v"}}, "not a valid HTTP field name"),
+        # field names are case-insensitive: two Host lines are a request every server must refuse
+        ({"path": "/x", "headers": {"Host": "a", "host": "b"}}, "header 'host' is given twice"),
+        ({"path": "/x", "headers": {"X-Infermon-Probe": "p"}}, "header 'X-Infermon-Probe' is set by the proxy"),
         ([1, 2], "a probe is a JSON object, not a list"),
     ],
 )
 def test_bad_lines_name_the_file_the_line_and_the_key(obj: Any, message: str) -> None:
+    assert message in error(lines(obj))
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        ({"path": "/x", "name": "iris\n"}, "name must be 1 to 64 letters"),
+        ({"path": "/x", "method": "GET\n"}, "method must be an HTTP method in capitals"),
+        ({"path": "/x", "headers": {"x-model\n": "v"}}, "not a valid HTTP field name"),
+    ],
+)
+def test_a_trailing_line_break_is_refused_where_it_would_be_sent(obj: Any, message: str) -> None:
+    # the name goes out as x-infermon-probe, the method and header names into the request head: a
+    # trailing LF there ends a header line early (a regular expression's $ matches before a final
+    # newline, so each must match the whole string)
     assert message in error(lines(obj))
 
 
