@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -39,7 +39,7 @@ def split_host_port(value: str) -> tuple[str, int]:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(f"{host!r} is not an IPv6 address") from None
-    elif host and not _HOSTNAME.match(host):
+    elif host and not _HOSTNAME.fullmatch(host):
         raise ValueError(f"{host!r} is not a host name or IPv4 address (write IPv6 as [::1]:PORT)")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"port {port_text!r} must be a number from 0 to 65535")
@@ -53,11 +53,11 @@ def _check_host_port(value: str) -> str:
 
 HostPort = Annotated[str, AfterValidator(_check_host_port)]
 PositiveFloat = Annotated[float, Field(gt=0)]
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 
 def _check_header_name(value: str) -> str:
-    if not _TOKEN.match(value):
+    if not _TOKEN.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid HTTP header name")
     return value.lower()
 
@@ -65,7 +65,7 @@ def _check_header_name(value: str) -> str:
 HeaderName = Annotated[str, AfterValidator(_check_header_name)]
 
 
-_VARIANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_VARIANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
 
 def check_upstream_url(value: str) -> str:
@@ -316,7 +316,7 @@ class AccessLog(_Section):
     flush_interval: PositiveFloat = 0.2  # the writer wakes this often
 
 
-_STATUS_RULE = re.compile(r"^[1-5](xx|[0-9]{2})$")
+_STATUS_RULE = re.compile(r"^[1-5](xx|[0-9]{2})\Z")
 
 
 def _check_status_rule(value: str) -> str:
@@ -511,7 +511,7 @@ class Llm(_Section):
     scan_bytes: Annotated[int, Field(ge=64)] = 4096  # the first body bytes searched for `model`
 
 
-_STICKY = re.compile(r"^(header|cookie):([!#$%&'*+.^_`|~0-9A-Za-z-]+)$")
+_STICKY = re.compile(r"^(header|cookie):([!#$%&'*+.^_`|~0-9A-Za-z-]+)\Z")
 
 
 def _check_sticky(value: str | None) -> str | None:
@@ -625,7 +625,7 @@ class Feedback(_Section):
     max_instances: Annotated[int, Field(ge=1)] = 1024  # predictions kept per request (a batch); beyond: not kept
 
 
-_WINDOW_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_WINDOW_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
 
 
 class QualityWindow(_Section):
@@ -678,7 +678,7 @@ class Quality(_Section):
         if not value:
             raise ValueError("needs at least one window, for example {1h: {seconds: 3600, max_labels: 10000}}")
         for name in value:
-            if not _WINDOW_NAME.match(name):
+            if not _WINDOW_NAME.fullmatch(name):
                 raise ValueError(
                     f"{name!r} is not a window name: letters, digits, '_', '.', '-', at most 32 (it becomes the "
                     "window label)"
@@ -827,7 +827,7 @@ class ProxyConfig(_Section):
     @classmethod
     def _upstream_urls(cls, value: dict[str, str]) -> dict[str, str]:
         for name, url in value.items():
-            if not _VARIANT.match(name):
+            if not _VARIANT.fullmatch(name):
                 raise ValueError(
                     f"{name!r} is not an upstream name: letters, digits, '_', '.', '-', at most 64 "
                     "(it becomes the variant label)"

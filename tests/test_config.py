@@ -280,6 +280,15 @@ def test_readiness_path_must_be_absolute() -> None:
 def test_header_names_are_validated_and_lowered() -> None:
     assert _load(env={"INFERMON_LABELS__VARIANT_HEADER": "X-Variant"}).labels.variant_header == "x-variant"
     assert "not a valid HTTP header name" in _error(env={"INFERMON_REQUEST_ID_HEADER": "x id"})
+    # "$" alone matches before a final line break: a name ending in one must still be refused
+    assert "not a valid HTTP header name" in _error(env={"INFERMON_REQUEST_ID_HEADER": "x-id\n"})
+
+
+def test_names_ending_in_a_line_break_are_refused(tmp_path: Path) -> None:
+    variants = 'upstream: http://127.0.0.1:8000\nupstreams:\n  "canary\\n": http://127.0.0.1:8001\n'
+    assert "upstreams" in _error(_file(tmp_path, variants))
+    windows = 'quality:\n  windows:\n    "1h\\n": {seconds: 3600, max_labels: 10}\n'
+    assert "quality.windows" in _error(_file(tmp_path, windows))
 
 
 def test_section_that_is_not_a_mapping(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 _POD = re.compile(
     r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32})(?:\.slice)?$"
 )
-_CONTAINER = re.compile(r"^(?:(?:cri-containerd|containerd|crio|docker|cri-o)-)?([0-9a-f]{64})(?:\.scope)?$")
+_CONTAINER = re.compile(r"^(?:(?:cri-containerd|containerd|crio|docker|cri-o)-)?([0-9a-f]{64})(?:\.scope)?\Z")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def _parse_path(path: str) -> PodRef | None:
         uid = match.group(1).replace("_", "-")
         container = ""
         if i + 1 < len(parts):
-            cmatch = _CONTAINER.match(parts[i + 1])
+            cmatch = _CONTAINER.fullmatch(parts[i + 1])
             if cmatch is not None:
                 container = cmatch.group(1)
         return PodRef(uid, container)

@@ -51,8 +51,8 @@ NOT_FIELDS = frozenset({b"close", b"keep-alive", b"upgrade"})
 _NOTHING: frozenset[bytes] = frozenset()
 
 # uri-host [ ":" port ] (RFC 9110 7.2): a reg-name, IPv4 or bracketed IPv6 literal
-_HOST_VALUE = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?$")
-_DIGITS = re.compile(rb"^[0-9]+$")
+_HOST_VALUE = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?\Z")
+_DIGITS = re.compile(rb"^[0-9]+\Z")
 _VALID_HOSTS: set[bytes] = set()  # Host values that passed _HOST_VALUE (the regex costs more than the lookup)
 
 #: Methods that RFC 9110 9.2.2 calls idempotent: a proxy may send them again after a failure.

@@ -80,7 +80,7 @@ KINDS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 SUPPORTED = (
     "Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Argo Rollout and KServe InferenceService"
 )
-_PORT_NAME = re.compile(r"^(?=.{1,15}$)(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*$")  # IANA_SVC_NAME, as the API checks
+_PORT_NAME = re.compile(r"^(?=.{1,15}\Z)(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*\Z")  # IANA_SVC_NAME, as the API checks
 
 
 class InjectError(Exception):

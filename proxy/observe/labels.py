@@ -44,10 +44,10 @@ from proxy.settings import Labels, Llm
 
 OTHER = "other"
 MAX_LABEL_LENGTH = 128
-_VALID = re.compile(r"^[A-Za-z0-9_.:@/+-]+$")
+_VALID = re.compile(r"^[A-Za-z0-9_.:@/+-]+\Z")
 
-_V1 = re.compile(r"^/v1/models/([^/:]+)(?::[A-Za-z]+)?$")
-_V2 = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/[A-Za-z_]+)?$")
+_V1 = re.compile(r"^/v1/models/([^/:]+)(?::[A-Za-z]+)?\Z")
+_V2 = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/[A-Za-z_]+)?\Z")
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 
@@ -76,7 +76,7 @@ class LabelCap:
         """Why ``value`` is not admitted and cannot be (an :data:`OVERFLOW_REASONS` entry), or None."""
         if value in self.admitted:
             return None
-        if len(value) > MAX_LABEL_LENGTH or not _VALID.match(value):
+        if len(value) > MAX_LABEL_LENGTH or not _VALID.fullmatch(value):
             return "invalid"
         if self.allow is not None:
             return None if value in self.allow else "max_values"
@@ -104,11 +104,11 @@ class LabelCap:
 def labels_from_path(path: str) -> tuple[str | None, str | None]:
     """(model, version) named by a KServe v1 or Open Inference Protocol v2 path, else (None, None)."""
     if path.startswith("/v2/models/"):
-        m = _V2.match(path)
+        m = _V2.fullmatch(path)
         if m:
             return m.group(1), m.group(2)
     elif path.startswith("/v1/models/"):
-        m = _V1.match(path)
+        m = _V1.fullmatch(path)
         if m:
             return m.group(1), None
     return None, None

@@ -640,8 +640,8 @@ def _mapped_rows(paths: dict[str, JsonPath], doc: Any, ctx: _Context) -> list[di
 # ---------------------------------------------------------------------------------------------
 # detection
 
-_V2_PATH = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer$")
-_V1_PATH = re.compile(r"/v1/models/[^/:]+(?:/versions/[^/:]+)?:predict$")
+_V2_PATH = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer\Z")
+_V1_PATH = re.compile(r"/v1/models/[^/:]+(?:/versions/[^/:]+)?:predict\Z")
 _OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 

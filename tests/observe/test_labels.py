@@ -103,7 +103,7 @@ def test_cap_allow_list() -> None:
     assert cap("bert") == OTHER
 
 
-@pytest.mark.parametrize("value", ["", "has space", 'quote"', "new\nline", "é", "{x}", "a,b"])
+@pytest.mark.parametrize("value", ["", "has space", 'quote"', "new\nline", "trailing\n", "é", "{x}", "a,b"])
 def test_cap_rejects_invalid_values(value: str) -> None:
     cap = LabelCap(None, max_values=10)
     assert cap(value) == OTHER
