@@ -32,6 +32,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.config import mask_url
 from proxy.quality.scores import ScoresEngine, Snapshot
 from proxy.quality.store import Labels
 from proxy.settings import Mlflow
@@ -131,7 +132,7 @@ class MlflowExporter:
             if now - self._last_log >= 60.0:
                 self._last_log = now
                 log.warning("MLflow export to %s failed (the next one runs in %g s): %s",
-                            self.cfg.tracking_uri, self.cfg.interval, self.last_error)  # fmt: skip
+                            mask_url(self.cfg.tracking_uri or ""), self.cfg.interval, self.last_error)  # fmt: skip
             return False
         self.outcomes["ok"] += 1
         self.last_error = None

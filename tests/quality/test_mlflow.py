@@ -115,3 +115,26 @@ def test_auth_comes_from_mlflows_own_variables() -> None:
 
 def test_metric_keys_are_what_mlflow_accepts() -> None:
     assert metric_key("f1", "Iris setosa (big)", "1h") == "f1.Iris setosa _big_.1h"
+
+
+async def test_a_failure_log_masks_the_password_of_the_tracking_uri(caplog: pytest.LogCaptureFixture) -> None:
+    """quality.mlflow.tracking_uri may carry user:password@: /config masks it, and so must the log."""
+    import logging
+
+    from proxy.quality.mlflow import MlflowExporter
+    from proxy.quality.scores import Labelled, ScoresEngine
+    from proxy.settings import Mlflow, Quality
+
+    engine = ScoresEngine(Quality(min_labels=1))
+    engine.add([Labelled(("m", "v", "stable"), "classification", "1", "1", 1000.0)])
+    engine.evaluate(1001.0)
+    uri = f"http://alice:s3cret-pw@127.0.0.1:{free_port()}"  # nothing listens there
+    exporter = MlflowExporter(Mlflow(tracking_uri=uri, timeout=2), engine)
+    try:
+        with caplog.at_level(logging.WARNING, logger="infermon.quality"):
+            assert not await exporter.export()
+    finally:
+        await exporter.aclose()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "MLflow export to http://alice:***@127.0.0.1" in logged
+    assert "s3cret-pw" not in logged and "s3cret-pw" not in (exporter.last_error or "")
