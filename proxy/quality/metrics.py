@@ -8,8 +8,9 @@ the scores of the greater class; multiclass: ``multi_class="ovr"``, macro), ``lo
 ``mean_absolute_error``, the root of ``mean_squared_error``, ``mean_absolute_percentage_error``
 (its epsilon: the float64 machine epsilon) and ``r2_score``.
 
-Where scikit-learn would warn or make a number up (one class only for AUC, constant labels for R^2,
-scores that are not probabilities for log loss) these give ``None`` and the reason instead.
+Where scikit-learn would warn, refuse or make a number up (one class only for AUC, constant labels for
+R^2, scores that are not probabilities for log loss and for one-vs-rest AUC) these give ``None`` and
+the reason instead.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ def average_ranks(x: FloatArray) -> FloatArray:
     return ranks
 
 
+NOT_PROBABILITIES = "the scores are not probabilities (a row does not sum to 1)"
+
+
+def sums_to_one(scores: FloatArray) -> bool:
+    """Does every row sum to 1, as ``roc_auc_score`` checks multiclass scores (``np.allclose``)?"""
+    return bool(np.allclose(1.0, scores.sum(axis=1)))
+
+
 def binary_auc(positive: npt.NDArray[np.bool_], score: FloatArray) -> float:
     """ROC AUC (the area under the trapezoidal ROC curve, ties averaged); both classes must be there."""
     n_pos = int(positive.sum())
@@ -98,6 +107,8 @@ def auc(truth: IntArray, scores: FloatArray, score_classes: list[str]) -> tuple[
             return None, {}, f"only one class ({score_classes[1 - score_classes.index(missing[0])]!r}) among the labels"
         positive = truth == 1  # the greater class, as scikit-learn takes it
         return binary_auc(positive, scores[:, 1]), {}, ""
+    if not sums_to_one(scores):
+        return None, {}, NOT_PROBABILITIES + ": one-vs-rest AUC needs probabilities"
     if missing:
         return (
             None,
@@ -112,7 +123,7 @@ def log_loss(truth: IntArray, scores: FloatArray) -> tuple[float | None, str]:
     """Mean negative log-likelihood of the labels' classes; the rows must sum to 1."""
     sums = scores.sum(axis=1)
     if not np.all(np.isclose(sums, 1.0, rtol=SUM_RTOL, atol=0.0)):
-        return None, "the scores are not probabilities (a row does not sum to 1)"
+        return None, NOT_PROBABILITIES
     p = np.clip(scores[np.arange(len(truth)), truth], EPS, 1 - EPS)
     return float(-np.mean(np.log(p))), ""
 

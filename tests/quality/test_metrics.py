@@ -82,6 +82,21 @@ def test_auc_is_absent_with_one_class_and_log_loss_without_probabilities() -> No
     assert loss is None and "sum to 1" in why
 
 
+def test_one_vs_rest_auc_needs_probabilities_as_scikit_learn_does() -> None:
+    """roc_auc_score(multi_class="ovr") refuses scores whose rows do not sum to 1 (independent
+    sigmoids, say): no AUC then, with the reason, rather than a figure scikit-learn would not give."""
+    rng = np.random.default_rng(7)
+    truth = np.arange(60) % 3
+    scores = rng.random((60, 3))  # each in [0, 1], rows summing to anything
+    with pytest.raises(ValueError, match="sum up to 1"):
+        skm.roc_auc_score(truth, scores, multi_class="ovr")
+    value, each, why = m.auc(truth, scores, ["0", "1", "2"])
+    assert value is None and each == {} and "sum to 1" in why
+    binary = rng.random((60, 2))  # binary AUC reads the greater class's column only, as scikit-learn
+    value, _, why = m.auc(truth % 2, binary, ["0", "1"])
+    assert value is not None and abs(value - skm.roc_auc_score(truth % 2, binary[:, 1])) < TOL
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_regression_scores_match_sklearn(seed: int) -> None:
     rng = np.random.default_rng(200 + seed)
