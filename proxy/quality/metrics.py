@@ -23,8 +23,6 @@ import numpy as np
 import numpy.typing as npt
 
 EPS = float(np.finfo(np.float64).eps)
-#: scikit-learn's tolerance for probabilities that sum to one (log_loss)
-SUM_RTOL = math.sqrt(EPS)
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -82,7 +80,12 @@ NOT_PROBABILITIES = "the scores are not probabilities (a row does not sum to 1)"
 
 
 def sums_to_one(scores: FloatArray) -> bool:
-    """Does every row sum to 1, as ``roc_auc_score`` checks multiclass scores (``np.allclose``)?"""
+    """Does every row sum to 1, as ``roc_auc_score`` checks multiclass scores (``np.allclose``)?
+
+    For log loss too: scikit-learn's own check there (``rtol=sqrt(eps)`` of the array's dtype) only
+    warns, and scores read from JSON are float64 whatever the model computed in: a float32 softmax
+    (most served models) misses 1 by about 1e-7, which float32's tolerance allows and float64's not.
+    """
     return bool(np.allclose(1.0, scores.sum(axis=1)))
 
 
@@ -121,8 +124,7 @@ def auc(truth: IntArray, scores: FloatArray, score_classes: list[str]) -> tuple[
 
 def log_loss(truth: IntArray, scores: FloatArray) -> tuple[float | None, str]:
     """Mean negative log-likelihood of the labels' classes; the rows must sum to 1."""
-    sums = scores.sum(axis=1)
-    if not np.all(np.isclose(sums, 1.0, rtol=SUM_RTOL, atol=0.0)):
+    if not sums_to_one(scores):
         return None, NOT_PROBABILITIES
     p = np.clip(scores[np.arange(len(truth)), truth], EPS, 1 - EPS)
     return float(-np.mean(np.log(p))), ""

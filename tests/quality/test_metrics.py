@@ -97,6 +97,25 @@ def test_one_vs_rest_auc_needs_probabilities_as_scikit_learn_does() -> None:
     assert value is not None and abs(value - skm.roc_auc_score(truth % 2, binary[:, 1])) < TOL
 
 
+def test_float32_probabilities_count_as_probabilities() -> None:
+    """A float32 softmax (most served models) sums to 1 within float32's rounding, not float64's:
+    its log loss is scikit-learn's and its AUC is computed, both checked as roc_auc_score checks."""
+    rng = np.random.default_rng(8)
+    k, n = 5, 300
+    truth = np.arange(n) % k
+    logits = (rng.normal(size=(n, k)) + np.eye(k)[truth]).astype(np.float32)
+    proba32 = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    proba = np.array([[float(str(x)) for x in row] for row in proba32])  # as a JSON answer gives them
+    assert np.abs(proba.sum(axis=1) - 1).max() > 1e-7  # beyond float64's sqrt(eps)
+    loss, why = m.log_loss(truth, proba)
+    assert loss is not None, why
+    with pytest.warns(UserWarning, match="sum to one"):
+        expected = sk_log_loss(truth, proba, list(range(k)))
+    assert abs(loss - expected) < TOL
+    value, _, why = m.auc(truth, proba, [str(i) for i in range(k)])
+    assert value is not None and abs(value - skm.roc_auc_score(truth, proba, multi_class="ovr")) < TOL
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_regression_scores_match_sklearn(seed: int) -> None:
     rng = np.random.default_rng(200 + seed)
