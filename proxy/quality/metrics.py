@@ -131,19 +131,24 @@ def log_loss(truth: IntArray, scores: FloatArray) -> tuple[float | None, str]:
 
 
 def regression(truth: FloatArray, predicted: FloatArray) -> tuple[dict[str, float], dict[str, str]]:
-    """MAE, RMSE, MAPE and R^2; R^2 is left out (with its reason) when the labels are constant."""
-    err = predicted - truth
-    out: dict[str, float] = {
-        "mae": float(np.mean(np.abs(err))),
-        "rmse": float(np.sqrt(np.mean(err * err))),
-        "mape": float(np.mean(np.abs(err) / np.maximum(np.abs(truth), EPS))),
-    }
-    missing: dict[str, str] = {}
-    ss_tot = float(np.sum((truth - np.mean(truth)) ** 2))
-    if ss_tot == 0.0:
-        missing["r2"] = "the labels in the window are all the same: R^2 is undefined"
-    else:
-        out["r2"] = 1.0 - float(np.sum(err * err)) / ss_tot
+    """MAE, RMSE, MAPE and R^2; R^2 is left out (with its reason) when the labels are constant, and
+    any figure that overflows float64 (values near 1e308: inf or nan) with its reason."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        err = predicted - truth
+        out: dict[str, float] = {
+            "mae": float(np.mean(np.abs(err))),
+            "rmse": float(np.sqrt(np.mean(err * err))),
+            "mape": float(np.mean(np.abs(err) / np.maximum(np.abs(truth), EPS))),
+        }
+        missing: dict[str, str] = {}
+        ss_tot = float(np.sum((truth - np.mean(truth)) ** 2))
+        if ss_tot == 0.0:
+            missing["r2"] = "the labels in the window are all the same: R^2 is undefined"
+        else:
+            out["r2"] = 1.0 - float(np.sum(err * err)) / ss_tot
+    for name in [name for name, value in out.items() if not math.isfinite(value)]:
+        del out[name]
+        missing[name] = "the values are too large: the figure overflows float64"
     return out, missing
 
 

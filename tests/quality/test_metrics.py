@@ -135,6 +135,20 @@ def test_r2_is_absent_for_constant_labels() -> None:
     assert "r2" not in out and "undefined" in missing["r2"]
 
 
+def test_regression_figures_that_overflow_are_absent_with_the_reason() -> None:
+    """Values near float64's limit make scikit-learn's figures inf or nan: absent here, said why
+    (/quality would show a bare null, and the canary an infinite MAE)."""
+    truth = np.array([1e308, -1e308, 0.0, 5.0])
+    predicted = np.array([-1e308, 1e308, 0.0, 4.0])
+    with np.errstate(all="ignore"):
+        assert not np.isfinite(skm.mean_absolute_error(truth, predicted))
+        out, missing = m.regression(truth, predicted)
+    assert all(np.isfinite(v) for v in out.values())
+    assert {"mae", "rmse", "r2"} <= set(missing) and "float64" in missing["mae"]
+    out, missing = m.regression(np.array([1e200, 2e200, 3e200]), np.array([1.1e200, 2e200, 3e200]))
+    assert "rmse" in missing and abs(out["mae"] - 1e199 / 3) < 1e187 and out["mape"] > 0  # the rest stays
+
+
 def test_class_order_is_numeric_then_text() -> None:
     assert m.class_order({"10", "9", "b", "a", "-1"}) == ["-1", "9", "10", "a", "b"]
 
