@@ -9,7 +9,7 @@ it needs. Every ``quality.mlflow.interval`` seconds, from the last published sna
 3. its figures go in ``runs/log-batch`` calls (at most 1000 metrics each): ``<metric>.<window>``
    (``accuracy.1h``, ``roc_auc.1d``, ``mae.1h``, ``join_rate.1h``, ``labels.1h``) and per class
    ``<metric>.<class>.<window>`` (``f1.setosa.1h``; a class MLflow would refuse in a key made safe,
-   :func:`metric_key`), with the export's step.
+   :func:`metric_key`), with the export's step (going on from the highest step of a run found).
 
 Authentication as MLflow's own client reads it: ``MLFLOW_TRACKING_TOKEN`` (bearer), else
 ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD`` (basic). Every call has
@@ -172,10 +172,11 @@ class MlflowExporter:
         if not per_set:
             return
         experiment = await self._experiment_id()
-        self._step += 1
+        runs = {labels: await self._run_id(experiment, labels) for labels in per_set}
+        self._step += 1  # after the runs are found: a run logged before this process goes on from its step
         stamp = int(snap.at * 1000)
         for labels, figures in per_set.items():
-            run = await self._run_id(experiment, labels)
+            run = runs[labels]
             metrics = [{"key": k, "value": v, "timestamp": stamp, "step": self._step} for k, v in figures]
             for i in range(0, len(metrics), MAX_BATCH):
                 await self._call("POST", "runs/log-batch", {"run_id": run, "metrics": metrics[i : i + MAX_BATCH]})
@@ -214,6 +215,9 @@ class MlflowExporter:
             runs = data.get("runs") or []
             if runs:
                 run = str(runs[0]["info"]["run_id"])
+                # MLflow shows a run's latest metrics by the highest step: go on from the run's
+                logged = runs[0].get("data", {}).get("metrics") or []
+                self._step = max(self._step, max((int(m.get("step", 0)) for m in logged), default=0))
         if run is None:
             model, version, variant = labels
             name = f"{model} {version}" + (f" ({variant})" if variant != "stable" else "")

@@ -195,3 +195,46 @@ async def test_odd_class_names_do_not_stop_the_export(mlflow_server: str) -> Non
     odd = next(r for r in runs if {"key": "infermon.model", "value": "odd"} in r["data"]["tags"])
     logged = {m["key"] for m in odd["data"]["metrics"]}
     assert {metric_key("f1", c, "1h") for c in ODD_CLASSES} <= logged
+
+
+@pytest.mark.timeout(300)  # the session's server may start within this test
+async def test_a_restarted_proxy_goes_on_with_the_runs_steps(mlflow_server: str) -> None:
+    """A proxy started again logs into the run it finds by its tags. Its steps must go on from the
+    run's: MLflow shows a run's latest metric by the highest step, so steps starting again at 1
+    kept the run showing the old figures until the new process had exported as often as the old."""
+    from proxy.quality.mlflow import MlflowExporter
+    from proxy.quality.scores import Labelled, ScoresEngine
+    from proxy.settings import Mlflow, Quality
+
+    cfg = Mlflow(tracking_uri=mlflow_server, experiment="infermon-restart")
+    labels = ("restart", "v1", "stable")
+
+    async def run_proxy(right: bool, exports: int) -> None:
+        engine = ScoresEngine(Quality(min_labels=1))
+        engine.add([Labelled(labels, "classification", "1", "1" if right else "0", 1000.0)])
+        engine.evaluate(1001.0)
+        exporter = MlflowExporter(cfg, engine)
+        try:
+            for _ in range(exports):
+                assert await exporter.export(), exporter.last_error
+        finally:
+            await exporter.aclose()
+
+    await run_proxy(right=False, exports=3)  # accuracy 0 at steps 1, 2, 3
+    await run_proxy(right=True, exports=1)  # then the proxy restarts: accuracy 1
+    async with aiohttp.ClientSession() as session:
+        found = await rest(
+            session, mlflow_server, "GET", "experiments/get-by-name", params={"experiment_name": "infermon-restart"}
+        )
+        eid = found["experiment"]["experiment_id"]
+        (run,) = (await rest(session, mlflow_server, "POST", "runs/search", json={"experiment_ids": [eid]}))["runs"]
+        latest = {m["key"]: m for m in run["data"]["metrics"]}
+        assert latest["accuracy.1h"]["value"] == 1.0 and latest["accuracy.1h"]["step"] == 4
+        history = await rest(
+            session,
+            mlflow_server,
+            "GET",
+            "metrics/get-history",
+            params={"run_id": run["info"]["run_id"], "metric_key": "accuracy.1h"},
+        )
+        assert sorted(h["step"] for h in history["metrics"]) == [1, 2, 3, 4]
