@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from proxy.admin.server import add_state_route, json_response
 from proxy.dataplane.hooks import Observer
 from proxy.quality.feedback import BadFeedback, apply, parse_body, validate
-from proxy.quality.predictions import Instance, instance, kserve_instances
+from proxy.quality.predictions import Instance, instance, kserve_instances, without_many_scores
 from proxy.quality.scores import ScoresEngine
 from proxy.quality.store import EVICTIONS, OUTCOMES, FeedbackStore, Labels
 from proxy.settings import ProxyConfig
@@ -52,6 +52,7 @@ class QualityObserver(Observer):
         self.engine = ScoresEngine(cfg.quality)
         self.sampler = sampler
         self.max_instances = fb.max_instances
+        self.max_classes = cfg.quality.max_classes  # scores of more classes are not kept
         self.max_body = fb.max_body_bytes
         #: predictions lost on the side path, by reason (the side-path thread writes)
         self.dropped: dict[str, int] = dict.fromkeys(SIDE_REASONS, 0)
@@ -98,6 +99,9 @@ class QualityObserver(Observer):
         if not any(i is not None for i in instances):
             self.dropped["no_prediction"] += 1
             return
+        most = self.max_classes
+        if any(i is not None and i.scores is not None and len(i.scores) > most for i in instances):
+            instances = [without_many_scores(i, most) for i in instances]
         self.store.put(request_id, t, labels, instances)
         self.engine.predicted(labels, t, len(instances))
 

@@ -407,3 +407,41 @@ def test_the_feedback_flag(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name)
     assert load_config(build_parser().parse_args(["proxy", "--feedback"])).feedback.enabled is True
     assert load_config(build_parser().parse_args(["proxy"])).feedback.enabled is False
+
+
+async def test_scores_of_more_classes_than_max_classes_are_not_kept(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """A 1000-class softmax (an ImageNet model) cost about 32 KB per waiting request, 3 GB at the
+    default feedback.max_entries, for scores no AUC or log loss is ever computed from (more classes
+    than quality.max_classes). The predicted class is kept; the scores are not."""
+    import tracemalloc
+
+    k = 1000
+    rng = np.random.default_rng(3)
+
+    async def imagenet(request: web.Request) -> web.Response:
+        n = len((await request.json())["instances"])
+        proba = rng.dirichlet(np.ones(k), size=n)
+        proba[:, 417] += 1.0  # the best class, always
+        return web.json_response({"predictions": (proba / proba.sum(axis=1, keepdims=True)).tolist()})
+
+    model = web.Application()
+    model.router.add_post("/v1/models/imagenet:predict", imagenet)
+    upstream = await serve(model)
+    app = await make_proxy(upstream, feedback={"enabled": True}, quality=QUALITY)
+    assert app.quality is not None
+    client = await Client.connect(app.proxy_address)
+    tracemalloc.start()
+    try:
+        ids = [await predict(client, "imagenet", [[0.0]]) for _ in range(25)]
+        await settle(app)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert app.quality.store.stats()["entries"] == 25
+    assert held < 25 * 8_000  # the scores alone would be 25 x 32 KB
+    status, answer = await post_feedback(app, orjson.dumps([{"request_id": r, "label": 417} for r in ids]))
+    assert status == 200 and answer["outcomes"]["joined"] == 25
+    await app.quality.evaluate()
+    w = label_set(await quality(app), "imagenet", "classification")["windows"]["1h"]
+    assert w["scores"]["accuracy"] == 1.0  # the class with the highest score was kept
+    assert "quality.max_classes" in w["missing"]["roc_auc"]
