@@ -445,3 +445,21 @@ async def test_scores_of_more_classes_than_max_classes_are_not_kept(make_proxy: 
     w = label_set(await quality(app), "imagenet", "classification")["windows"]["1h"]
     assert w["scores"]["accuracy"] == 1.0  # the class with the highest score was kept
     assert "quality.max_classes" in w["missing"]["roc_auc"]
+
+
+async def test_a_label_posted_right_after_its_response_is_joined(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """The side path stores a prediction some milliseconds after its response (it polls its queue): a
+    client that posts the label as soon as it has the answer must not find its id unknown."""
+    upstream, models = await model_server(serve)
+    app = await make_proxy(upstream, feedback={"enabled": True}, quality=QUALITY)
+    x, y = models["iris"].data.tolist()[:20], models["iris"].target.tolist()[:20]
+    client = await Client.connect(app.proxy_address)
+    ids = [await predict(client, "iris", [row]) for row in x]  # no settle: straight to the labels
+    labels = [{"request_id": r, "label": v} for r, v in zip(ids, y, strict=True)]
+    status, answer = await post_feedback(app, orjson.dumps(labels))
+    assert status == 200 and answer["outcomes"]["joined"] == 20, answer
+    rid = await predict(client, "iris", x[:1])
+    status, answer = await post_feedback(app, orjson.dumps({"request_id": rid, "label": y[0]}))
+    assert answer["outcomes"]["joined"] == 1, answer
+    status, answer = await post_feedback(app, orjson.dumps({"request_id": "never-seen", "label": 1}))
+    assert answer["outcomes"]["unknown"] == 1  # an id the proxy never answered is still unknown
