@@ -463,3 +463,46 @@ async def test_a_label_posted_right_after_its_response_is_joined(make_proxy: Pro
     assert answer["outcomes"]["joined"] == 1, answer
     status, answer = await post_feedback(app, orjson.dumps({"request_id": "never-seen", "label": 1}))
     assert answer["outcomes"]["unknown"] == 1  # an id the proxy never answered is still unknown
+
+
+async def test_a_body_of_the_largest_default_size_does_not_hold_the_event_loop(
+    make_proxy: ProxyFactory, serve: Serve
+) -> None:
+    """A worker thread does not help a parse that holds the GIL: one orjson call over a 16 MiB body
+    held the data plane's loop for over 100 ms, and its quarter-million items as long again in
+    garbage collections. A body of the default feedback.max_body_bytes must leave the loop free."""
+    import time
+
+    from proxy.settings import Feedback
+
+    upstream, _ = await model_server(serve)
+    app = await make_proxy(upstream, feedback={"enabled": True}, quality=QUALITY)
+    limit = Feedback().max_body_bytes
+    one = len(orjson.dumps({"request_id": "3f2b8c1e-4d7a-4f0e-9b1a-000000000000", "label": 1})) + 1
+    body = orjson.dumps(
+        [{"request_id": f"3f2b8c1e-4d7a-4f0e-9b1a-{i:012d}", "label": i % 3} for i in range(limit // one - 1)]
+    )
+    assert limit // 2 < len(body) <= limit
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    import gc
+
+    gc.freeze()  # the test process's heap (scikit-learn, numpy) is not the proxy's: a full collection of it
+    try:  # takes longer than the body's work; the collections the body's own objects cause still count
+        ticker = asyncio.create_task(tick())
+        status, answer = await post_feedback(app, body)
+        done.set()
+        await ticker
+    finally:
+        gc.unfreeze()
+    assert status == 200 and answer["outcomes"]["unknown"] == answer["items"]
+    assert max(gaps) < 0.06, f"the loop was held {max(gaps) * 1000:.0f} ms"
