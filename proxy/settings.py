@@ -621,7 +621,9 @@ class Feedback(_Section):
     ttl: PositiveFloat = 86_400.0  # seconds a prediction waits for its label; older: evicted
     #: ids of evicted (a label then counts as late) and fully labelled requests (duplicate) remembered
     remember: Annotated[int, Field(ge=0)] = 100_000
-    max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024  # one POST /feedback body; larger: 413
+    #: one POST /feedback body; larger: 413. Parsing holds the GIL (about 7 ms per MiB, and garbage
+    #: collections as the items grow): a larger cap lets one body hold the data plane's loop
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     max_instances: Annotated[int, Field(ge=1)] = 1024  # predictions kept per request (a batch); beyond: not kept
 
 

@@ -33,6 +33,7 @@ from proxy.quality.predictions import (
     number,
     predicted_class,
     predicted_number,
+    without_many_scores,
 )
 from proxy.quality.scores import CLASSIFICATION, REGRESSION, Labelled, ScoresEngine
 from proxy.quality.store import OUTCOMES, FeedbackStore, Labels, Wanted
@@ -222,7 +223,13 @@ def _item(obj: Any, i: int) -> Item:
 
 def apply(items: list[Item], store: FeedbackStore, engine: ScoresEngine) -> dict[str, Any]:
     """Join every item and hand the labelled predictions to the scores engine; the outcome counts."""
-    found = store.join([Wanted(it.request_id, it.instance, it.task, it.supplied, it.labels) for it in items])
+    most = engine.cfg.max_classes  # a caller's scores of more classes are not kept in the windows either
+    found = store.join(
+        [
+            Wanted(it.request_id, it.instance, it.task, without_many_scores(it.supplied, most), it.labels)
+            for it in items
+        ]
+    )
     now = time.time()
     counts = dict.fromkeys(OUTCOMES, 0)
     records: list[Labelled] = []

@@ -8,8 +8,9 @@ the scores of the greater class; multiclass: ``multi_class="ovr"``, macro), ``lo
 ``mean_absolute_error``, the root of ``mean_squared_error``, ``mean_absolute_percentage_error``
 (its epsilon: the float64 machine epsilon) and ``r2_score``.
 
-Where scikit-learn would warn or make a number up (one class only for AUC, constant labels for R^2,
-scores that are not probabilities for log loss) these give ``None`` and the reason instead.
+Where scikit-learn would warn, refuse or make a number up (one class only for AUC, constant labels for
+R^2, scores that are not probabilities for log loss and for one-vs-rest AUC) these give ``None`` and
+the reason instead.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import numpy as np
 import numpy.typing as npt
 
 EPS = float(np.finfo(np.float64).eps)
-#: scikit-learn's tolerance for probabilities that sum to one (log_loss)
-SUM_RTOL = math.sqrt(EPS)
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -77,6 +76,19 @@ def average_ranks(x: FloatArray) -> FloatArray:
     return ranks
 
 
+NOT_PROBABILITIES = "the scores are not probabilities (a row does not sum to 1)"
+
+
+def sums_to_one(scores: FloatArray) -> bool:
+    """Does every row sum to 1, as ``roc_auc_score`` checks multiclass scores (``np.allclose``)?
+
+    For log loss too: scikit-learn's own check there (``rtol=sqrt(eps)`` of the array's dtype) only
+    warns, and scores read from JSON are float64 whatever the model computed in: a float32 softmax
+    (most served models) misses 1 by about 1e-7, which float32's tolerance allows and float64's not.
+    """
+    return bool(np.allclose(1.0, scores.sum(axis=1)))
+
+
 def binary_auc(positive: npt.NDArray[np.bool_], score: FloatArray) -> float:
     """ROC AUC (the area under the trapezoidal ROC curve, ties averaged); both classes must be there."""
     n_pos = int(positive.sum())
@@ -98,6 +110,8 @@ def auc(truth: IntArray, scores: FloatArray, score_classes: list[str]) -> tuple[
             return None, {}, f"only one class ({score_classes[1 - score_classes.index(missing[0])]!r}) among the labels"
         positive = truth == 1  # the greater class, as scikit-learn takes it
         return binary_auc(positive, scores[:, 1]), {}, ""
+    if not sums_to_one(scores):
+        return None, {}, NOT_PROBABILITIES + ": one-vs-rest AUC needs probabilities"
     if missing:
         return (
             None,
@@ -110,27 +124,31 @@ def auc(truth: IntArray, scores: FloatArray, score_classes: list[str]) -> tuple[
 
 def log_loss(truth: IntArray, scores: FloatArray) -> tuple[float | None, str]:
     """Mean negative log-likelihood of the labels' classes; the rows must sum to 1."""
-    sums = scores.sum(axis=1)
-    if not np.all(np.isclose(sums, 1.0, rtol=SUM_RTOL, atol=0.0)):
-        return None, "the scores are not probabilities (a row does not sum to 1)"
+    if not sums_to_one(scores):
+        return None, NOT_PROBABILITIES
     p = np.clip(scores[np.arange(len(truth)), truth], EPS, 1 - EPS)
     return float(-np.mean(np.log(p))), ""
 
 
 def regression(truth: FloatArray, predicted: FloatArray) -> tuple[dict[str, float], dict[str, str]]:
-    """MAE, RMSE, MAPE and R^2; R^2 is left out (with its reason) when the labels are constant."""
-    err = predicted - truth
-    out: dict[str, float] = {
-        "mae": float(np.mean(np.abs(err))),
-        "rmse": float(np.sqrt(np.mean(err * err))),
-        "mape": float(np.mean(np.abs(err) / np.maximum(np.abs(truth), EPS))),
-    }
-    missing: dict[str, str] = {}
-    ss_tot = float(np.sum((truth - np.mean(truth)) ** 2))
-    if ss_tot == 0.0:
-        missing["r2"] = "the labels in the window are all the same: R^2 is undefined"
-    else:
-        out["r2"] = 1.0 - float(np.sum(err * err)) / ss_tot
+    """MAE, RMSE, MAPE and R^2; R^2 is left out (with its reason) when the labels are constant, and
+    any figure that overflows float64 (values near 1e308: inf or nan) with its reason."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        err = predicted - truth
+        out: dict[str, float] = {
+            "mae": float(np.mean(np.abs(err))),
+            "rmse": float(np.sqrt(np.mean(err * err))),
+            "mape": float(np.mean(np.abs(err) / np.maximum(np.abs(truth), EPS))),
+        }
+        missing: dict[str, str] = {}
+        ss_tot = float(np.sum((truth - np.mean(truth)) ** 2))
+        if ss_tot == 0.0:
+            missing["r2"] = "the labels in the window are all the same: R^2 is undefined"
+        else:
+            out["r2"] = 1.0 - float(np.sum(err * err)) / ss_tot
+    for name in [name for name, value in out.items() if not math.isfinite(value)]:
+        del out[name]
+        missing[name] = "the values are too large: the figure overflows float64"
     return out, missing
 
 

@@ -8,7 +8,8 @@ it needs. Every ``quality.mlflow.interval`` seconds, from the last published sna
    ``infermon.model``, ``infermon.version``, ``infermon.variant``) or created with them;
 3. its figures go in ``runs/log-batch`` calls (at most 1000 metrics each): ``<metric>.<window>``
    (``accuracy.1h``, ``roc_auc.1d``, ``mae.1h``, ``join_rate.1h``, ``labels.1h``) and per class
-   ``<metric>.<class>.<window>`` (``f1.setosa.1h``), with the export's step.
+   ``<metric>.<class>.<window>`` (``f1.setosa.1h``; a class MLflow would refuse in a key made safe,
+   :func:`metric_key`), with the export's step (going on from the highest step of a run found).
 
 Authentication as MLflow's own client reads it: ``MLFLOW_TRACKING_TOKEN`` (bearer), else
 ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD`` (basic). Every call has
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -32,6 +34,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.config import mask_url
 from proxy.quality.scores import ScoresEngine, Snapshot
 from proxy.quality.store import Labels
 from proxy.settings import Mlflow
@@ -40,7 +43,11 @@ log = logging.getLogger("infermon.quality")
 
 API = "/api/2.0/mlflow"
 MAX_BATCH = 1000  # metrics per runs/log-batch (MLflow's limit)
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
+#: what MLflow takes in a key: alphanumerics (of any script: its rule is Python's \w), ``_ - . /`` and
+#: spaces; a colon too, but not on a server running on Windows
+_KEY_UNSAFE = re.compile(r"[^\w\-. /]")
+#: a class's part of a key, at most (the metric and window names fit in the rest of MLflow's 250)
+MAX_KEY_PART = 200
 TAGS = ("infermon.model", "infermon.version", "infermon.variant")
 
 
@@ -48,9 +55,22 @@ class MlflowError(Exception):
     pass
 
 
+def _key_part(part: str) -> str:
+    safe = _KEY_UNSAFE.sub("_", part)
+    # MLflow refuses a key that a path normalisation would change: '//', '/./' or '/../' inside it
+    if "/" in safe and any(seg in ("", ".", "..") for seg in safe.split("/")[1:-1]):
+        safe = safe.replace("/", "_")
+    if safe != part or len(safe) > MAX_KEY_PART:
+        # changed: a short digest of the text keeps two classes apart ("a:b" and "a_b")
+        safe = f"{safe[: MAX_KEY_PART - 7]}_{hashlib.sha1(part.encode()).hexdigest()[:6]}"
+    return safe
+
+
 def metric_key(*parts: str) -> str:
-    """An MLflow metric key: alphanumerics, ``_ - . : /`` and spaces; anything else becomes ``_``."""
-    return ".".join(_KEY_UNSAFE.sub("_", p) for p in parts)[:250]
+    """An MLflow metric key, ``.``-joined: a part MLflow would refuse (characters beside alphanumerics,
+    ``_ - . /`` and spaces; a path that normalises to another; too long) is made safe and marked with
+    a digest of its text, so that two classes never share a key."""
+    return ".".join(_key_part(p) for p in parts)[:250]
 
 
 def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -131,7 +151,7 @@ class MlflowExporter:
             if now - self._last_log >= 60.0:
                 self._last_log = now
                 log.warning("MLflow export to %s failed (the next one runs in %g s): %s",
-                            self.cfg.tracking_uri, self.cfg.interval, self.last_error)  # fmt: skip
+                            mask_url(self.cfg.tracking_uri or ""), self.cfg.interval, self.last_error)  # fmt: skip
             return False
         self.outcomes["ok"] += 1
         self.last_error = None
@@ -152,10 +172,11 @@ class MlflowExporter:
         if not per_set:
             return
         experiment = await self._experiment_id()
-        self._step += 1
+        runs = {labels: await self._run_id(experiment, labels) for labels in per_set}
+        self._step += 1  # after the runs are found: a run logged before this process goes on from its step
         stamp = int(snap.at * 1000)
         for labels, figures in per_set.items():
-            run = await self._run_id(experiment, labels)
+            run = runs[labels]
             metrics = [{"key": k, "value": v, "timestamp": stamp, "step": self._step} for k, v in figures]
             for i in range(0, len(metrics), MAX_BATCH):
                 await self._call("POST", "runs/log-batch", {"run_id": run, "metrics": metrics[i : i + MAX_BATCH]})
@@ -194,6 +215,9 @@ class MlflowExporter:
             runs = data.get("runs") or []
             if runs:
                 run = str(runs[0]["info"]["run_id"])
+                # MLflow shows a run's latest metrics by the highest step: go on from the run's
+                logged = runs[0].get("data", {}).get("metrics") or []
+                self._step = max(self._step, max((int(m.get("step", 0)) for m in logged), default=0))
         if run is None:
             model, version, variant = labels
             name = f"{model} {version}" + (f" ({variant})" if variant != "stable" else "")

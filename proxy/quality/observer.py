@@ -23,8 +23,8 @@ from prometheus_client.registry import Collector
 
 from proxy.admin.server import add_state_route, json_response
 from proxy.dataplane.hooks import Observer
-from proxy.quality.feedback import BadFeedback, apply, parse_body, validate
-from proxy.quality.predictions import Instance, instance, kserve_instances
+from proxy.quality.feedback import BadFeedback, Item, apply, parse_body, validate
+from proxy.quality.predictions import Instance, instance, kserve_instances, without_many_scores
 from proxy.quality.scores import ScoresEngine
 from proxy.quality.store import EVICTIONS, OUTCOMES, FeedbackStore, Labels
 from proxy.settings import ProxyConfig
@@ -37,6 +37,9 @@ log = logging.getLogger("infermon.quality")
 
 #: bodies larger than this are parsed and joined in a worker thread, not on the event loop
 OFF_LOOP_BYTES = 64 * 1024
+#: how long POST /feedback waits at most for the side path to store the predictions of the responses
+#: given before it came (a label posted as soon as its answer came would find its id unknown)
+CATCH_UP_SECONDS = 2.0
 #: why a prediction never reached the store, besides the request path's reasons (the sampler's)
 SIDE_REASONS = ("unparsable", "hostile", "no_prediction", "internal")
 
@@ -52,6 +55,7 @@ class QualityObserver(Observer):
         self.engine = ScoresEngine(cfg.quality)
         self.sampler = sampler
         self.max_instances = fb.max_instances
+        self.max_classes = cfg.quality.max_classes  # scores of more classes are not kept
         self.max_body = fb.max_body_bytes
         #: predictions lost on the side path, by reason (the side-path thread writes)
         self.dropped: dict[str, int] = dict.fromkeys(SIDE_REASONS, 0)
@@ -98,6 +102,9 @@ class QualityObserver(Observer):
         if not any(i is not None for i in instances):
             self.dropped["no_prediction"] += 1
             return
+        most = self.max_classes
+        if any(i is not None and i.scores is not None and len(i.scores) > most for i in instances):
+            instances = [without_many_scores(i, most) for i in instances]
         self.store.put(request_id, t, labels, instances)
         self.engine.predicted(labels, t, len(instances))
 
@@ -166,23 +173,38 @@ class QualityObserver(Observer):
             if len(body) > limit:
                 self._count(413)
                 return too_large
+        # the responses answered before this label came: their predictions may still be queued
+        side = self.sampler.side if self.sampler is not None else None
+        target = self.sampler.enqueued if self.sampler is not None else 0
         data = bytes(body)
         content_type = request.content_type
-        if len(data) > OFF_LOOP_BYTES:
-            result = await asyncio.to_thread(self._feedback, data, content_type)
+        off_loop = len(data) > OFF_LOOP_BYTES
+        if off_loop:
+            parsed = await asyncio.to_thread(self._parse, data, content_type)
         else:
-            result = self._feedback(data, content_type)
-        status = 400 if "error" in result else 200
-        self._count(status)
-        return json_response(result, status=status)
+            parsed = self._parse(data, content_type)
+        if isinstance(parsed, BadFeedback):
+            self._count(400)
+            return json_response(parsed.as_dict(), status=400)
+        if side is not None and side.jobs < target:
+            ids = [it.request_id for it in parsed]
+            unseen = await asyncio.to_thread(self.store.unseen, ids) if off_loop else self.store.unseen(ids)
+            if unseen:  # wait (off the loop) for the side path to store what was queued before
+                await asyncio.to_thread(side.wait_idle, CATCH_UP_SECONDS, target)
+        if off_loop:
+            result = await asyncio.to_thread(apply, parsed, self.store, self.engine)
+        else:
+            result = apply(parsed, self.store, self.engine)
+        self._count(200)
+        return json_response(result)
 
-    def _feedback(self, body: bytes, content_type: str) -> dict[str, Any]:
+    @staticmethod
+    def _parse(body: bytes, content_type: str) -> list[Item] | BadFeedback:
         try:
             raw, lines = parse_body(body, content_type)
-            items = validate(raw, lines)
+            return validate(raw, lines)
         except BadFeedback as exc:
-            return exc.as_dict()
-        return apply(items, self.store, self.engine)
+            return exc
 
     async def get_quality(self, request: web.Request) -> web.Response:
         def render() -> bytes:

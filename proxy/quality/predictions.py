@@ -190,6 +190,15 @@ def predicted_class(inst: Instance) -> str | None:
     return None
 
 
+def without_many_scores(inst: Instance | None, max_classes: int) -> Instance | None:
+    """The instance without its scores when they have more than ``max_classes`` classes (no AUC or
+    log loss is computed from them, and they cost 32 bytes a class): its value, or the class with
+    the highest score, stays."""
+    if inst is None or inst.scores is None or len(inst.scores) <= max_classes:
+        return inst
+    return Instance(inst.value if inst.value is not None else predicted_class(inst), None, None)
+
+
 def predicted_number(inst: Instance) -> float | None:
     """The number an instance predicted (regression), or None."""
     return number(inst.value)

@@ -364,7 +364,10 @@ class ScoresEngine:
         with_scores = [r for r in records if r.scores is not None and r.classes is not None]
         if not with_scores:
             for metric in ("roc_auc", "log_loss"):
-                missing[metric] = "no prediction in the window came with class scores (probabilities)"
+                missing[metric] = (
+                    "no prediction in the window came with class scores (probabilities); scores of more classes "
+                    f"than quality.max_classes ({self.cfg.max_classes}) are not kept"
+                )
             return 0
         reference = with_scores[-1].classes
         assert reference is not None

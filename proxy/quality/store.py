@@ -180,6 +180,12 @@ class FeedbackStore:
         self._forget(w.request_id, _DONE, frozenset(done))
         return Found("supplied", w.labels or self.default_labels, 0.0, w.supplied)
 
+    def unseen(self, request_ids: Sequence[str]) -> bool:
+        """Is one of these ids neither held nor remembered (its prediction may be on its way)?"""
+        with self._lock:
+            entries, past = self._entries, self._past
+            return any(rid not in entries and rid not in past for rid in request_ids)
+
     def recount(self, was: Outcome, now: Outcome) -> None:
         """A join the caller found unusable after all (its own prediction did not fit the label)."""
         with self._lock:

@@ -96,9 +96,11 @@ class SidePath:
             self._thread.join(timeout)
             self._thread = None
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Block until every job queued so far was processed (False after ``timeout`` seconds)."""
-        target = self.sampler.enqueued
+    def wait_idle(self, timeout: float, target: int | None = None) -> bool:
+        """Block until every job queued so far (or the first ``target`` ones) was processed (False
+        after ``timeout`` seconds)."""
+        if target is None:
+            target = self.sampler.enqueued
         with self._progress:
             return self._progress.wait_for(lambda: self.jobs >= target, timeout)
 

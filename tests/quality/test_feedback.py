@@ -65,3 +65,12 @@ def test_apply_counts_outcomes_and_scores_what_joined() -> None:
     snap = engine.evaluate()
     assert snap.sets[("m", "v", "stable", "classification")]["1h"].scores["accuracy"] == 1.0
     assert snap.sets[("d", "d", "stable", "regression")]["1h"].scores["mae"] == 1.0
+
+
+def test_a_callers_scores_of_more_than_max_classes_are_not_kept() -> None:
+    store = FeedbackStore(10, 60.0, 10, ("d", "d", "stable"))
+    engine = ScoresEngine(Quality.model_validate({"min_labels": 1, "max_classes": 3}))
+    items = validate([{"request_id": "x", "label": 9, "scores": [0.1] * 9 + [0.1 + 1e-9]}])
+    assert apply(items, store, engine)["outcomes"]["supplied"] == 1
+    (record,) = engine._sets[("d", "d", "stable")].tasks["classification"].records
+    assert record.predicted == "9" and record.scores is None  # the best class, without its 10 scores

@@ -82,6 +82,40 @@ def test_auc_is_absent_with_one_class_and_log_loss_without_probabilities() -> No
     assert loss is None and "sum to 1" in why
 
 
+def test_one_vs_rest_auc_needs_probabilities_as_scikit_learn_does() -> None:
+    """roc_auc_score(multi_class="ovr") refuses scores whose rows do not sum to 1 (independent
+    sigmoids, say): no AUC then, with the reason, rather than a figure scikit-learn would not give."""
+    rng = np.random.default_rng(7)
+    truth = np.arange(60) % 3
+    scores = rng.random((60, 3))  # each in [0, 1], rows summing to anything
+    with pytest.raises(ValueError, match="sum up to 1"):
+        skm.roc_auc_score(truth, scores, multi_class="ovr")
+    value, each, why = m.auc(truth, scores, ["0", "1", "2"])
+    assert value is None and each == {} and "sum to 1" in why
+    binary = rng.random((60, 2))  # binary AUC reads the greater class's column only, as scikit-learn
+    value, _, why = m.auc(truth % 2, binary, ["0", "1"])
+    assert value is not None and abs(value - skm.roc_auc_score(truth % 2, binary[:, 1])) < TOL
+
+
+def test_float32_probabilities_count_as_probabilities() -> None:
+    """A float32 softmax (most served models) sums to 1 within float32's rounding, not float64's:
+    its log loss is scikit-learn's and its AUC is computed, both checked as roc_auc_score checks."""
+    rng = np.random.default_rng(8)
+    k, n = 5, 300
+    truth = np.arange(n) % k
+    logits = (rng.normal(size=(n, k)) + np.eye(k)[truth]).astype(np.float32)
+    proba32 = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    proba = np.array([[float(str(x)) for x in row] for row in proba32])  # as a JSON answer gives them
+    assert np.abs(proba.sum(axis=1) - 1).max() > 1e-7  # beyond float64's sqrt(eps)
+    loss, why = m.log_loss(truth, proba)
+    assert loss is not None, why
+    with pytest.warns(UserWarning, match="sum to one"):
+        expected = sk_log_loss(truth, proba, list(range(k)))
+    assert abs(loss - expected) < TOL
+    value, _, why = m.auc(truth, proba, [str(i) for i in range(k)])
+    assert value is not None and abs(value - skm.roc_auc_score(truth, proba, multi_class="ovr")) < TOL
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_regression_scores_match_sklearn(seed: int) -> None:
     rng = np.random.default_rng(200 + seed)
@@ -99,6 +133,20 @@ def test_regression_scores_match_sklearn(seed: int) -> None:
 def test_r2_is_absent_for_constant_labels() -> None:
     out, missing = m.regression(np.ones(5), np.array([1.0, 2, 1, 1, 1]))
     assert "r2" not in out and "undefined" in missing["r2"]
+
+
+def test_regression_figures_that_overflow_are_absent_with_the_reason() -> None:
+    """Values near float64's limit make scikit-learn's figures inf or nan: absent here, said why
+    (/quality would show a bare null, and the canary an infinite MAE)."""
+    truth = np.array([1e308, -1e308, 0.0, 5.0])
+    predicted = np.array([-1e308, 1e308, 0.0, 4.0])
+    with np.errstate(all="ignore"):
+        assert not np.isfinite(skm.mean_absolute_error(truth, predicted))
+        out, missing = m.regression(truth, predicted)
+    assert all(np.isfinite(v) for v in out.values())
+    assert {"mae", "rmse", "r2"} <= set(missing) and "float64" in missing["mae"]
+    out, missing = m.regression(np.array([1e200, 2e200, 3e200]), np.array([1.1e200, 2e200, 3e200]))
+    assert "rmse" in missing and abs(out["mae"] - 1e199 / 3) < 1e187 and out["mape"] > 0  # the rest stays
 
 
 def test_class_order_is_numeric_then_text() -> None:

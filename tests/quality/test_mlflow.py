@@ -114,4 +114,127 @@ def test_auth_comes_from_mlflows_own_variables() -> None:
 
 
 def test_metric_keys_are_what_mlflow_accepts() -> None:
-    assert metric_key("f1", "Iris setosa (big)", "1h") == "f1.Iris setosa _big_.1h"
+    key = metric_key("f1", "Iris setosa (big)", "1h")
+    assert key.startswith("f1.Iris setosa _big__") and key.endswith(".1h") and len(key) == len("f1..1h") + 24
+    assert metric_key("accuracy", "1h") == "accuracy.1h" and metric_key("f1", "setosa", "1d") == "f1.setosa.1d"
+
+
+async def test_a_failure_log_masks_the_password_of_the_tracking_uri(caplog: pytest.LogCaptureFixture) -> None:
+    """quality.mlflow.tracking_uri may carry user:password@: /config masks it, and so must the log."""
+    import logging
+
+    from proxy.quality.mlflow import MlflowExporter
+    from proxy.quality.scores import Labelled, ScoresEngine
+    from proxy.settings import Mlflow, Quality
+
+    engine = ScoresEngine(Quality(min_labels=1))
+    engine.add([Labelled(("m", "v", "stable"), "classification", "1", "1", 1000.0)])
+    engine.evaluate(1001.0)
+    uri = f"http://alice:s3cret-pw@127.0.0.1:{free_port()}"  # nothing listens there
+    exporter = MlflowExporter(Mlflow(tracking_uri=uri, timeout=2), engine)
+    try:
+        with caplog.at_level(logging.WARNING, logger="infermon.quality"):
+            assert not await exporter.export()
+    finally:
+        await exporter.aclose()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "MLflow export to http://alice:***@127.0.0.1" in logged
+    assert "s3cret-pw" not in logged and "s3cret-pw" not in (exporter.last_error or "")
+
+
+#: class names a model or a label may bring that MLflow's key rules refuse as they are: a colon (not
+#: on a Windows server), a path that normalises to another ('//', '/../', '/./'), a leading '/'
+ODD_CLASSES = ("a//b", "x/../y", "p/./q", "/root", "ratio:1", "猫", "é", "plain")
+
+
+def test_metric_keys_from_odd_class_names_pass_mlflows_rules() -> None:
+    import posixpath
+    import re
+
+    allowed = re.compile(r"^[/\w.\- ]*$")  # MLflow's rule on Windows, the strictest of its servers
+    keys = [metric_key("f1", c, "1h") for c in ODD_CLASSES]
+    for key in keys:
+        assert allowed.match(key), key
+        assert posixpath.normpath(key) == key and not key.startswith(("/", "..")), key
+    assert metric_key("f1", "猫", "1h") == "f1.猫.1h"  # letters of any script are alphanumerics to MLflow
+    assert metric_key("f1", "animals/cat", "1h") == "f1.animals/cat.1h"  # a slash that stays a slash
+    keys += [metric_key("f1", "a_b", "1h"), metric_key("f1", "a/b", "1h"), metric_key("f1", "a:b", "1h")]
+    assert len(set(keys)) == len(keys)  # no two classes logged under one key
+    long = "c" * 256  # the longest class text: the window must survive MLflow's 250 characters
+    one, two = metric_key("precision", long, "1h"), metric_key("precision", long, "1d")
+    assert len(one) <= 250 and one.endswith(".1h") and two.endswith(".1d")
+    assert metric_key("precision", long[:-1] + "d", "1h") != one
+
+
+@pytest.mark.timeout(300)  # the session's server may start within this test
+async def test_odd_class_names_do_not_stop_the_export(mlflow_server: str) -> None:
+    """One class name the server refuses made the whole runs/log-batch a 400, every time: nothing
+    of that label set, nor of the ones after it, was logged again while the class was in a window."""
+    from proxy.quality.mlflow import MlflowExporter
+    from proxy.quality.scores import Labelled, ScoresEngine
+    from proxy.settings import Mlflow, Quality
+
+    engine = ScoresEngine(Quality(min_labels=1))
+    engine.add(
+        [Labelled(("odd", "v1", "stable"), "classification", c, c, 1000.0) for c in ODD_CLASSES]
+        + [Labelled(("zz-after", "v1", "stable"), "classification", "1", "1", 1000.0)]
+    )
+    engine.evaluate(1001.0)
+    exporter = MlflowExporter(Mlflow(tracking_uri=mlflow_server, experiment="infermon-odd"), engine)
+    try:
+        assert await exporter.export(), exporter.last_error
+    finally:
+        await exporter.aclose()
+    async with aiohttp.ClientSession() as session:
+        found = await rest(
+            session, mlflow_server, "GET", "experiments/get-by-name", params={"experiment_name": "infermon-odd"}
+        )
+        eid = found["experiment"]["experiment_id"]
+        runs = (await rest(session, mlflow_server, "POST", "runs/search", json={"experiment_ids": [eid]}))["runs"]
+    assert len(runs) == 2
+    odd = next(r for r in runs if {"key": "infermon.model", "value": "odd"} in r["data"]["tags"])
+    logged = {m["key"] for m in odd["data"]["metrics"]}
+    assert {metric_key("f1", c, "1h") for c in ODD_CLASSES} <= logged
+
+
+@pytest.mark.timeout(300)  # the session's server may start within this test
+async def test_a_restarted_proxy_goes_on_with_the_runs_steps(mlflow_server: str) -> None:
+    """A proxy started again logs into the run it finds by its tags. Its steps must go on from the
+    run's: MLflow shows a run's latest metric by the highest step, so steps starting again at 1
+    kept the run showing the old figures until the new process had exported as often as the old."""
+    from proxy.quality.mlflow import MlflowExporter
+    from proxy.quality.scores import Labelled, ScoresEngine
+    from proxy.settings import Mlflow, Quality
+
+    cfg = Mlflow(tracking_uri=mlflow_server, experiment="infermon-restart")
+    labels = ("restart", "v1", "stable")
+
+    async def run_proxy(right: bool, exports: int) -> None:
+        engine = ScoresEngine(Quality(min_labels=1))
+        engine.add([Labelled(labels, "classification", "1", "1" if right else "0", 1000.0)])
+        engine.evaluate(1001.0)
+        exporter = MlflowExporter(cfg, engine)
+        try:
+            for _ in range(exports):
+                assert await exporter.export(), exporter.last_error
+        finally:
+            await exporter.aclose()
+
+    await run_proxy(right=False, exports=3)  # accuracy 0 at steps 1, 2, 3
+    await run_proxy(right=True, exports=1)  # then the proxy restarts: accuracy 1
+    async with aiohttp.ClientSession() as session:
+        found = await rest(
+            session, mlflow_server, "GET", "experiments/get-by-name", params={"experiment_name": "infermon-restart"}
+        )
+        eid = found["experiment"]["experiment_id"]
+        (run,) = (await rest(session, mlflow_server, "POST", "runs/search", json={"experiment_ids": [eid]}))["runs"]
+        latest = {m["key"]: m for m in run["data"]["metrics"]}
+        assert latest["accuracy.1h"]["value"] == 1.0 and latest["accuracy.1h"]["step"] == 4
+        history = await rest(
+            session,
+            mlflow_server,
+            "GET",
+            "metrics/get-history",
+            params={"run_id": run["info"]["run_id"], "metric_key": "accuracy.1h"},
+        )
+        assert sorted(h["step"] for h in history["metrics"]) == [1, 2, 3, 4]

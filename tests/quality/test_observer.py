@@ -407,3 +407,102 @@ def test_the_feedback_flag(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name)
     assert load_config(build_parser().parse_args(["proxy", "--feedback"])).feedback.enabled is True
     assert load_config(build_parser().parse_args(["proxy"])).feedback.enabled is False
+
+
+async def test_scores_of_more_classes_than_max_classes_are_not_kept(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """A 1000-class softmax (an ImageNet model) cost about 32 KB per waiting request, 3 GB at the
+    default feedback.max_entries, for scores no AUC or log loss is ever computed from (more classes
+    than quality.max_classes). The predicted class is kept; the scores are not."""
+    import tracemalloc
+
+    k = 1000
+    rng = np.random.default_rng(3)
+
+    async def imagenet(request: web.Request) -> web.Response:
+        n = len((await request.json())["instances"])
+        proba = rng.dirichlet(np.ones(k), size=n)
+        proba[:, 417] += 1.0  # the best class, always
+        return web.json_response({"predictions": (proba / proba.sum(axis=1, keepdims=True)).tolist()})
+
+    model = web.Application()
+    model.router.add_post("/v1/models/imagenet:predict", imagenet)
+    upstream = await serve(model)
+    app = await make_proxy(upstream, feedback={"enabled": True}, quality=QUALITY)
+    assert app.quality is not None
+    client = await Client.connect(app.proxy_address)
+    tracemalloc.start()
+    try:
+        ids = [await predict(client, "imagenet", [[0.0]]) for _ in range(25)]
+        await settle(app)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert app.quality.store.stats()["entries"] == 25
+    assert held < 25 * 8_000  # the scores alone would be 25 x 32 KB
+    status, answer = await post_feedback(app, orjson.dumps([{"request_id": r, "label": 417} for r in ids]))
+    assert status == 200 and answer["outcomes"]["joined"] == 25
+    await app.quality.evaluate()
+    w = label_set(await quality(app), "imagenet", "classification")["windows"]["1h"]
+    assert w["scores"]["accuracy"] == 1.0  # the class with the highest score was kept
+    assert "quality.max_classes" in w["missing"]["roc_auc"]
+
+
+async def test_a_label_posted_right_after_its_response_is_joined(make_proxy: ProxyFactory, serve: Serve) -> None:
+    """The side path stores a prediction some milliseconds after its response (it polls its queue): a
+    client that posts the label as soon as it has the answer must not find its id unknown."""
+    upstream, models = await model_server(serve)
+    app = await make_proxy(upstream, feedback={"enabled": True}, quality=QUALITY)
+    x, y = models["iris"].data.tolist()[:20], models["iris"].target.tolist()[:20]
+    client = await Client.connect(app.proxy_address)
+    ids = [await predict(client, "iris", [row]) for row in x]  # no settle: straight to the labels
+    labels = [{"request_id": r, "label": v} for r, v in zip(ids, y, strict=True)]
+    status, answer = await post_feedback(app, orjson.dumps(labels))
+    assert status == 200 and answer["outcomes"]["joined"] == 20, answer
+    rid = await predict(client, "iris", x[:1])
+    status, answer = await post_feedback(app, orjson.dumps({"request_id": rid, "label": y[0]}))
+    assert answer["outcomes"]["joined"] == 1, answer
+    status, answer = await post_feedback(app, orjson.dumps({"request_id": "never-seen", "label": 1}))
+    assert answer["outcomes"]["unknown"] == 1  # an id the proxy never answered is still unknown
+
+
+async def test_a_body_of_the_largest_default_size_does_not_hold_the_event_loop(
+    make_proxy: ProxyFactory, serve: Serve
+) -> None:
+    """A worker thread does not help a parse that holds the GIL: one orjson call over a 16 MiB body
+    held the data plane's loop for over 100 ms, and its quarter-million items as long again in
+    garbage collections. A body of the default feedback.max_body_bytes must leave the loop free."""
+    import time
+
+    from proxy.settings import Feedback
+
+    upstream, _ = await model_server(serve)
+    app = await make_proxy(upstream, feedback={"enabled": True}, quality=QUALITY)
+    limit = Feedback().max_body_bytes
+    one = len(orjson.dumps({"request_id": "3f2b8c1e-4d7a-4f0e-9b1a-000000000000", "label": 1})) + 1
+    body = orjson.dumps(
+        [{"request_id": f"3f2b8c1e-4d7a-4f0e-9b1a-{i:012d}", "label": i % 3} for i in range(limit // one - 1)]
+    )
+    assert limit // 2 < len(body) <= limit
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    import gc
+
+    gc.freeze()  # the test process's heap (scikit-learn, numpy) is not the proxy's: a full collection of it
+    try:  # takes longer than the body's work; the collections the body's own objects cause still count
+        ticker = asyncio.create_task(tick())
+        status, answer = await post_feedback(app, body)
+        done.set()
+        await ticker
+    finally:
+        gc.unfreeze()
+    assert status == 200 and answer["outcomes"]["unknown"] == answer["items"]
+    assert max(gaps) < 0.06, f"the loop was held {max(gaps) * 1000:.0f} ms"
