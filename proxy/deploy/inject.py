@@ -1,8 +1,9 @@
 """``infermon inject``: add the infermon sidecar to the pod templates of Kubernetes manifests.
 
 Reads multi-document YAML and writes it back, comments, key order, quoting and unknown fields kept
-(a round-trip YAML parser), with each supported workload's pod template changed so that the model
-server's traffic goes through infermon. The pattern (docs/kubernetes.md, "How inject moves the port"):
+(a round-trip YAML parser; documents it does not change, comment-only ones too, byte for byte),
+with each supported workload's pod template changed so that the model server's traffic goes
+through infermon. The pattern (docs/kubernetes.md, "How inject moves the port"):
 
 * the model server keeps listening where it did (its flags are never touched); infermon listens on
   its own port (``--proxy-port``, default 9463) and forwards to ``127.0.0.1:<model port>``;
@@ -138,7 +139,6 @@ def _yaml(text: str) -> Any:
     y.width = 4096  # never fold a long line
     mapping, sequence, offset = _guess_indent(text)
     y.indent(mapping=mapping, sequence=sequence, offset=offset)
-    y.explicit_start = text.lstrip().startswith("---")
     return y
 
 
@@ -208,36 +208,104 @@ def _ensure_map(parent: Any, key: str, before: str | None = None) -> Any:
 # -- the documents ----------------------------------------------------------------------------------
 
 
+#: a line that starts or ends a document: never content, wherever it stands (YAML's c-forbidden)
+_START = re.compile(r"---(?=[ \t\r\n]|$)")
+_END = re.compile(r"\.\.\.(?=[ \t\r\n]|$)")
+_CLEAN_START = re.compile(r"---[ \t]*(#.*)?\r?\n?")
+
+
+@dataclass
+class _Segment:
+    """One document of the stream as written: its ``---`` line, its body, its ``...`` line."""
+
+    head: str  # the ``---`` line (with its comment), kept as written; "" for the first bare document
+    body: str
+    tail: str  # the ``...`` line and what follows it up to the next document
+    docs: list[Any] = field(default_factory=list)
+    changed: bool = False
+
+
+def _segments(text: str) -> list[_Segment]:
+    """The stream cut at its document markers, so that ``"".join`` of the parts gives ``text`` back."""
+    segments = [_Segment("", "", "")]
+    for line in text.splitlines(keepends=True):
+        current = segments[-1]
+        if _START.match(line):
+            segments.append(_Segment(line, "", ""))
+        elif _END.match(line) or (current.tail and _blank_or_comment(line)):
+            current.tail += line
+        elif current.tail:  # a bare document after ``...``
+            segments.append(_Segment("", line, ""))
+        else:
+            current.body += line
+    return segments
+
+
+def _blank_or_comment(line: str) -> bool:
+    return not line.strip() or line.lstrip().startswith("#")
+
+
+def _has_content(body: str) -> bool:
+    """Anything but comments, blank lines and directives (``%YAML``, which only precede a ``---``)."""
+    return any(not _blank_or_comment(line) and not line.startswith("%") for line in body.splitlines())
+
+
 def inject_text(text: str, options: InjectOptions) -> InjectResult:
-    """Inject every supported document of a YAML stream; raise InjectError and write nothing on any refusal."""
+    """Inject every supported document of a YAML stream; raise InjectError and write nothing on any refusal.
+
+    Documents that nothing changes (a ConfigMap, a Service left as it is, a template already
+    injected, a document of comments only) are written back exactly as they were read; a changed
+    one is written by the round-trip parser, its comments, order and quoting kept, with the line
+    ends of the input.
+    """
     from ruamel.yaml.error import YAMLError
 
-    y = _yaml(text)
     try:
-        docs = [d for d in y.load_all(text) if d is not None]
+        list(_yaml(text).load_all(text))  # the stream as a whole, so an error names its real line
     except YAMLError as exc:
         raise InjectError(f"the input is not valid YAML: {exc}") from None
+    segments = _segments(text)
+    for segment in segments:
+        if segment.head and not _CLEAN_START.fullmatch(segment.head):
+            segment.body, segment.head = segment.head + segment.body, ""  # content on the --- line
+        if _has_content(segment.body):
+            loaded = _yaml(segment.body).load_all(segment.body)
+            segment.docs = [d for d in loaded if d is not None]
     result = InjectResult(text="")
     fronts: list[_Front] = []
     errors: list[str] = []
-    for doc in _walk(docs):
-        try:
-            front = _inject_document(doc, options, result)
-        except InjectError as exc:
-            errors.append(str(exc))
-            continue
-        if front is not None:
-            fronts.append(front)
+    for segment in segments:
+        for doc in _walk(segment.docs):
+            before = result.injected
+            try:
+                front = _inject_document(doc, options, result)
+            except InjectError as exc:
+                errors.append(str(exc))
+                continue
+            segment.changed |= result.injected > before
+            if front is not None:
+                fronts.append(front)
     if errors:
         raise InjectError("\n".join(errors))
-    for doc in _walk(docs):
-        if doc.get("kind") == "Service" and _group(doc) == "":
-            _point_service(doc, fronts, result)
+    for segment in segments:
+        for doc in _walk(segment.docs):
+            if doc.get("kind") == "Service" and _group(doc) == "":
+                segment.changed |= _point_service(doc, fronts, result)
     if result.injected == 0 and result.unchanged == 0:
         raise InjectError(f"nothing to inject: no workload in the input (supported: {SUPPORTED})")
-    out = io.StringIO()
-    y.dump_all(docs, out)
-    result.text = out.getvalue()
+    out: list[str] = []
+    for segment in segments:
+        body = segment.body
+        if segment.changed:
+            y = _yaml(segment.body)
+            y.explicit_start = not segment.head and segment.body.lstrip().startswith("---")
+            written = io.StringIO()
+            y.dump_all(segment.docs, written)
+            body = written.getvalue()
+            if "\r\n" in segment.body:
+                body = body.replace("\r\n", "\n").replace("\n", "\r\n")
+        out += [segment.head, body, segment.tail]
+    result.text = "".join(out)
     return result
 
 
@@ -641,12 +709,14 @@ def _sidecar(options: InjectOptions, mode: str, app_port: int, front_name: str, 
     return c
 
 
-def _point_service(doc: Any, fronts: list[_Front], result: InjectResult) -> None:
-    """A Service in the input that selects an injected pod by the model port's number now names the port."""
+def _point_service(doc: Any, fronts: list[_Front], result: InjectResult) -> bool:
+    """A Service in the input that selects an injected pod by the model port's number now names the
+    port; True when it was changed."""
     selector = _get(doc, ("spec", "selector"))
     ports = _get(doc, ("spec", "ports"))
+    changed = False
     if not isinstance(selector, dict) or not selector or not isinstance(ports, list):
-        return
+        return changed
     namespace = _get(doc, ("metadata", "namespace"))
     for front in fronts:
         if front.namespace != namespace or any(front.labels.get(k) != v for k, v in selector.items()):
@@ -657,7 +727,9 @@ def _point_service(doc: Any, fronts: list[_Front], result: InjectResult) -> None
             target = port.get("targetPort", port.get("port"))
             if _port_number(target) == front.app_port:
                 port["targetPort"] = front.front_name
+                changed = True
                 result.notes.append(
                     f"{_label(doc)}: port {port.get('name') or port.get('port')} now targets {front.front_name} "
                     f"(infermon) instead of {target}"
                 )
+    return changed

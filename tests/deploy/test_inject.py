@@ -281,6 +281,43 @@ spec:
     assert inject_text(out, InjectOptions()).text == out
 
 
+def test_comment_only_documents_and_untouched_documents_are_kept_as_written() -> None:
+    """A licence header before the first ``---``, the empty documents ``helm template`` writes for a
+    template that renders nothing (``# Source: ...`` alone), separators with comments: all kept; the
+    documents inject does not change come out byte for byte as they went in."""
+    mlserver = (MANIFESTS / "mlserver.yaml").read_text()
+    text = (
+        "# Copyright the model team. Licensed under Apache-2.0.\n"
+        "---\n"
+        "# Source: wine/templates/hpa.yaml\n"
+        "---\n"
+        "apiVersion: v1\nkind: ConfigMap   # passes through\nmetadata: {name: settings}\ndata:\n"
+        "  model.yaml: |\n    name:   wine\n    replicas:    3\n"
+        "--- # the model server\n"
+        + mlserver
+        + "---\n# Source: wine/templates/pdb.yaml\n"
+    )
+    out = inject_text(text, InjectOptions()).text
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or line.startswith("---"):
+            assert line in out.splitlines(), line
+    header = "# Copyright the model team. Licensed under Apache-2.0.\n---\n# Source: wine/templates/hpa.yaml\n"
+    assert out.startswith(header)
+    config_map = text[text.index("apiVersion: v1\nkind: ConfigMap") : text.index("--- # the model server")]
+    assert config_map in out  # untouched: its own spacing and comment too
+    assert out.endswith("---\n# Source: wine/templates/pdb.yaml\n")
+    assert find(load_all(out), "Deployment", "wine")
+    assert inject_text(out, InjectOptions()).text == out
+
+
+def test_crlf_input_keeps_its_line_endings() -> None:
+    text = (MANIFESTS / "mlserver.yaml").read_text().replace("\n", "\r\n")
+    out = inject_text(text, InjectOptions()).text
+    assert "\r\n" in out and "\n" not in out.replace("\r\n", "")
+    assert find(load_all(out), "Deployment", "wine")
+    assert inject_text(out, InjectOptions()).text == out  # injecting twice changes nothing, not even line ends
+
+
 def test_a_list_from_kubectl_get() -> None:
     deployment = load_all((MANIFESTS / "mlserver.yaml").read_text())[1]
     text = yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [deployment]}, sort_keys=False)
