@@ -18,7 +18,8 @@ through infermon. The pattern (docs/kubernetes.md, "How inject moves the port"):
 
 Injecting twice changes nothing (an ``infermon.io/inject`` annotation records what was done); an
 already injected template with other settings, a container without a port, a port number or name
-that is already taken, and kinds that are not supported are refused with a message that says why.
+that is already taken, a pod on the node's network (hostNetwork) and kinds that are not supported are
+refused with a message that says why.
 Nothing is written when anything is refused.
 """
 
@@ -418,6 +419,14 @@ def _inject_pod(
         raise InjectError(
             f"{label}: a {kind} with a classic sidecar never completes (infermon keeps running after the "
             "model container exits); use --sidecar native (Kubernetes 1.29 and later)"
+        )
+    if pod.get("hostNetwork") is True:
+        raise InjectError(
+            f"{label}: the pod uses hostNetwork: every port in it is a port of the node, so the model server "
+            "stays reachable on the node's address around infermon, and infermon's ports "
+            f"{options.proxy_port} and {options.admin_port} would be taken on the node (one such pod per "
+            "node); run the pod on its own network (a Service reaches it) or put infermon in front of it "
+            "on the node (docs/local.md)"
         )
     namespace = _get(doc, ("metadata", "namespace"))
     labels = dict(_get(meta, ("labels",)) or {})

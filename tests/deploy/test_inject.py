@@ -386,6 +386,11 @@ TWO_NAMED = (
             "hostPort",
         ),
         (
+            _deployment(MODEL).replace("    spec:\n", "    spec:\n      hostNetwork: true\n"),
+            InjectOptions(),
+            "hostNetwork: .*node's address",
+        ),
+        (
             _deployment(MODEL + "        - {name: infermon, image: x}\n"),
             InjectOptions(container="model"),
             "already has a container named infermon that infermon inject did not add",
