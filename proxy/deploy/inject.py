@@ -48,6 +48,8 @@ CONFIG_DIR = "/etc/infermon"
 #: the port KServe's model servers listen on when the predictor container declares none
 KSERVE_PORT = 8080
 KSERVE_CONTAINER = "kserve-container"
+#: the only names Knative accepts on the one port of a Revision (they choose the protocol)
+KNATIVE_PORT_NAMES = frozenset({"http1", "h2c"})
 #: seconds: preStop pause, drain.timeout (default 30) and the trace flush (tracing.timeout, 10)
 PRESTOP_SECONDS = 5
 GRACE_SECONDS = PRESTOP_SECONDS + 30 + 10
@@ -432,7 +434,8 @@ def _inject_pod(
     labels = dict(_get(meta, ("labels",)) or {})
     existing = [c for c in _containers(pod) if c.get("name") == CONTAINER]
     if existing:
-        return _already(label, meta, options, mode, namespace, labels, result)
+        front = _already(label, meta, options, mode, namespace, labels, result)
+        return None if isvc else front  # KServe makes the Services itself
 
     app = _choose_container(label, pod, options, isvc)
     entry, app_port = _choose_port(label, app, options, isvc)
@@ -458,7 +461,10 @@ def _inject_pod(
             f"{taken_names[ADMIN_PORT_NAME]!r}; rename that port"
         )
     old_name = str(entry["name"]) if entry is not None and entry.get("name") else None
-    if old_name is not None:
+    if isvc:  # Knative: the Revision's one port is named http1, h2c or nothing
+        front_name = old_name if old_name in KNATIVE_PORT_NAMES else ""
+        app_name = None
+    elif old_name is not None:
         front_name = old_name
         app_name = f"app-{app_port}"
         if app_name in taken_names:
@@ -473,17 +479,19 @@ def _inject_pod(
             raise InjectError(f"{label}: the port names http and infermon-http are both taken; rename one")
 
     # the model container: its port keeps its number under a new name (or goes, for KServe)
+    readiness = _kserve_readiness(label, app, options, result) if isvc else None
     if isvc:
         if entry is not None:
             app["ports"].remove(entry)
             if not app["ports"]:
                 del app["ports"]
-        _retarget_probes(app, old_name, app_port)
     elif entry is not None and app_name is not None:
         entry["name"] = app_name
         _retarget_probes(app, old_name, app_name)
 
     sidecar = _sidecar(options, mode, app_port, front_name, isvc)
+    if readiness is not None:
+        sidecar.insert(list(sidecar).index("resources"), "readinessProbe", readiness)
     if options.config_map:
         volumes = pod.get("volumes")
         if not isinstance(volumes, list):
@@ -498,7 +506,7 @@ def _inject_pod(
     else:
         pod["containers"].append(sidecar)
     grace = _port_number(pod.get("terminationGracePeriodSeconds"))
-    if grace is None or grace < GRACE_SECONDS:
+    if not isvc and (grace is None or grace < GRACE_SECONDS):  # Knative sets it from the Revision's timeout
         pod["terminationGracePeriodSeconds"] = GRACE_SECONDS
 
     annotations = _ensure_map(meta, "annotations", before="spec")
@@ -525,9 +533,48 @@ def _inject_pod(
                 annotations[key] = value
             annotations.setdefault("prometheus.io/path", "/metrics")
     result.injected += 1
-    via = f"port {front_name} -> infermon :{options.proxy_port} -> {app.get('name')} :{app_port}"
+    via = f"port {front_name or 'of the Revision'} -> infermon :{options.proxy_port} -> {app.get('name')} :{app_port}"
     result.notes.append(f"{label}: injected ({mode} sidecar; {via})")
-    return _Front(namespace, labels, app_port, front_name)
+    return None if isvc else _Front(namespace, labels, app_port, front_name)
+
+
+def _kserve_readiness(label: str, app: Any, options: InjectOptions, result: InjectResult) -> Any:
+    """The model container's readinessProbe, taken off it and pointed at infermon's port: Knative
+    accepts probes only on the container that declares the Revision's port (infermon, once injected;
+    the multi-container-probing feature is off by default). Through infermon it still asks the model
+    server. A probe that cannot move that way is refused."""
+    for key in ("livenessProbe", "startupProbe"):
+        if app.get(key) is not None:
+            raise InjectError(
+                f"{label}: {app.get('name')} has a {key}; Knative accepts probes only on the container that "
+                f"declares the port, which is infermon once injected (unless the multi-container-probing "
+                f"feature is on), and moved to infermon a {key} would restart infermon, not the model "
+                f"server: remove it (its readinessProbe moves to infermon and checks the model through it)"
+            )
+    probe = app.get("readinessProbe")
+    if probe is None:
+        result.notes.append(
+            f"{label}: {app.get('name')} has no readinessProbe; Knative then only checks that infermon's "
+            "port accepts connections: give the model a readinessProbe (httpGet) and inject again"
+        )
+        return None
+    if not isinstance(probe, dict) or not any(isinstance(probe.get(k), dict) for k in ("httpGet", "tcpSocket")):
+        handler = next((k for k in ("exec", "grpc") if k in probe), "such a") if isinstance(probe, dict) else "such a"
+        raise InjectError(
+            f"{label}: {app.get('name')} has an {handler} readinessProbe, which cannot move to infermon (Knative "
+            "accepts probes only on the container that declares the port); write it as an httpGet probe of "
+            "the model server's readiness path"
+        )
+    del app["readinessProbe"]
+    if isinstance(probe.get("httpGet"), dict):
+        probe["httpGet"]["port"] = options.proxy_port  # through infermon to the model server's path
+    else:
+        probe["tcpSocket"]["port"] = options.proxy_port
+        result.notes.append(
+            f"{label}: {app.get('name')}'s tcpSocket readinessProbe now checks infermon's port only: an httpGet "
+            "probe of the model server's readiness path would check the model through infermon"
+        )
+    return probe
 
 
 def _settings(options: InjectOptions, mode: str) -> dict[str, Any]:
@@ -662,23 +709,27 @@ def _sidecar(options: InjectOptions, mode: str, app_port: int, front_name: str, 
     env = []
     if options.config_map:
         env.append(_new_map(("name", "INFERMON_CONFIG"), ("value", f"{CONFIG_DIR}/infermon.yaml")))
-    env += [
-        _new_map(("name", var), ("valueFrom", _flow_map(("fieldRef", _flow_map(("fieldPath", path))))))
-        for var, path in DOWNWARD_ENV.items()
-    ]
+    if not isvc:  # Knative refuses the Downward API in env unless kubernetes.podspec-fieldref is on
+        env += [
+            _new_map(("name", var), ("valueFrom", _flow_map(("fieldRef", _flow_map(("fieldPath", path))))))
+            for var, path in DOWNWARD_ENV.items()
+        ]
     env.append(_new_map(("name", "K8S_CONTAINER_NAME"), ("value", CONTAINER)))
     c = _new_map(("name", CONTAINER), ("image", options.image))
     if mode == "native":
         c["restartPolicy"] = "Always"  # a native sidecar: starts before the model server, stops after it
     c["args"] = _seq(args, flow=True)
-    c["ports"] = _seq(
-        [
-            _flow_map(("name", front_name), ("containerPort", options.proxy_port), ("protocol", "TCP")),
-            _flow_map(("name", admin), ("containerPort", options.admin_port), ("protocol", "TCP")),
-        ]
-    )
+    front = _flow_map(("name", front_name), ("containerPort", options.proxy_port), ("protocol", "TCP"))
+    if isvc:
+        # Knative: one port in the whole Revision; the admin port is served, not declared
+        if not front_name:
+            del front["name"]
+        c["ports"] = _seq([front])
+    else:
+        admin_port = _flow_map(("name", admin), ("containerPort", options.admin_port), ("protocol", "TCP"))
+        c["ports"] = _seq([front, admin_port])
     c["env"] = _seq(env)
-    if not isvc:  # Knative accepts probes and hooks on the serving container's port only
+    if not isvc:  # Knative: the model's readinessProbe moves here (_kserve_readiness), no hooks
         if mode == "native":
             c["startupProbe"] = _flow_map(
                 ("httpGet", _flow_map(("path", "/healthz"), ("port", admin))),

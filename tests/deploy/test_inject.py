@@ -232,12 +232,72 @@ def test_kserve_predictor_infermon_declares_the_port() -> None:
     predictor = isvc["spec"]["predictor"]
     model, sidecar = predictor["containers"]
     assert model["name"] == "kserve-container" and "ports" not in model  # KServe: one container declares it
-    assert model["readinessProbe"]["httpGet"]["port"] == 8080
+    assert "readinessProbe" not in model  # moved to infermon: Knative probes the serving container only
     assert sidecar["name"] == "infermon" and sidecar["ports"][0]["containerPort"] == 9463
     assert sidecar["args"][4] == "http://127.0.0.1:8080"
-    assert "lifecycle" not in sidecar and "readinessProbe" not in sidecar  # Knative rejects them here
+    assert "lifecycle" not in sidecar and "livenessProbe" not in sidecar  # Knative rejects them here
     assert "initContainers" not in predictor and predictor["minReplicas"] == 1
     assert json.loads(isvc["metadata"]["annotations"][ANNOTATION])["sidecar"] == "classic"
+
+
+def _knative_errors(predictor: dict[str, Any]) -> list[str]:
+    """What Knative Serving's webhook (a Serverless InferenceService becomes a Knative Service) rejects
+    in a Revision's containers, with its feature flags at their defaults: one port across all
+    containers, named '', 'http1' or 'h2c'; no probes on the containers without it (the
+    multi-container-probing flag is off); no lifecycle hooks; no Downward API env (the
+    kubernetes.podspec-fieldref flag is off)."""
+    errors = [f"{key} in the pod" for key in ("initContainers", "terminationGracePeriodSeconds") if key in predictor]
+    containers = predictor["containers"]
+    ports = [(c["name"], p) for c in containers for p in c.get("ports", [])]
+    if len(ports) != 1:
+        errors.append(f"{len(ports)} container ports across the containers: exactly one is allowed")
+    errors += [f"{name}: port name {p['name']!r}" for name, p in ports if p.get("name", "") not in ("", "http1", "h2c")]
+    serving = {name for name, _ in ports}
+    for c in containers:
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            if probe in c and c["name"] not in serving:
+                errors.append(f"{c['name']}: {probe} on a container that serves no port")
+        if "lifecycle" in c:
+            errors.append(f"{c['name']}: lifecycle")
+        for env in c.get("env", []):
+            if {"fieldRef", "resourceFieldRef"} & set(env.get("valueFrom", {})):
+                errors.append(f"{c['name']}: env {env['name']} from the Downward API")
+    return errors
+
+
+def test_kserve_output_passes_knatives_rules() -> None:
+    predictor = find(load_all((MANIFESTS / "kserve.yaml").read_text()), "InferenceService")["spec"]["predictor"]
+    assert _knative_errors(predictor) == []  # the input is a valid Serverless predictor ...
+    _, out = _inject("kserve.yaml")
+    predictor = find(load_all(out), "InferenceService")["spec"]["predictor"]
+    assert _knative_errors(predictor) == []  # ... and so is inject's output
+    _, sidecar = predictor["containers"]
+    # the model's readiness is checked through infermon, on the one port the Revision serves
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/v1/models/sentiment", "port": 9463}
+    assert sidecar["ports"] == [{"containerPort": 9463, "protocol": "TCP"}]
+    assert {e["name"] for e in sidecar["env"]} == {"K8S_CONTAINER_NAME"}
+    # a port Knative knows by its name (h2c, http1) keeps it
+    named = "- name: h2c\n            containerPort: 8080"
+    text = (MANIFESTS / "kserve.yaml").read_text().replace("- containerPort: 8080", named)
+    predictor = find(load_all(inject_text(text, InjectOptions()).text), "InferenceService")["spec"]["predictor"]
+    assert predictor["containers"][1]["ports"] == [{"name": "h2c", "containerPort": 9463, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize(
+    ("probe", "message"),
+    [
+        ("livenessProbe:\n          httpGet: {path: /, port: 8080}", "livenessProbe; .*only on the container that"),
+        ("startupProbe:\n          tcpSocket: {port: 8080}", "startupProbe; .*only on the container that"),
+    ],
+)
+def test_kserve_probes_that_cannot_move_are_refused(probe: str, message: str) -> None:
+    text = (MANIFESTS / "kserve.yaml").read_text().replace("resources:", probe + "\n        resources:")
+    with pytest.raises(InjectError, match=message):
+        inject_text(text, InjectOptions())
+    exec_probe = (MANIFESTS / "kserve.yaml").read_text().replace("httpGet: {path: /v1/models/sentiment, port: 8080}",
+                                                                  "exec: {command: [cat, /tmp/ready]}")
+    with pytest.raises(InjectError, match="exec readinessProbe"):
+        inject_text(exec_probe, InjectOptions())
 
 
 def test_a_kserve_model_spec_is_refused_with_the_way_out() -> None:
