@@ -8,9 +8,10 @@ through infermon. The pattern (docs/kubernetes.md, "How inject moves the port"):
 * the model server keeps listening where it did (its flags are never touched); infermon listens on
   its own port (``--proxy-port``, default 9463) and forwards to ``127.0.0.1:<model port>``;
 * the model server's container port *name* moves to infermon's port, the model server's port is
-  renamed ``app-<number>``; a Service whose ``targetPort`` is that name now reaches infermon without
-  any change, and a Service in the same input whose ``targetPort`` is the number is rewritten to
-  the name;
+  renamed ``app-<number>``; a Service in the same input that reached the model's port (by number or
+  by that name) is rewritten to infermon's: to its number for a native sidecar (before Kubernetes
+  1.32 a Service looks a named ``targetPort`` up among the pod's ``containers`` only, and a native
+  sidecar is an init container), to the name for a classic one;
 * the model container's own probes that named the port are pointed at its new name, so they still
   check the model server directly;
 * KServe InferenceServices follow KServe's collocation rule instead: the container that declares the
@@ -121,6 +122,8 @@ class _Front:
     labels: dict[str, str]
     app_port: int
     front_name: str
+    native: bool  # infermon is a native sidecar: Services must target its port by number
+    proxy_port: int
 
 
 @dataclass
@@ -535,7 +538,16 @@ def _inject_pod(
     result.injected += 1
     via = f"port {front_name or 'of the Revision'} -> infermon :{options.proxy_port} -> {app.get('name')} :{app_port}"
     result.notes.append(f"{label}: injected ({mode} sidecar; {via})")
-    return None if isvc else _Front(namespace, labels, app_port, front_name)
+    if isvc:
+        return None
+    if mode == "native":
+        result.notes.append(
+            f"{label}: Services outside this input: point their targetPort at {options.proxy_port}, by number "
+            f"(before Kubernetes 1.32 a Service finds no port of a native sidecar by its name, {front_name} "
+            f"included, and gets no endpoints; one that targets {app_port} still reaches {app.get('name')} "
+            "directly)"
+        )
+    return _Front(namespace, labels, app_port, front_name, mode == "native", options.proxy_port)
 
 
 def _kserve_readiness(label: str, app: Any, options: InjectOptions, result: InjectResult) -> Any:
@@ -623,7 +635,7 @@ def _already(
     port, front = _port_number(record.get("port")), record.get("front")
     if port is None or not isinstance(front, str):
         raise InjectError(f"{label}: the {ANNOTATION} annotation is damaged (no port or front); inject the original")
-    return _Front(namespace, labels, port, front)
+    return _Front(namespace, labels, port, front, mode == "native", options.proxy_port)
 
 
 def _choose_container(label: str, pod: Any, options: InjectOptions, isvc: bool) -> Any:
@@ -770,8 +782,10 @@ def _sidecar(options: InjectOptions, mode: str, app_port: int, front_name: str, 
 
 
 def _point_service(doc: Any, fronts: list[_Front], result: InjectResult) -> bool:
-    """A Service in the input that selects an injected pod by the model port's number now names the
-    port; True when it was changed."""
+    """A Service in the input that selects an injected pod and reached the model's port now reaches
+    infermon's: by number for a native sidecar (before Kubernetes 1.32 a Service's named targetPort
+    is looked up among the pod's ``containers`` only), by the moved name for a classic one. True
+    when it was changed."""
     selector = _get(doc, ("spec", "selector"))
     ports = _get(doc, ("spec", "ports"))
     changed = False
@@ -785,11 +799,12 @@ def _point_service(doc: Any, fronts: list[_Front], result: InjectResult) -> bool
             if not isinstance(port, dict) or port.get("protocol", "TCP") != "TCP":
                 continue
             target = port.get("targetPort", port.get("port"))
-            if _port_number(target) == front.app_port:
-                port["targetPort"] = front.front_name
+            new: int | str = front.proxy_port if front.native else front.front_name
+            if _port_number(target) == front.app_port or (front.native and target == front.front_name):
+                port["targetPort"] = new
                 changed = True
                 result.notes.append(
-                    f"{_label(doc)}: port {port.get('name') or port.get('port')} now targets {front.front_name} "
+                    f"{_label(doc)}: port {port.get('name') or port.get('port')} now targets {new} "
                     f"(infermon) instead of {target}"
                 )
     return changed

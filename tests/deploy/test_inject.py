@@ -27,7 +27,7 @@ from proxy.deploy.inject import (
     inject_text,
 )
 from proxy.observe.tracing import K8S_ENV
-from tests.deploy.kube import VERSIONS, find, load_all, pod_containers, validate_all
+from tests.deploy.kube import VERSIONS, find, load_all, pod_containers, resolve_port, validate_all
 
 HERE = Path(__file__).resolve().parent
 MANIFESTS = HERE / "manifests"
@@ -86,6 +86,37 @@ def test_the_output_is_valid_and_a_second_pass_changes_nothing(name: str) -> Non
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+def test_every_service_of_the_input_that_reached_the_model_reaches_infermon(name: str) -> None:
+    """Resolved as Kubernetes before 1.32 resolves a Service's targetPort: a port name is looked up
+    among the pod's ``containers`` only, so a name on a native sidecar would give no endpoints."""
+    text, out = _inject(name)
+    before, after = load_all(text), load_all(out)
+    checked = 0
+    for doc, injected in zip(before, after, strict=True):
+        if doc["kind"] in ("Service", "ConfigMap", "InferenceService"):
+            continue  # KServe makes its own Services
+        template = doc["spec"].get("template") or doc["spec"]["jobTemplate"]["spec"]["template"]
+        labels = template.get("metadata", {}).get("labels", {})
+        record = json.loads(_template_annotations(injected)[ANNOTATION])
+        for service, pointed in zip(before, after, strict=True):
+            selector = service["spec"].get("selector", {}) if service["kind"] == "Service" else {}
+            if not selector or not selector.items() <= labels.items():
+                continue
+            for old, new in zip(service["spec"]["ports"], pointed["spec"]["ports"], strict=True):
+                if resolve_port(_pod(doc), old.get("targetPort", old["port"])) == record["port"]:
+                    assert resolve_port(_pod(injected), new["targetPort"]) == record["proxyPort"], new
+                    checked += 1
+    assert checked or name in ("batch.yaml", "kserve.yaml", "iris-plain.yaml")
+
+
+def test_a_note_names_the_services_inject_could_not_see() -> None:
+    result = inject_text((MANIFESTS / "mlserver.yaml").read_text(), InjectOptions())
+    assert any("Services outside this input" in n and "9463" in n and "1.32" in n for n in result.notes)
+    classic = inject_text((MANIFESTS / "daemonset.yaml").read_text(), CASES["daemonset.yaml"])
+    assert not any("Services outside this input" in n for n in classic.notes)  # a name works there
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_comments_are_kept(name: str) -> None:
     text, out = _inject(name)
     comments = [m.group(0).strip() for m in re.finditer(r"#.*$", text, re.M)]
@@ -118,8 +149,8 @@ def test_mlserver_deployment() -> None:
     assert model["readinessProbe"]["httpGet"]["port"] == "app-8080"
     assert model["livenessProbe"]["httpGet"]["port"] == "app-8080"
     assert pod["terminationGracePeriodSeconds"] == 60  # longer than needed: kept
-    # the Service that targeted the number now targets the name, which is infermon's port
-    assert find(docs, "Service", "wine")["spec"]["ports"][0]["targetPort"] == "http"
+    # the Service that targeted the model's port now targets infermon's, by number (a native sidecar)
+    assert find(docs, "Service", "wine")["spec"]["ports"][0]["targetPort"] == 9463
     assert find(docs, "Service", "other") == find(load_all(text), "Service", "other")
     assert find(docs, "ConfigMap") == find(load_all(text), "ConfigMap")
     annotations = _template_annotations(deployment)
@@ -177,9 +208,9 @@ def test_torchserve_fronts_the_chosen_port_and_keeps_its_own_scrape_annotations(
     annotations = _template_annotations(find(docs, "StatefulSet"))
     assert annotations["prometheus.io/port"] == "8082"  # TorchServe's metrics, not overwritten
     assert any("kept the pod's own prometheus.io" in n for n in result.notes)
-    # the Service targets names: inference now reaches infermon, management still TorchServe
+    # inference now reaches infermon (by number: a native sidecar), management still TorchServe
     service = find(docs, "Service")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["inference", "management"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [9463, "management"]
     assert "volumeClaimTemplates" in find(docs, "StatefulSet")["spec"]
 
 
@@ -193,7 +224,7 @@ def test_an_unnamed_port_gets_the_name_http() -> None:
     assert sidecar["ports"][0] == {"name": "http", "containerPort": 9463, "protocol": "TCP"}
     assert pod["containers"][0]["ports"] == [{"containerPort": 8000}]  # unnamed: untouched
     assert pod["containers"][0]["startupProbe"]["httpGet"]["port"] == 8000
-    assert find(docs, "Service")["spec"]["ports"][0]["targetPort"] == "http"
+    assert find(docs, "Service")["spec"]["ports"][0]["targetPort"] == 9463
     assert rollout["spec"]["strategy"]["canary"]["steps"][0] == {"setWeight": 20}
     # a long line is never folded
     assert '"--gpu-memory-utilization", "0.9"]' in out
