@@ -18,15 +18,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
-# the install commands the tests run (tests/deploy/test_dockerfile.py). First infermon with its
-# dependencies (k8s: the agent's pod-resources client) and the build requirements of pyproject.toml;
-# then the package again, built where mypyc's type check sees those dependencies (in an isolated
-# build they are missing, the check fails and setup.py falls back to pure Python); then mypy goes,
-# and a build that is not compiled is a failed build (-I: the installed package, not /src).
+# the install command the tests run (tests/deploy/test_dockerfile.py), the one a user runs: pip builds
+# the wheel in its isolated build environment (pyproject.toml's build requirements), compiling the
+# data plane there; a build that is not compiled is a failed build (-I: the installed package, not /src)
 RUN python -m venv /opt/infermon \
-    && /opt/infermon/bin/pip install '.[k8s]' 'setuptools>=68' 'mypy>=1.10' \
-    && /opt/infermon/bin/pip install --no-build-isolation --no-deps --force-reinstall . \
-    && /opt/infermon/bin/pip uninstall -y mypy \
+    && /opt/infermon/bin/pip install '.[k8s]' \
     && /opt/infermon/bin/python -I -c "import proxy._compiled as c, proxy.dataplane.server; assert c.mode() == 'compiled', c.mode()" \
     && /opt/infermon/bin/infermon --version
 

@@ -27,7 +27,9 @@ def register(subparsers: Any) -> None:
         help="add the infermon sidecar to Kubernetes manifests",
         description="Read Kubernetes manifests (multi-document YAML) and write them to stdout with infermon "
         f"added beside the model server of each pod template ({SUPPORTED}). The model server keeps its "
-        "port; infermon takes over the port's name, so a Service that targets the name reaches infermon. "
+        "port; infermon takes over the port's name, and the Services in the input that reached the model's port "
+        "are pointed at infermon's (by number for a native sidecar: before Kubernetes 1.32 a Service finds no "
+        "port of a native sidecar by name). "
         "Comments and unknown fields are kept; injecting twice changes nothing. See docs/kubernetes.md.",
     )
     p.add_argument("file", metavar="FILE|-", help="a YAML file, or - for standard input")

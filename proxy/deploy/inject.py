@@ -1,15 +1,17 @@
 """``infermon inject``: add the infermon sidecar to the pod templates of Kubernetes manifests.
 
 Reads multi-document YAML and writes it back, comments, key order, quoting and unknown fields kept
-(a round-trip YAML parser), with each supported workload's pod template changed so that the model
-server's traffic goes through infermon. The pattern (docs/kubernetes.md, "How inject moves the port"):
+(a round-trip YAML parser; documents it does not change, comment-only ones too, byte for byte),
+with each supported workload's pod template changed so that the model server's traffic goes
+through infermon. The pattern (docs/kubernetes.md, "How inject moves the port"):
 
 * the model server keeps listening where it did (its flags are never touched); infermon listens on
   its own port (``--proxy-port``, default 9463) and forwards to ``127.0.0.1:<model port>``;
 * the model server's container port *name* moves to infermon's port, the model server's port is
-  renamed ``app-<number>``; a Service whose ``targetPort`` is that name now reaches infermon without
-  any change, and a Service in the same input whose ``targetPort`` is the number is rewritten to
-  the name;
+  renamed ``app-<number>``; a Service in the same input that reached the model's port (by number or
+  by that name) is rewritten to infermon's: to its number for a native sidecar (before Kubernetes
+  1.32 a Service looks a named ``targetPort`` up among the pod's ``containers`` only, and a native
+  sidecar is an init container), to the name for a classic one;
 * the model container's own probes that named the port are pointed at its new name, so they still
   check the model server directly;
 * KServe InferenceServices follow KServe's collocation rule instead: the container that declares the
@@ -17,7 +19,8 @@ server's traffic goes through infermon. The pattern (docs/kubernetes.md, "How in
 
 Injecting twice changes nothing (an ``infermon.io/inject`` annotation records what was done); an
 already injected template with other settings, a container without a port, a port number or name
-that is already taken, and kinds that are not supported are refused with a message that says why.
+that is already taken, a pod on the node's network (hostNetwork) and kinds that are not supported are
+refused with a message that says why.
 Nothing is written when anything is refused.
 """
 
@@ -46,6 +49,8 @@ CONFIG_DIR = "/etc/infermon"
 #: the port KServe's model servers listen on when the predictor container declares none
 KSERVE_PORT = 8080
 KSERVE_CONTAINER = "kserve-container"
+#: the only names Knative accepts on the one port of a Revision (they choose the protocol)
+KNATIVE_PORT_NAMES = frozenset({"http1", "h2c"})
 #: seconds: preStop pause, drain.timeout (default 30) and the trace flush (tracing.timeout, 10)
 PRESTOP_SECONDS = 5
 GRACE_SECONDS = PRESTOP_SECONDS + 30 + 10
@@ -117,6 +122,8 @@ class _Front:
     labels: dict[str, str]
     app_port: int
     front_name: str
+    native: bool  # infermon is a native sidecar: Services must target its port by number
+    proxy_port: int
 
 
 @dataclass
@@ -138,7 +145,6 @@ def _yaml(text: str) -> Any:
     y.width = 4096  # never fold a long line
     mapping, sequence, offset = _guess_indent(text)
     y.indent(mapping=mapping, sequence=sequence, offset=offset)
-    y.explicit_start = text.lstrip().startswith("---")
     return y
 
 
@@ -208,36 +214,104 @@ def _ensure_map(parent: Any, key: str, before: str | None = None) -> Any:
 # -- the documents ----------------------------------------------------------------------------------
 
 
+#: a line that starts or ends a document: never content, wherever it stands (YAML's c-forbidden)
+_START = re.compile(r"---(?=[ \t\r\n]|$)")
+_END = re.compile(r"\.\.\.(?=[ \t\r\n]|$)")
+_CLEAN_START = re.compile(r"---[ \t]*(#.*)?\r?\n?")
+
+
+@dataclass
+class _Segment:
+    """One document of the stream as written: its ``---`` line, its body, its ``...`` line."""
+
+    head: str  # the ``---`` line (with its comment), kept as written; "" for the first bare document
+    body: str
+    tail: str  # the ``...`` line and what follows it up to the next document
+    docs: list[Any] = field(default_factory=list)
+    changed: bool = False
+
+
+def _segments(text: str) -> list[_Segment]:
+    """The stream cut at its document markers, so that ``"".join`` of the parts gives ``text`` back."""
+    segments = [_Segment("", "", "")]
+    for line in text.splitlines(keepends=True):
+        current = segments[-1]
+        if _START.match(line):
+            segments.append(_Segment(line, "", ""))
+        elif _END.match(line) or (current.tail and _blank_or_comment(line)):
+            current.tail += line
+        elif current.tail:  # a bare document after ``...``
+            segments.append(_Segment("", line, ""))
+        else:
+            current.body += line
+    return segments
+
+
+def _blank_or_comment(line: str) -> bool:
+    return not line.strip() or line.lstrip().startswith("#")
+
+
+def _has_content(body: str) -> bool:
+    """Anything but comments, blank lines and directives (``%YAML``, which only precede a ``---``)."""
+    return any(not _blank_or_comment(line) and not line.startswith("%") for line in body.splitlines())
+
+
 def inject_text(text: str, options: InjectOptions) -> InjectResult:
-    """Inject every supported document of a YAML stream; raise InjectError and write nothing on any refusal."""
+    """Inject every supported document of a YAML stream; raise InjectError and write nothing on any refusal.
+
+    Documents that nothing changes (a ConfigMap, a Service left as it is, a template already
+    injected, a document of comments only) are written back exactly as they were read; a changed
+    one is written by the round-trip parser, its comments, order and quoting kept, with the line
+    ends of the input.
+    """
     from ruamel.yaml.error import YAMLError
 
-    y = _yaml(text)
     try:
-        docs = [d for d in y.load_all(text) if d is not None]
+        list(_yaml(text).load_all(text))  # the stream as a whole, so an error names its real line
     except YAMLError as exc:
         raise InjectError(f"the input is not valid YAML: {exc}") from None
+    segments = _segments(text)
+    for segment in segments:
+        if segment.head and not _CLEAN_START.fullmatch(segment.head):
+            segment.body, segment.head = segment.head + segment.body, ""  # content on the --- line
+        if _has_content(segment.body):
+            loaded = _yaml(segment.body).load_all(segment.body)
+            segment.docs = [d for d in loaded if d is not None]
     result = InjectResult(text="")
     fronts: list[_Front] = []
     errors: list[str] = []
-    for doc in _walk(docs):
-        try:
-            front = _inject_document(doc, options, result)
-        except InjectError as exc:
-            errors.append(str(exc))
-            continue
-        if front is not None:
-            fronts.append(front)
+    for segment in segments:
+        for doc in _walk(segment.docs):
+            before = result.injected
+            try:
+                front = _inject_document(doc, options, result)
+            except InjectError as exc:
+                errors.append(str(exc))
+                continue
+            segment.changed |= result.injected > before
+            if front is not None:
+                fronts.append(front)
     if errors:
         raise InjectError("\n".join(errors))
-    for doc in _walk(docs):
-        if doc.get("kind") == "Service" and _group(doc) == "":
-            _point_service(doc, fronts, result)
+    for segment in segments:
+        for doc in _walk(segment.docs):
+            if doc.get("kind") == "Service" and _group(doc) == "":
+                segment.changed |= _point_service(doc, fronts, result)
     if result.injected == 0 and result.unchanged == 0:
         raise InjectError(f"nothing to inject: no workload in the input (supported: {SUPPORTED})")
-    out = io.StringIO()
-    y.dump_all(docs, out)
-    result.text = out.getvalue()
+    out: list[str] = []
+    for segment in segments:
+        body = segment.body
+        if segment.changed:
+            y = _yaml(segment.body)
+            y.explicit_start = not segment.head and segment.body.lstrip().startswith("---")
+            written = io.StringIO()
+            y.dump_all(segment.docs, written)
+            body = written.getvalue()
+            if "\r\n" in segment.body:
+                body = body.replace("\r\n", "\n").replace("\n", "\r\n")
+        out += [segment.head, body, segment.tail]
+    result.text = "".join(out)
     return result
 
 
@@ -351,11 +425,20 @@ def _inject_pod(
             f"{label}: a {kind} with a classic sidecar never completes (infermon keeps running after the "
             "model container exits); use --sidecar native (Kubernetes 1.29 and later)"
         )
+    if pod.get("hostNetwork") is True:
+        raise InjectError(
+            f"{label}: the pod uses hostNetwork: every port in it is a port of the node, so the model server "
+            "stays reachable on the node's address around infermon, and infermon's ports "
+            f"{options.proxy_port} and {options.admin_port} would be taken on the node (one such pod per "
+            "node); run the pod on its own network (a Service reaches it) or put infermon in front of it "
+            "on the node (docs/local.md)"
+        )
     namespace = _get(doc, ("metadata", "namespace"))
     labels = dict(_get(meta, ("labels",)) or {})
     existing = [c for c in _containers(pod) if c.get("name") == CONTAINER]
     if existing:
-        return _already(label, meta, options, mode, namespace, labels, result)
+        front = _already(label, meta, options, mode, namespace, labels, result)
+        return None if isvc else front  # KServe makes the Services itself
 
     app = _choose_container(label, pod, options, isvc)
     entry, app_port = _choose_port(label, app, options, isvc)
@@ -381,7 +464,10 @@ def _inject_pod(
             f"{taken_names[ADMIN_PORT_NAME]!r}; rename that port"
         )
     old_name = str(entry["name"]) if entry is not None and entry.get("name") else None
-    if old_name is not None:
+    if isvc:  # Knative: the Revision's one port is named http1, h2c or nothing
+        front_name = old_name if old_name in KNATIVE_PORT_NAMES else ""
+        app_name = None
+    elif old_name is not None:
         front_name = old_name
         app_name = f"app-{app_port}"
         if app_name in taken_names:
@@ -396,17 +482,19 @@ def _inject_pod(
             raise InjectError(f"{label}: the port names http and infermon-http are both taken; rename one")
 
     # the model container: its port keeps its number under a new name (or goes, for KServe)
+    readiness = _kserve_readiness(label, app, options, result) if isvc else None
     if isvc:
         if entry is not None:
             app["ports"].remove(entry)
             if not app["ports"]:
                 del app["ports"]
-        _retarget_probes(app, old_name, app_port)
     elif entry is not None and app_name is not None:
         entry["name"] = app_name
         _retarget_probes(app, old_name, app_name)
 
     sidecar = _sidecar(options, mode, app_port, front_name, isvc)
+    if readiness is not None:
+        sidecar.insert(list(sidecar).index("resources"), "readinessProbe", readiness)
     if options.config_map:
         volumes = pod.get("volumes")
         if not isinstance(volumes, list):
@@ -421,7 +509,7 @@ def _inject_pod(
     else:
         pod["containers"].append(sidecar)
     grace = _port_number(pod.get("terminationGracePeriodSeconds"))
-    if grace is None or grace < GRACE_SECONDS:
+    if not isvc and (grace is None or grace < GRACE_SECONDS):  # Knative sets it from the Revision's timeout
         pod["terminationGracePeriodSeconds"] = GRACE_SECONDS
 
     annotations = _ensure_map(meta, "annotations", before="spec")
@@ -448,9 +536,57 @@ def _inject_pod(
                 annotations[key] = value
             annotations.setdefault("prometheus.io/path", "/metrics")
     result.injected += 1
-    via = f"port {front_name} -> infermon :{options.proxy_port} -> {app.get('name')} :{app_port}"
+    via = f"port {front_name or 'of the Revision'} -> infermon :{options.proxy_port} -> {app.get('name')} :{app_port}"
     result.notes.append(f"{label}: injected ({mode} sidecar; {via})")
-    return _Front(namespace, labels, app_port, front_name)
+    if isvc:
+        return None
+    if mode == "native":
+        result.notes.append(
+            f"{label}: Services outside this input: point their targetPort at {options.proxy_port}, by number "
+            f"(before Kubernetes 1.32 a Service finds no port of a native sidecar by its name, {front_name} "
+            f"included, and gets no endpoints; one that targets {app_port} still reaches {app.get('name')} "
+            "directly)"
+        )
+    return _Front(namespace, labels, app_port, front_name, mode == "native", options.proxy_port)
+
+
+def _kserve_readiness(label: str, app: Any, options: InjectOptions, result: InjectResult) -> Any:
+    """The model container's readinessProbe, taken off it and pointed at infermon's port: Knative
+    accepts probes only on the container that declares the Revision's port (infermon, once injected;
+    the multi-container-probing feature is off by default). Through infermon it still asks the model
+    server. A probe that cannot move that way is refused."""
+    for key in ("livenessProbe", "startupProbe"):
+        if app.get(key) is not None:
+            raise InjectError(
+                f"{label}: {app.get('name')} has a {key}; Knative accepts probes only on the container that "
+                f"declares the port, which is infermon once injected (unless the multi-container-probing "
+                f"feature is on), and moved to infermon a {key} would restart infermon, not the model "
+                f"server: remove it (its readinessProbe moves to infermon and checks the model through it)"
+            )
+    probe = app.get("readinessProbe")
+    if probe is None:
+        result.notes.append(
+            f"{label}: {app.get('name')} has no readinessProbe; Knative then only checks that infermon's "
+            "port accepts connections: give the model a readinessProbe (httpGet) and inject again"
+        )
+        return None
+    if not isinstance(probe, dict) or not any(isinstance(probe.get(k), dict) for k in ("httpGet", "tcpSocket")):
+        handler = next((k for k in ("exec", "grpc") if k in probe), "such a") if isinstance(probe, dict) else "such a"
+        raise InjectError(
+            f"{label}: {app.get('name')} has an {handler} readinessProbe, which cannot move to infermon (Knative "
+            "accepts probes only on the container that declares the port); write it as an httpGet probe of "
+            "the model server's readiness path"
+        )
+    del app["readinessProbe"]
+    if isinstance(probe.get("httpGet"), dict):
+        probe["httpGet"]["port"] = options.proxy_port  # through infermon to the model server's path
+    else:
+        probe["tcpSocket"]["port"] = options.proxy_port
+        result.notes.append(
+            f"{label}: {app.get('name')}'s tcpSocket readinessProbe now checks infermon's port only: an httpGet "
+            "probe of the model server's readiness path would check the model through infermon"
+        )
+    return probe
 
 
 def _settings(options: InjectOptions, mode: str) -> dict[str, Any]:
@@ -499,7 +635,7 @@ def _already(
     port, front = _port_number(record.get("port")), record.get("front")
     if port is None or not isinstance(front, str):
         raise InjectError(f"{label}: the {ANNOTATION} annotation is damaged (no port or front); inject the original")
-    return _Front(namespace, labels, port, front)
+    return _Front(namespace, labels, port, front, mode == "native", options.proxy_port)
 
 
 def _choose_container(label: str, pod: Any, options: InjectOptions, isvc: bool) -> Any:
@@ -585,23 +721,27 @@ def _sidecar(options: InjectOptions, mode: str, app_port: int, front_name: str, 
     env = []
     if options.config_map:
         env.append(_new_map(("name", "INFERMON_CONFIG"), ("value", f"{CONFIG_DIR}/infermon.yaml")))
-    env += [
-        _new_map(("name", var), ("valueFrom", _flow_map(("fieldRef", _flow_map(("fieldPath", path))))))
-        for var, path in DOWNWARD_ENV.items()
-    ]
+    if not isvc:  # Knative refuses the Downward API in env unless kubernetes.podspec-fieldref is on
+        env += [
+            _new_map(("name", var), ("valueFrom", _flow_map(("fieldRef", _flow_map(("fieldPath", path))))))
+            for var, path in DOWNWARD_ENV.items()
+        ]
     env.append(_new_map(("name", "K8S_CONTAINER_NAME"), ("value", CONTAINER)))
     c = _new_map(("name", CONTAINER), ("image", options.image))
     if mode == "native":
         c["restartPolicy"] = "Always"  # a native sidecar: starts before the model server, stops after it
     c["args"] = _seq(args, flow=True)
-    c["ports"] = _seq(
-        [
-            _flow_map(("name", front_name), ("containerPort", options.proxy_port), ("protocol", "TCP")),
-            _flow_map(("name", admin), ("containerPort", options.admin_port), ("protocol", "TCP")),
-        ]
-    )
+    front = _flow_map(("name", front_name), ("containerPort", options.proxy_port), ("protocol", "TCP"))
+    if isvc:
+        # Knative: one port in the whole Revision; the admin port is served, not declared
+        if not front_name:
+            del front["name"]
+        c["ports"] = _seq([front])
+    else:
+        admin_port = _flow_map(("name", admin), ("containerPort", options.admin_port), ("protocol", "TCP"))
+        c["ports"] = _seq([front, admin_port])
     c["env"] = _seq(env)
-    if not isvc:  # Knative accepts probes and hooks on the serving container's port only
+    if not isvc:  # Knative: the model's readinessProbe moves here (_kserve_readiness), no hooks
         if mode == "native":
             c["startupProbe"] = _flow_map(
                 ("httpGet", _flow_map(("path", "/healthz"), ("port", admin))),
@@ -641,12 +781,16 @@ def _sidecar(options: InjectOptions, mode: str, app_port: int, front_name: str, 
     return c
 
 
-def _point_service(doc: Any, fronts: list[_Front], result: InjectResult) -> None:
-    """A Service in the input that selects an injected pod by the model port's number now names the port."""
+def _point_service(doc: Any, fronts: list[_Front], result: InjectResult) -> bool:
+    """A Service in the input that selects an injected pod and reached the model's port now reaches
+    infermon's: by number for a native sidecar (before Kubernetes 1.32 a Service's named targetPort
+    is looked up among the pod's ``containers`` only), by the moved name for a classic one. True
+    when it was changed."""
     selector = _get(doc, ("spec", "selector"))
     ports = _get(doc, ("spec", "ports"))
+    changed = False
     if not isinstance(selector, dict) or not selector or not isinstance(ports, list):
-        return
+        return changed
     namespace = _get(doc, ("metadata", "namespace"))
     for front in fronts:
         if front.namespace != namespace or any(front.labels.get(k) != v for k, v in selector.items()):
@@ -655,9 +799,12 @@ def _point_service(doc: Any, fronts: list[_Front], result: InjectResult) -> None
             if not isinstance(port, dict) or port.get("protocol", "TCP") != "TCP":
                 continue
             target = port.get("targetPort", port.get("port"))
-            if _port_number(target) == front.app_port:
-                port["targetPort"] = front.front_name
+            new: int | str = front.proxy_port if front.native else front.front_name
+            if _port_number(target) == front.app_port or (front.native and target == front.front_name):
+                port["targetPort"] = new
+                changed = True
                 result.notes.append(
-                    f"{_label(doc)}: port {port.get('name') or port.get('port')} now targets {front.front_name} "
+                    f"{_label(doc)}: port {port.get('name') or port.get('port')} now targets {new} "
                     f"(infermon) instead of {target}"
                 )
+    return changed

@@ -111,3 +111,17 @@ def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
 
 def pod_containers(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for key in ("initContainers", "containers") for c in pod.get(key) or []}
+
+
+def resolve_port(pod: dict[str, Any], target: int | str, protocol: str = "TCP") -> int | None:
+    """The container port a Service's ``targetPort`` or a NetworkPolicy's ``port`` means in ``pod``, as
+    Kubernetes before 1.32 resolves it (and NetworkPolicy implementations of that time): a name is
+    looked up among ``containers`` only, never among native sidecars (init containers with
+    ``restartPolicy: Always``); a number is itself. None when nothing matches (no endpoints, no rule)."""
+    if isinstance(target, int):
+        return target
+    for container in pod.get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == target and port.get("protocol", "TCP") == protocol:
+                return int(port["containerPort"])
+    return None

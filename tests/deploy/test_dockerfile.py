@@ -206,21 +206,20 @@ def _install_command() -> str:
     return " ".join(command.split())
 
 
-def test_the_install_commands_install_this_package_compiled_with_its_build_requirements() -> None:
+def test_the_install_command_is_the_plain_one_a_user_runs() -> None:
+    """One ``pip install`` of the package with an extra that exists: the wheel is built in pip's
+    isolated build environment from pyproject.toml's build requirements, as ``pip install .`` anywhere."""
     commands = [shlex.split(c) for c in _install_command().split(" && ") if "/pip " in c]
-    assert [c[1] for c in commands] == ["install", "install", "uninstall"], commands
-    first, second, uninstall = commands
-    assert all(c[0] == "/opt/infermon/bin/pip" for c in commands)
-    # infermon with an extra that exists, and exactly the build requirements of pyproject.toml
-    (target,) = [w for w in first[2:] if w.startswith(".")]
+    assert len(commands) == 1, commands
+    (install,) = commands
+    assert install[:2] == ["/opt/infermon/bin/pip", "install"]
+    (target,) = install[2:]
     m = re.fullmatch(r"\.\[([\w,]+)\]", target)
     assert m, target
     assert set(m.group(1).split(",")) <= set(PYPROJECT["project"]["optional-dependencies"])
-    assert [w for w in first[2:] if w != target] == PYPROJECT["build-system"]["requires"]
-    # then built again where the type check sees the dependencies; a wheel, never editable
-    assert second[2:] == ["--no-build-isolation", "--no-deps", "--force-reinstall", "."]
-    assert uninstall[2:] == ["-y", "mypy"]
-    assert "-e" not in first + second
+    # what the isolated build environment holds: setuptools, and mypy for mypyc
+    requires = PYPROJECT["build-system"]["requires"]
+    assert any(r.startswith("setuptools") for r in requires) and any(r.startswith("mypy") for r in requires)
 
 
 class _Model(BaseHTTPRequestHandler):

@@ -27,7 +27,7 @@ from proxy.deploy.inject import (
     inject_text,
 )
 from proxy.observe.tracing import K8S_ENV
-from tests.deploy.kube import VERSIONS, find, load_all, pod_containers, validate_all
+from tests.deploy.kube import VERSIONS, find, load_all, pod_containers, resolve_port, validate_all
 
 HERE = Path(__file__).resolve().parent
 MANIFESTS = HERE / "manifests"
@@ -86,6 +86,37 @@ def test_the_output_is_valid_and_a_second_pass_changes_nothing(name: str) -> Non
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+def test_every_service_of_the_input_that_reached_the_model_reaches_infermon(name: str) -> None:
+    """Resolved as Kubernetes before 1.32 resolves a Service's targetPort: a port name is looked up
+    among the pod's ``containers`` only, so a name on a native sidecar would give no endpoints."""
+    text, out = _inject(name)
+    before, after = load_all(text), load_all(out)
+    checked = 0
+    for doc, injected in zip(before, after, strict=True):
+        if doc["kind"] in ("Service", "ConfigMap", "InferenceService"):
+            continue  # KServe makes its own Services
+        template = doc["spec"].get("template") or doc["spec"]["jobTemplate"]["spec"]["template"]
+        labels = template.get("metadata", {}).get("labels", {})
+        record = json.loads(_template_annotations(injected)[ANNOTATION])
+        for service, pointed in zip(before, after, strict=True):
+            selector = service["spec"].get("selector", {}) if service["kind"] == "Service" else {}
+            if not selector or not selector.items() <= labels.items():
+                continue
+            for old, new in zip(service["spec"]["ports"], pointed["spec"]["ports"], strict=True):
+                if resolve_port(_pod(doc), old.get("targetPort", old["port"])) == record["port"]:
+                    assert resolve_port(_pod(injected), new["targetPort"]) == record["proxyPort"], new
+                    checked += 1
+    assert checked or name in ("batch.yaml", "kserve.yaml", "iris-plain.yaml")
+
+
+def test_a_note_names_the_services_inject_could_not_see() -> None:
+    result = inject_text((MANIFESTS / "mlserver.yaml").read_text(), InjectOptions())
+    assert any("Services outside this input" in n and "9463" in n and "1.32" in n for n in result.notes)
+    classic = inject_text((MANIFESTS / "daemonset.yaml").read_text(), CASES["daemonset.yaml"])
+    assert not any("Services outside this input" in n for n in classic.notes)  # a name works there
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_comments_are_kept(name: str) -> None:
     text, out = _inject(name)
     comments = [m.group(0).strip() for m in re.finditer(r"#.*$", text, re.M)]
@@ -118,8 +149,8 @@ def test_mlserver_deployment() -> None:
     assert model["readinessProbe"]["httpGet"]["port"] == "app-8080"
     assert model["livenessProbe"]["httpGet"]["port"] == "app-8080"
     assert pod["terminationGracePeriodSeconds"] == 60  # longer than needed: kept
-    # the Service that targeted the number now targets the name, which is infermon's port
-    assert find(docs, "Service", "wine")["spec"]["ports"][0]["targetPort"] == "http"
+    # the Service that targeted the model's port now targets infermon's, by number (a native sidecar)
+    assert find(docs, "Service", "wine")["spec"]["ports"][0]["targetPort"] == 9463
     assert find(docs, "Service", "other") == find(load_all(text), "Service", "other")
     assert find(docs, "ConfigMap") == find(load_all(text), "ConfigMap")
     annotations = _template_annotations(deployment)
@@ -177,9 +208,9 @@ def test_torchserve_fronts_the_chosen_port_and_keeps_its_own_scrape_annotations(
     annotations = _template_annotations(find(docs, "StatefulSet"))
     assert annotations["prometheus.io/port"] == "8082"  # TorchServe's metrics, not overwritten
     assert any("kept the pod's own prometheus.io" in n for n in result.notes)
-    # the Service targets names: inference now reaches infermon, management still TorchServe
+    # inference now reaches infermon (by number: a native sidecar), management still TorchServe
     service = find(docs, "Service")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["inference", "management"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [9463, "management"]
     assert "volumeClaimTemplates" in find(docs, "StatefulSet")["spec"]
 
 
@@ -193,7 +224,7 @@ def test_an_unnamed_port_gets_the_name_http() -> None:
     assert sidecar["ports"][0] == {"name": "http", "containerPort": 9463, "protocol": "TCP"}
     assert pod["containers"][0]["ports"] == [{"containerPort": 8000}]  # unnamed: untouched
     assert pod["containers"][0]["startupProbe"]["httpGet"]["port"] == 8000
-    assert find(docs, "Service")["spec"]["ports"][0]["targetPort"] == "http"
+    assert find(docs, "Service")["spec"]["ports"][0]["targetPort"] == 9463
     assert rollout["spec"]["strategy"]["canary"]["steps"][0] == {"setWeight": 20}
     # a long line is never folded
     assert '"--gpu-memory-utilization", "0.9"]' in out
@@ -232,12 +263,72 @@ def test_kserve_predictor_infermon_declares_the_port() -> None:
     predictor = isvc["spec"]["predictor"]
     model, sidecar = predictor["containers"]
     assert model["name"] == "kserve-container" and "ports" not in model  # KServe: one container declares it
-    assert model["readinessProbe"]["httpGet"]["port"] == 8080
+    assert "readinessProbe" not in model  # moved to infermon: Knative probes the serving container only
     assert sidecar["name"] == "infermon" and sidecar["ports"][0]["containerPort"] == 9463
     assert sidecar["args"][4] == "http://127.0.0.1:8080"
-    assert "lifecycle" not in sidecar and "readinessProbe" not in sidecar  # Knative rejects them here
+    assert "lifecycle" not in sidecar and "livenessProbe" not in sidecar  # Knative rejects them here
     assert "initContainers" not in predictor and predictor["minReplicas"] == 1
     assert json.loads(isvc["metadata"]["annotations"][ANNOTATION])["sidecar"] == "classic"
+
+
+def _knative_errors(predictor: dict[str, Any]) -> list[str]:
+    """What Knative Serving's webhook (a Serverless InferenceService becomes a Knative Service) rejects
+    in a Revision's containers, with its feature flags at their defaults: one port across all
+    containers, named '', 'http1' or 'h2c'; no probes on the containers without it (the
+    multi-container-probing flag is off); no lifecycle hooks; no Downward API env (the
+    kubernetes.podspec-fieldref flag is off)."""
+    errors = [f"{key} in the pod" for key in ("initContainers", "terminationGracePeriodSeconds") if key in predictor]
+    containers = predictor["containers"]
+    ports = [(c["name"], p) for c in containers for p in c.get("ports", [])]
+    if len(ports) != 1:
+        errors.append(f"{len(ports)} container ports across the containers: exactly one is allowed")
+    errors += [f"{name}: port name {p['name']!r}" for name, p in ports if p.get("name", "") not in ("", "http1", "h2c")]
+    serving = {name for name, _ in ports}
+    for c in containers:
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            if probe in c and c["name"] not in serving:
+                errors.append(f"{c['name']}: {probe} on a container that serves no port")
+        if "lifecycle" in c:
+            errors.append(f"{c['name']}: lifecycle")
+        for env in c.get("env", []):
+            if {"fieldRef", "resourceFieldRef"} & set(env.get("valueFrom", {})):
+                errors.append(f"{c['name']}: env {env['name']} from the Downward API")
+    return errors
+
+
+def test_kserve_output_passes_knatives_rules() -> None:
+    predictor = find(load_all((MANIFESTS / "kserve.yaml").read_text()), "InferenceService")["spec"]["predictor"]
+    assert _knative_errors(predictor) == []  # the input is a valid Serverless predictor ...
+    _, out = _inject("kserve.yaml")
+    predictor = find(load_all(out), "InferenceService")["spec"]["predictor"]
+    assert _knative_errors(predictor) == []  # ... and so is inject's output
+    _, sidecar = predictor["containers"]
+    # the model's readiness is checked through infermon, on the one port the Revision serves
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/v1/models/sentiment", "port": 9463}
+    assert sidecar["ports"] == [{"containerPort": 9463, "protocol": "TCP"}]
+    assert {e["name"] for e in sidecar["env"]} == {"K8S_CONTAINER_NAME"}
+    # a port Knative knows by its name (h2c, http1) keeps it
+    named = "- name: h2c\n            containerPort: 8080"
+    text = (MANIFESTS / "kserve.yaml").read_text().replace("- containerPort: 8080", named)
+    predictor = find(load_all(inject_text(text, InjectOptions()).text), "InferenceService")["spec"]["predictor"]
+    assert predictor["containers"][1]["ports"] == [{"name": "h2c", "containerPort": 9463, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize(
+    ("probe", "message"),
+    [
+        ("livenessProbe:\n          httpGet: {path: /, port: 8080}", "livenessProbe; .*only on the container that"),
+        ("startupProbe:\n          tcpSocket: {port: 8080}", "startupProbe; .*only on the container that"),
+    ],
+)
+def test_kserve_probes_that_cannot_move_are_refused(probe: str, message: str) -> None:
+    text = (MANIFESTS / "kserve.yaml").read_text().replace("resources:", probe + "\n        resources:")
+    with pytest.raises(InjectError, match=message):
+        inject_text(text, InjectOptions())
+    exec_probe = (MANIFESTS / "kserve.yaml").read_text().replace("httpGet: {path: /v1/models/sentiment, port: 8080}",
+                                                                  "exec: {command: [cat, /tmp/ready]}")
+    with pytest.raises(InjectError, match="exec readinessProbe"):
+        inject_text(exec_probe, InjectOptions())
 
 
 def test_a_kserve_model_spec_is_refused_with_the_way_out() -> None:
@@ -279,6 +370,43 @@ spec:
     assert 'image: "m:1"' in out
     assert "x-future-field: [1, 2]" in out
     assert inject_text(out, InjectOptions()).text == out
+
+
+def test_comment_only_documents_and_untouched_documents_are_kept_as_written() -> None:
+    """A licence header before the first ``---``, the empty documents ``helm template`` writes for a
+    template that renders nothing (``# Source: ...`` alone), separators with comments: all kept; the
+    documents inject does not change come out byte for byte as they went in."""
+    mlserver = (MANIFESTS / "mlserver.yaml").read_text()
+    text = (
+        "# Copyright the model team. Licensed under Apache-2.0.\n"
+        "---\n"
+        "# Source: wine/templates/hpa.yaml\n"
+        "---\n"
+        "apiVersion: v1\nkind: ConfigMap   # passes through\nmetadata: {name: settings}\ndata:\n"
+        "  model.yaml: |\n    name:   wine\n    replicas:    3\n"
+        "--- # the model server\n"
+        + mlserver
+        + "---\n# Source: wine/templates/pdb.yaml\n"
+    )
+    out = inject_text(text, InjectOptions()).text
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or line.startswith("---"):
+            assert line in out.splitlines(), line
+    header = "# Copyright the model team. Licensed under Apache-2.0.\n---\n# Source: wine/templates/hpa.yaml\n"
+    assert out.startswith(header)
+    config_map = text[text.index("apiVersion: v1\nkind: ConfigMap") : text.index("--- # the model server")]
+    assert config_map in out  # untouched: its own spacing and comment too
+    assert out.endswith("---\n# Source: wine/templates/pdb.yaml\n")
+    assert find(load_all(out), "Deployment", "wine")
+    assert inject_text(out, InjectOptions()).text == out
+
+
+def test_crlf_input_keeps_its_line_endings() -> None:
+    text = (MANIFESTS / "mlserver.yaml").read_text().replace("\n", "\r\n")
+    out = inject_text(text, InjectOptions()).text
+    assert "\r\n" in out and "\n" not in out.replace("\r\n", "")
+    assert find(load_all(out), "Deployment", "wine")
+    assert inject_text(out, InjectOptions()).text == out  # injecting twice changes nothing, not even line ends
 
 
 def test_a_list_from_kubectl_get() -> None:
@@ -347,6 +475,11 @@ TWO_NAMED = (
             _deployment("        - {name: model, image: m, ports: [{containerPort: 8080, hostPort: 80}]}\n"),
             InjectOptions(),
             "hostPort",
+        ),
+        (
+            _deployment(MODEL).replace("    spec:\n", "    spec:\n      hostNetwork: true\n"),
+            InjectOptions(),
+            "hostNetwork: .*node's address",
         ),
         (
             _deployment(MODEL + "        - {name: infermon, image: x}\n"),

@@ -21,7 +21,16 @@ from proxy.cli import build_parser
 from proxy.dataplane.command import load_config
 from proxy.observe.tracing import K8S_ENV
 from proxy.settings import ProxyConfig, split_host_port
-from tests.deploy.kube import CLASSIC_VERSIONS, VERSIONS, find, kustomize, needs_kubectl, pod_containers, validate_all
+from tests.deploy.kube import (
+    CLASSIC_VERSIONS,
+    VERSIONS,
+    find,
+    kustomize,
+    needs_kubectl,
+    pod_containers,
+    resolve_port,
+    validate_all,
+)
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -176,35 +185,40 @@ def test_the_downward_api_gives_every_resource_attribute() -> None:
     assert env["K8S_CONTAINER_NAME"]["value"] == "infermon"
 
 
-def test_the_service_reaches_infermon_and_never_the_model_directly() -> None:
-    docs = _render("base")
+@pytest.mark.parametrize("layout", ["base", "overlays/classic-sidecar"])
+def test_the_service_reaches_infermon_and_never_the_model_directly(layout: str) -> None:
+    docs = _render(layout)
     pod = _pod(docs)
     service = find(docs, "Service", "iris")
     labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     containers = pod_containers(pod)
     for port in service["spec"]["ports"]:
-        target = port["targetPort"]
-        assert isinstance(target, str), "a named targetPort, so it follows the name to infermon"
-        assert _port(containers["infermon"], target)
-        assert target not in {p.get("name") for p in containers["model"]["ports"]}
+        # on every version the layout supports: a name of a native sidecar's port gives the Service
+        # no endpoints before Kubernetes 1.32
+        assert resolve_port(pod, port["targetPort"]) == _port(containers["infermon"], "http")
+        assert resolve_port(pod, port["targetPort"]) not in {p["containerPort"] for p in containers["model"]["ports"]}
 
 
-def test_the_network_policy_opens_the_proxy_to_clients_and_the_admin_port_to_prometheus_only() -> None:
-    docs = _render("base")
+@pytest.mark.parametrize("layout", ["base", "overlays/classic-sidecar"])
+def test_the_network_policy_opens_the_proxy_to_clients_and_the_admin_port_to_prometheus_only(layout: str) -> None:
+    docs = _render(layout)
     policy = find(docs, "NetworkPolicy")["spec"]
     labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert policy["podSelector"]["matchLabels"].items() <= labels.items()
     assert policy["policyTypes"] == ["Ingress"]
-    sidecar = pod_containers(_pod(docs))["infermon"]
-    opened: dict[str, list[Any]] = {}
+    pod = _pod(docs)
+    sidecar = pod_containers(pod)["infermon"]
+    opened: dict[int | None, list[Any]] = {}
     for rule in policy["ingress"]:
         for port in rule["ports"]:
-            _port(sidecar, port["port"])  # a named port of infermon's
-            opened[port["port"]] = rule.get("from", [])
-    assert set(opened) == {"http", "infermon-admin"}  # the model's 8080 is not opened: loopback only
-    assert opened["http"] == []  # every client of the Service
-    (prometheus,) = opened["infermon-admin"]
+            # resolved as NetworkPolicy implementations did before they knew native sidecars: a port
+            # that resolves to nothing opens nothing, and the policy then denies the clients too
+            opened[resolve_port(pod, port["port"], port.get("protocol", "TCP"))] = rule.get("from", [])
+    http, admin = _port(sidecar, "http"), _port(sidecar, "infermon-admin")
+    assert set(opened) == {http, admin}  # the model's 8080 is not opened: loopback only
+    assert opened[http] == []  # every client of the Service
+    (prometheus,) = opened[admin]
     assert prometheus["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
     assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
 
