@@ -525,3 +525,18 @@ def test_the_sidecar_queries_compare_the_canarys_pods_with_the_primarys(tmp_path
     path.write_text(yaml.safe_dump(unit, sort_keys=False, width=1000))
     result = _promtool("test", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_flagger_service_reaches_infermon_not_the_model() -> None:
+    """The Canary's targetPort is the port infermon listens on in the shipped pod, so every request
+    passes the sidecar whose metrics the templates read."""
+    deployment = _only(DEPLOY / "k8s" / "base" / "deployment.yaml", "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    containers = [*pod.get("initContainers", []), *pod["containers"]]
+    infermon = next(c for c in containers if c["name"] == "infermon")
+    args = infermon["args"]
+    listen = int(args[args.index("--listen") + 1].rsplit(":", 1)[1])
+    service = _only(FLAGGER_CANARY, "Canary")["spec"]["service"]
+    assert service["targetPort"] == listen
+    model_ports = {p["containerPort"] for c in containers if c["name"] != "infermon" for p in c.get("ports", [])}
+    assert service["targetPort"] not in model_ports
