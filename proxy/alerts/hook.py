@@ -29,7 +29,7 @@ import os
 import re
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,6 +226,8 @@ class RetrainHook:
         self.clock = clock
         self.groups: dict[str, Group] = {}
         self.runs: deque[Run] = deque(maxlen=50)
+        #: notifications received, by what the hook did with them (run, duplicate, resolved, ...)
+        self.notifications: Counter[str] = Counter()
         self._slots = asyncio.Semaphore(cfg.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._procs: set[asyncio.subprocess.Process] = set()
@@ -237,6 +239,11 @@ class RetrainHook:
 
     def notify(self, note: Notification) -> tuple[int, dict[str, object]]:
         """Act on one notification; the HTTP status and JSON body to answer with."""
+        status, answer = self._notify(note)
+        self.notifications[str(answer.get("action", "refused"))] += 1
+        return status, answer
+
+    def _notify(self, note: Notification) -> tuple[int, dict[str, object]]:
         now = self.clock()
         self._forget_stale(now)
         group = self.groups.get(note.group_key)
@@ -353,6 +360,7 @@ class RetrainHook:
     def status(self) -> dict[str, object]:
         now = self.clock()
         return {
+            "notifications": dict(sorted(self.notifications.items())),
             "groups": [
                 {"group_key": g.key, "labels": g.labels, "state": g.state, "resolved": g.resolved,
                  "seconds_since_last_notification": round(now - g.last_seen, 3)}

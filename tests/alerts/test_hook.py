@@ -172,6 +172,7 @@ async def test_one_run_per_firing_group_and_again_after_it_resolved(start_hook: 
     assert second["INFERMON_ALERT_COUNT"] == "2"
     status = (await hook.get("/status"))[1]
     assert [r["outcome"] for r in status["runs"]] == ["ok", "ok"]
+    assert status["notifications"] == {"duplicate": 2, "resolved": 1, "run": 2}
     assert status["groups"][0]["state"] == "done"
 
 
