@@ -115,3 +115,45 @@ def check_exprs(tmp_path: Path, exprs: dict[str, str]) -> subprocess.CompletedPr
     path = tmp_path / "exprs.rules.yml"
     path.write_text(yaml.safe_dump(rules, sort_keys=False, width=1000))
     return promtool("check", "rules", str(path))
+
+
+#: the labels of every per-device series of the agent (docs/agent.md, "GPU metrics")
+DEVICE_LABELS = frozenset({"gpu", "uuid", "model_name", "hostname", "gpu_instance_id", "mig_profile"})
+
+
+def _label_names(cell: str) -> set[str]:
+    """A labels cell: ``model, version``, names in backquotes, values in parentheses, or ``x = ...; y = ...``."""
+    cell = re.sub(r"\([^)]*\)", "", cell).replace("`", "")
+    names: set[str] = set()
+    for part in cell.split(";"):
+        if "=" in part:
+            names.add(part.split("=")[0].strip())
+            continue
+        for item in part.split(","):
+            word = re.match(r"\s*([a-z_][a-z0-9_]*)", item)
+            if word:
+                names.add(word.group(1))
+    return names
+
+
+def documented_labels() -> dict[str, set[str]]:
+    """Family -> its labels, from the tables of docs/metrics.md and docs/agent.md (a header names the column)."""
+    out: dict[str, set[str]] = {}
+    for page in ("metrics.md", "agent.md"):
+        column: int | None = None
+        device = False
+        for line in (DOCS / page).read_text().splitlines():
+            if not line.startswith("|"):
+                column = None
+                continue
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cells[0] == "metric":
+                column = next((i for i, c in enumerate(cells) if "labels" in c), None)
+                device = page == "agent.md" and "extra labels" in cells
+                continue
+            name = re.fullmatch(r"`(infermon_[a-z0-9_]+)`", cells[0])
+            if name is None or column is None:
+                continue
+            labels = _label_names(cells[column]) | (set(DEVICE_LABELS) if device else set())
+            out.setdefault(name.group(1), set()).update(labels)
+    return out
