@@ -15,7 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.alerts.command import config_from
 from proxy.cli import build_parser
+from proxy.errors import ConfigError
 from tests.alerts.test_hook import RECORD, alert, notification
 from tests.helpers import wait_until
 
@@ -101,14 +103,19 @@ async def test_runs_once_per_group_and_stops_its_command_on_sigterm(tmp_path: Pa
         (["--command", "true", "--token-file", "/no/such/token"], "--token-file '/no/such/token'"),
     ],
 )
-async def test_bad_arguments_exit_2(args: list[str], message: str) -> None:
+def test_bad_arguments_are_config_errors_naming_the_flag(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from(build_parser().parse_args(["retrain-hook", *args]))
+
+
+async def test_a_bad_argument_exits_2_with_its_message() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "retrain-hook", *args,
+        sys.executable, "-m", "proxy", "retrain-hook", "--command", "",
         env=_env(), cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, err = await asyncio.wait_for(proc.communicate(), timeout=20)
     assert proc.returncode == 2
-    assert message in err.decode()
+    assert "--command is empty" in err.decode()
 
 
 async def test_a_busy_port_is_one_line_and_exit_1() -> None:
