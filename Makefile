@@ -7,7 +7,7 @@ NATIVE := $(VENV)/.native
 # the data plane's hot modules, compiled with mypyc where a C compiler is there (setup.py)
 COMPILED := $(addprefix proxy/dataplane/,exchange.py heads.py http.py server.py timer.py upstream.py)
 
-.PHONY: demo test test-compiled test-python bench bench-compare bench-tracing bench-agent bench-sampling bench-split clean
+.PHONY: demo dashboards test test-compiled test-python bench bench-compare bench-tracing bench-agent bench-sampling bench-split clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -25,11 +25,15 @@ demo: $(NATIVE)
 
 # the suite runs twice: on the compiled data plane (when it was built) and on the pure-Python one
 test: $(NATIVE)
-	$(BIN)/ruff check proxy tests bench setup.py
+	$(BIN)/ruff check proxy tests bench deploy setup.py
 	$(BIN)/mypy
 	$(BIN)/python -c "import proxy._compiled as c; print('data plane:', c.MODE)"
 	$(BIN)/pytest
 	INFERMON_PURE_PYTHON=1 $(BIN)/pytest
+
+# deploy/grafana/dashboards/*.json from deploy/grafana/build.py (committed; the tests compare them)
+dashboards: $(STAMP)
+	$(BIN)/python deploy/grafana/build.py
 
 test-compiled: $(NATIVE)
 	$(BIN)/pytest

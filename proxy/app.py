@@ -24,7 +24,7 @@ from proxy.dataplane.core import DataPlane
 from proxy.dataplane.hooks import Hooks, Observer
 from proxy.observe.labels import Labeler
 from proxy.observe.metrics import RequestMetrics, build_registry
-from proxy.readiness import Readiness, UpstreamProbe
+from proxy.readiness import Readiness, UpstreamHealth, UpstreamProbe
 from proxy.sampling.setup import Sampling
 from proxy.settings import ProxyConfig, split_host_port
 
@@ -112,6 +112,7 @@ class ProxyApp:
         self.metrics.hooks = self.hooks
         self.readiness = Readiness()
         self.registry = build_registry()
+        self.registry.register(UpstreamHealth(lambda: self.probes))
         for obs in self.observers:
             collector = obs.collector()
             if collector is not None:

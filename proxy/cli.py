@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "proxy.drift.baseline",
     "proxy.probes.command",
     "proxy.deploy.command",
+    "proxy.alerts.command",
 )
 
 

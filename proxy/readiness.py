@@ -12,7 +12,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
+
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from proxy.config import mask_url
 from proxy.settings import Readiness as ReadinessConfig
@@ -140,3 +144,25 @@ class UpstreamProbe:
                 last_error = reason
             self._record(ok, reason)
             await asyncio.sleep(self.cfg.interval)
+
+
+class UpstreamHealth(Collector):
+    """``infermon_upstream_up{upstream}``: 1 when the upstream's last readiness check passed, else 0.
+
+    One series per probed pool (``stable`` and the names in ``upstreams``), absent until its first
+    check: what an alert on a model server that cannot be reached reads, with or without traffic.
+    """
+
+    def __init__(self, probes: Callable[[], Iterable[UpstreamProbe]]) -> None:
+        self.probes = probes
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "infermon_upstream_up",
+            "1 when the upstream's last readiness check passed (readiness.path or a TCP connect), else 0.",
+            labels=("upstream",),
+        )
+        for probe in self.probes():
+            if probe.healthy is not None:
+                family.add_metric([probe.pool.name], 1.0 if probe.healthy else 0.0)
+        yield family

@@ -1,0 +1,1 @@
+"""Alerting helpers: ``infermon retrain-hook``, Alertmanager's webhook for an automated retraining job."""
