@@ -109,7 +109,7 @@ def register(subparsers: Any) -> None:
         "--admin", type=_host_port, default="127.0.0.1:0", metavar="HOST:PORT",
         help="admin address: status page, /metrics, JSON endpoints (default: %(default)s, a free port)",
     )  # fmt: skip
-    p.add_argument("--rate", type=float, default=40.0, help="requests per second (default: %(default)g)")
+    p.add_argument("--rate", type=float, default=50.0, help="requests per second (default: %(default)g)")
     p.add_argument(
         "--duration", type=_positive, default=None, metavar="SECONDS",
         help="stop after this many seconds (default: until Ctrl-C)",
@@ -139,7 +139,7 @@ def register(subparsers: Any) -> None:
 class Options:
     listen: str = "127.0.0.1:0"
     admin: str = "127.0.0.1:0"
-    rate: float = 40.0
+    rate: float = 50.0
     duration: float | None = None
     shift_after: float | None = None
     every: float = 5.0
@@ -274,7 +274,7 @@ def proxy_config(opts: Options, stable: str, canary: str, profile: str, probes: 
             },
             "feedback": {"enabled": True},
             "quality": {
-                "interval": 2.0,
+                "interval": 1.0,
                 "min_labels": 20,
                 "windows": {QUALITY_WINDOW: {"seconds": 600.0, "max_labels": 10_000}},
             },
@@ -315,6 +315,17 @@ class Watcher:
         at = doc.get("evaluated_at") if isinstance(doc, dict) else None
         if self.first_fail_s is None and variant.get("result") == "fail" and isinstance(at, (int, float)):
             self.first_fail_s = round(at - self.started_wall, 1)
+
+    async def settle(self, since: float, timeout: float = 3.0) -> None:
+        """Wait (at most ``timeout``) for a quality evaluation after ``since`` (wall time): the final
+        scores then count the labels posted at the stop."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            doc = await self.get("quality")
+            at = doc.get("evaluated_at") if isinstance(doc, dict) else None
+            if not isinstance(at, (int, float)) or at > since:
+                return
+            await asyncio.sleep(0.2)
 
     async def refresh(self) -> None:
         for name in ("canary", "drift", "quality", "probes"):
@@ -450,7 +461,8 @@ def format_summary(s: dict[str, Any]) -> list[str]:
             parts.append(f"{variant} -")
             continue
         found = d["drifted_features"] + d["drifted_predictions"]
-        parts.append(f"{variant} {', '.join(found) if found else 'none'} ({d['rows']} rows)")
+        what = ", ".join(found) if found else "insufficient data" if d["insufficient"] else "none"
+        parts.append(f"{variant} {what} ({d['rows']} rows)")
     lines.append(f"  drift     {' | '.join(parts)}; {shifted}")
     checks = ", ".join(f"{k} {v}" for k, v in c["checks"].items() if v) or "no evaluation yet"
     verdict = (c["result"] or "-").upper()
@@ -587,6 +599,7 @@ async def _serve(
             task.cancel()
         await asyncio.gather(signalled, reporter, sending, return_exceptions=True)
         with contextlib.suppress(Exception):
+            await watcher.settle(time.time())  # the labels posted at the stop are scored
             await watcher.refresh()  # the last state, before the proxy stops
         await watcher.close()
         await app.shutdown()  # then the proxy drains what other clients still have in flight

@@ -102,7 +102,7 @@ class Traffic:
         stop: asyncio.Event | None = None,
         grace: float = 5.0,
         chat_share: float = 0.1,
-        label_share: float = 0.8,
+        label_share: float = 0.9,
         label_delay: tuple[float, float] = (0.3, 1.5),
         max_in_flight: int = 32,
     ) -> None:

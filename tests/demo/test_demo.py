@@ -238,7 +238,7 @@ def test_help_shows_every_option_with_its_default() -> None:
     for option, default in [
         ("--listen", "(default: 127.0.0.1:0, a free port)"),
         ("--admin", "(default: 127.0.0.1:0, a free port)"),
-        ("--rate", "(default: 40)"),
+        ("--rate", "(default: 50)"),
         ("--duration", "(default: until Ctrl-C)"),
         ("--shift-after", "(default: a third of --duration, else 20)"),
         ("--every", "(default: 5)"),
