@@ -305,14 +305,16 @@ class Watcher:
                 doc = await resp.json(loads=orjson.loads, content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return self.docs.get(name)
+        if not isinstance(doc, dict):  # every admin JSON endpoint answers an object
+            return self.docs.get(name)
         self.docs[name] = doc
         if name == "canary":
             self._note_verdict(doc)
         return doc
 
-    def _note_verdict(self, doc: Any) -> None:
-        variant = ((doc or {}).get("variants") or {}).get("canary") or {}
-        at = doc.get("evaluated_at") if isinstance(doc, dict) else None
+    def _note_verdict(self, doc: dict[str, Any]) -> None:
+        variant = (doc.get("variants") or {}).get("canary") or {}
+        at = doc.get("evaluated_at")
         if self.first_fail_s is None and variant.get("result") == "fail" and isinstance(at, (int, float)):
             self.first_fail_s = round(at - self.started_wall, 1)
 
