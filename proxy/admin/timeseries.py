@@ -6,7 +6,7 @@ short history: every ``status.interval`` seconds a task on the event loop takes 
 series and histogram label sets (two ``len`` calls), and a worker thread reads that many entries of
 :class:`~proxy.observe.metrics.RequestMetrics`' append-only lists (the same reads a ``/metrics`` scrape
 makes there, each list copied in one step), sums them per variant and appends one point to a ring of
-``status.history / status.interval`` points. The request path never sees it.
+``status.history / status.interval`` points (at most :data:`MAX_POINTS`). The request path never sees it.
 
 Each point holds, per variant and for all variants together, what happened since the previous one:
 
@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import operator
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -52,6 +53,8 @@ log = logging.getLogger("infermon.admin.timeseries")
 QUANTILES = (0.5, 0.9, 0.99)
 #: series kept apart per reading, ``other`` included: variants beyond are summed under ``other``
 MAX_VARIANTS = 32
+#: points kept at most, whatever ``status.history / status.interval`` says
+MAX_POINTS = 3600
 #: the summary covers this many seconds (or the whole history, when it is shorter)
 SUMMARY_SECONDS = 60.0
 _YIELD_EVERY = 256  # label sets summed between two short pauses that let the event loop have the GIL
@@ -177,10 +180,9 @@ def read_totals(metrics: RequestMetrics, series: int, hists: int) -> dict[str, T
     hist_keys = metrics.hist_keys[:hists]
     hist_counts = metrics.hist_counts[:hists]
     for h, key in enumerate(hist_keys):
-        c = hist_counts[h][:nd]  # the duration buckets lead each label set's flat list
-        buckets = _totals(out, key[2], nd).buckets
-        for j in range(nd):
-            buckets[j] += c[j]
+        totals = _totals(out, key[2], nd)
+        # the duration buckets lead each label set's flat list; sliced in one step, summed in C
+        totals.buckets = list(map(operator.add, totals.buckets, hist_counts[h][:nd]))
         if h % _YIELD_EVERY == _YIELD_EVERY - 1:
             time.sleep(_YIELD_S)
     for key, n in list(metrics.upstream_errors.items()):
@@ -230,7 +232,7 @@ class RequestSeries:
         self.metrics = metrics
         self.interval = interval
         self.history = history
-        self.max_points = max(1, round(history / interval))
+        self.max_points = min(MAX_POINTS, max(1, round(history / interval)))
         self.points: deque[Point] = deque(maxlen=self.max_points)
         self.bounds = metrics.duration_bounds
         self._last: tuple[float, dict[str, Totals]] | None = None  # (monotonic, totals)

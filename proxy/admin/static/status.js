@@ -256,16 +256,18 @@
     const variants = Object.entries(report.variants || {});
     if (!variants.length) nodes.push(off("no variant besides the baseline has been seen yet"));
     for (const [name, v] of variants) {
-      const rows = Object.entries(v.checks || {}).map(([cname, c]) =>
-        el("tr", { "data-check": cname },
+      const rows = [];
+      for (const [cname, c] of Object.entries(v.checks || {})) {
+        rows.push(el("tr", { "data-check": cname, class: "check" },
           el("td", { text: cname }), el("td", {}, badge(c.result)),
-          el("td", { class: "figs", text: checkFigures(cname, c) }),
-          el("td", { class: "reason", text: c.reason || "" })));
+          el("td", { class: "figs", text: checkFigures(cname, c) })));
+        if (c.reason) rows.push(el("tr", { class: "why" }, el("td", {}), el("td", { colspan: 2, class: "reason", text: c.reason })));
+      }
       nodes.push(el("div", { class: "variant", "data-variant": name, "data-verdict": v.result },
         el("div", { class: "head" }, el("span", { class: "name", text: name }), badge(v.result),
           el("span", { class: "reason", text: `${fmt(v.requests)} requests against ${fmt(v.baseline_requests)}` })),
         el("div", { class: "reason verdict-reason", text: v.reason || "" }),
-        rows.length ? el("table", {}, el("tr", {}, ...["check", "result", "figures", "why"].map((h) => el("th", { text: h }))), ...rows) : null));
+        rows.length ? el("table", {}, el("tr", {}, ...["check", "result", "figures and why"].map((h) => el("th", { text: h }))), ...rows) : null));
     }
     replace(body, ...nodes);
   }
@@ -300,7 +302,10 @@
     const stats = col.statistics || {};
     const m = col.method;
     const parts = [];
-    if (m && isNum(stats[m])) parts.push(`${m} ${fmt(stats[m])} (${["ks", "chisquare", "z"].includes(m) ? "<" : "≥"} ${fmt(col.threshold)})`);
+    if (m && isNum(stats[m])) {
+      const pvalue = ["ks", "chisquare", "z"].includes(m);
+      parts.push(pvalue ? `${m} p=${fmt(stats[m])} (drift below ${fmt(col.threshold)})` : `${m} ${fmt(stats[m])} (drift from ${fmt(col.threshold)})`);
+    }
     if (col.psi && isNum(col.psi.value) && m !== "psi") parts.push(`psi ${fmt(col.psi.value)}`);
     return parts.join(" · ") || col.status || "";
   }
@@ -463,8 +468,29 @@
         failures.set("render", err && err.message ? err.message : String(err));
       }
     }
+    headline(canary, drift);
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     markStale();
+  }
+
+  // the top bar: the request figures (renderOverview), then each canary verdict and what drifted
+  function headline(canary, drift) {
+    const summary = document.getElementById("summary");
+    summary.querySelectorAll(".kv.extra").forEach((n) => n.remove());
+    for (const [name, v] of Object.entries((canary && canary.variants) || {})) {
+      const item = kv(name, "");
+      item.classList.add("extra");
+      item.lastChild.replaceWith(badge(v.result));
+      summary.append(item);
+    }
+    if (drift && drift.enabled !== false && Array.isArray(drift.drifted)) {
+      const per = Object.entries(drift.variants || {}).map(([name, v]) => [name, name === drift.variant ? drift.drifted : v.drifted || []]);
+      if (!per.length) per.push([drift.variant, drift.drifted]);
+      const text = per.map(([name, cols]) => `${name}: ${cols.length ? cols.join(", ") : "none"}`).join(" · ");
+      const item = kv("drifted", text);
+      item.classList.add("extra");
+      summary.append(item);
+    }
   }
 
   function markStale() {
