@@ -115,15 +115,12 @@ class GpuSource:
             }
         if self._last is not None and time.monotonic() - self._last_at < self.min_age:
             return self._last
-        if self._fetching is None:
-            self._fetching = asyncio.get_running_loop().create_task(self._fetch())
         task = self._fetching
-        try:
-            result = await asyncio.shield(task)
-        finally:
-            if task.done() and self._fetching is task:
-                self._fetching = None
-        return result
+        if task is None or task.done():  # one fetch at a time; callers meanwhile share it
+            task = self._fetching = asyncio.get_running_loop().create_task(self._fetch())
+            task.add_done_callback(_retrieve)
+        # shielded: a page that goes away mid-fetch does not cancel the fetch the others wait for
+        return await asyncio.shield(task)
 
     async def _fetch(self) -> dict[str, Any]:
         assert self.url is not None and self.agent is not None
@@ -172,6 +169,12 @@ class GpuSource:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+def _retrieve(task: asyncio.Task[dict[str, Any]]) -> None:
+    """A fetch nobody awaited any more (its page went away) is not an unretrieved exception."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("status page: reading the node agent failed", exc_info=task.exception())
 
 
 def _describe(exc: BaseException) -> str:

@@ -142,7 +142,7 @@ async def scenario(
 
 
 @needs_chromium
-async def test_the_page_in_chromium(scenario: ProxyApp, tmp_path: Path) -> None:
+async def test_the_page_in_chromium(scenario: ProxyApp, serve: Serve, tmp_path: Path) -> None:
     assert HAVE_CHROMIUM, "chromium is missing: CI must have it (.ci/run installs it)"
     from playwright.async_api import ConsoleMessage, async_playwright
 
@@ -194,14 +194,43 @@ async def test_the_page_in_chromium(scenario: ProxyApp, tmp_path: Path) -> None:
             gpu = await page.inner_text("#gpu")
             if app.cfg.status.agent:
                 assert "Stub GPU A" in gpu
-            # the fixed path serves the same page
-            await page.goto(f"http://{host}:{port}/status", wait_until="load")
-            await page.wait_for_function("() => Number(document.body.dataset.refreshes || 0) >= 1", timeout=20_000)
-            assert await page.get_attribute("#chart-rate", "data-points") not in (None, "0")
+            # the fixed path serves the same page, and so does a reverse proxy serving it under a prefix
+            for url in (f"http://{host}:{port}/status", f"{await prefixed(serve, host, port)}/infermon/pod-0/"):
+                await page.goto(url, wait_until="load")
+                await page.wait_for_function("() => Number(document.body.dataset.refreshes || 0) >= 1", timeout=20_000)
+                assert await page.get_attribute("#chart-rate", "data-points") not in (None, "0"), url
+                assert await page.get_attribute('#drift tr[data-feature="age"]', "data-drifted") == "true", url
+                assert await page.is_hidden("#stale"), url
         finally:
             await browser.close()
     assert problems == []
     assert await page_stale_free(app)
+
+
+async def prefixed(serve: Serve, host: str, port: int) -> str:
+    """A reverse proxy that serves the admin port under ``/infermon/pod-0/`` (as an ingress or
+    ``kubectl proxy`` does): the page must find everything through relative URLs."""
+    import aiohttp
+
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT))
+
+    async def forward(request: web.Request) -> web.Response:
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("accept", "if-none-match")}
+        url = f"http://{host}:{port}/{request.match_info['tail']}"
+        async with session.get(url, headers=headers) as resp:
+            body = await resp.read()
+            keep = ("content-type", "etag", "vary", "cache-control", "content-security-policy")
+            return web.Response(
+                body=body, status=resp.status, headers={k: v for k, v in resp.headers.items() if k.lower() in keep}
+            )
+
+    async def close(app: web.Application) -> None:
+        await session.close()
+
+    app = web.Application()
+    app.router.add_get("/infermon/pod-0/{tail:.*}", forward)
+    app.on_cleanup.append(close)
+    return await serve(app)
 
 
 async def page_stale_free(app: ProxyApp) -> bool:
