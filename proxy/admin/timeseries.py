@@ -3,7 +3,8 @@
 Prometheus keeps history; a proxy on its own (a laptop, a cluster without a monitoring stack, the status
 page behind ``kubectl port-forward``) has only its counters. :class:`RequestSeries` turns them into a
 short history: every ``status.interval`` seconds a task on the event loop takes the number of request
-series and histogram label sets (two ``len`` calls), and a worker thread reads that many entries of
+series and histogram label sets (two ``len`` calls) and copies the few upstream-error counters (one
+per variant and failure kind), and a worker thread reads that many entries of
 :class:`~proxy.observe.metrics.RequestMetrics`' append-only lists (the same reads a ``/metrics`` scrape
 makes there, each list copied in one step), sums them per variant and appends one point to a ring of
 ``status.history / status.interval`` points (at most :data:`MAX_POINTS`). The request path never sees it.
@@ -162,10 +163,17 @@ def _qname(q: float) -> str:
 # -- reading RequestMetrics (worker thread) ---------------------------------------------------------
 
 
-def read_totals(metrics: RequestMetrics, series: int, hists: int) -> dict[str, Totals]:
+def read_totals(
+    metrics: RequestMetrics,
+    series: int,
+    hists: int,
+    upstream_errors: list[tuple[tuple[str, ...], int]] | None = None,
+) -> dict[str, Totals]:
     """Per variant, the cumulative requests, errors, upstream errors and duration buckets, reading the
     first ``series`` request series and ``hists`` histogram label sets (counted on the event loop:
-    the lists only grow, so that many entries are there). Runs in a worker thread."""
+    the lists only grow, so that many entries are there) and ``upstream_errors`` (the items of the
+    small dict that counts them, copied on the loop: a dict may change size while a thread walks
+    it). Runs in a worker thread."""
     out: dict[str, Totals] = {}
     nd = len(metrics.duration_bounds) + 1
     counts = metrics.requests[:series]  # one copy, one step
@@ -185,7 +193,9 @@ def read_totals(metrics: RequestMetrics, series: int, hists: int) -> dict[str, T
         totals.buckets = list(map(operator.add, totals.buckets, hist_counts[h][:nd]))
         if h % _YIELD_EVERY == _YIELD_EVERY - 1:
             time.sleep(_YIELD_S)
-    for key, n in list(metrics.upstream_errors.items()):
+    if upstream_errors is None:  # called on the loop thread itself
+        upstream_errors = list(metrics.upstream_errors.items())
+    for key, n in upstream_errors:
         _totals(out, key[2], nd).upstream_errors += n
     return out
 
@@ -275,17 +285,22 @@ class RequestSeries:
         computed in the worker thread, appended on the loop)."""
         m = self.metrics
         series, hists = len(m.series_labels), len(m.hist_labels)
+        errors = list(m.upstream_errors.items())  # a few entries: variants x failure kinds
         last = self._last
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        _, mono, totals, point = await loop.run_in_executor(self._executor, self._read, series, hists, last)
+        _, mono, totals, point = await loop.run_in_executor(self._executor, self._read, series, hists, errors, last)
         self.last_read_seconds = time.perf_counter() - started
         self._store(mono, totals, point)
 
     def _read(
-        self, series: int, hists: int, last: tuple[float, dict[str, Totals]] | None
+        self,
+        series: int,
+        hists: int,
+        errors: list[tuple[tuple[str, ...], int]],
+        last: tuple[float, dict[str, Totals]] | None,
     ) -> tuple[float, float, dict[str, Totals], Point | None]:
-        totals = read_totals(self.metrics, series, hists)
+        totals = read_totals(self.metrics, series, hists, errors)
         unix, mono = time.time(), time.monotonic()
         point = None
         if last is not None and mono > last[0]:
