@@ -7,7 +7,7 @@ NATIVE := $(VENV)/.native
 # the data plane's hot modules, compiled with mypyc where a C compiler is there (setup.py)
 COMPILED := $(addprefix proxy/dataplane/,exchange.py heads.py http.py server.py timer.py upstream.py)
 
-.PHONY: demo dashboards test test-compiled test-python bench bench-compare bench-tracing bench-agent bench-sampling bench-split clean
+.PHONY: demo dashboards screenshot test test-compiled test-python bench bench-compare bench-tracing bench-agent bench-sampling bench-split clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(NATIVE)
 # deploy/grafana/dashboards/*.json from deploy/grafana/build.py (committed; the tests compare them)
 dashboards: $(STAMP)
 	$(BIN)/python deploy/grafana/build.py
+
+# docs/status-page.png: the status page at 1366x768 after the browser test's traffic (needs /usr/bin/chromium)
+screenshot: $(STAMP)
+	INFERMON_SCREENSHOT=docs/status-page.png $(BIN)/pytest tests/admin/test_browser.py -k test_the_page_in_chromium -q
 
 test-compiled: $(NATIVE)
 	$(BIN)/pytest

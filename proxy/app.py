@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from proxy.admin.server import build_admin_app, json_response
+from proxy.admin.status import add_status_routes
 from proxy.dataplane.core import DataPlane
 from proxy.dataplane.hooks import Hooks, Observer
 from proxy.observe.labels import Labeler
@@ -130,6 +131,8 @@ class ProxyApp:
         if token is not None and len(token) < 16:
             log.warning("admin.token is shorter than 16 characters: easy to guess (openssl rand -hex 32 makes one)")
         self.admin_app = build_admin_app(self.registry, self.readiness, cfg.public_dict, token=token)
+        #: the status page's own JSON: /timeseries (from the request metrics) and /gpu (status.agent)
+        add_status_routes(self.admin_app, self.metrics, cfg.status)
         self.sampling.add_routes(self.admin_app)
         if self.quality is not None:
             self.quality.add_routes(self.admin_app)

@@ -717,6 +717,35 @@ OTEL_ENV: dict[str, tuple[str, Any]] = {
 }
 
 
+class Status(_Section):
+    """The status page on the admin port and the JSON it reads: /timeseries, /gpu (docs/status-page.md)."""
+
+    interval: Annotated[float, Field(ge=0.1)] = 2.0  # seconds between two /timeseries points
+    history: PositiveFloat = 600.0  # seconds of /timeseries kept (history / interval points, at most 3600)
+    #: the node agent (infermon agent) whose GPU figures /gpu and the page show; null: no GPU panel
+    agent: str | None = None
+    agent_timeout: PositiveFloat = 2.0  # seconds for one read of the agent's /metrics
+
+    @field_validator("agent")
+    @classmethod
+    def _agent_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "must be the http:// URL of the node agent, for example http://10.0.0.5:9465 "
+                "(its /metrics is read; a path, when given, is used instead)"
+            )
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("has an invalid port, for example http://10.0.0.5:9465") from None
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment, for example http://10.0.0.5:9465")
+        return value
+
+
 def _admin_shorthand(value: Any) -> Any:
     """``admin: HOST:PORT`` (the form before the section existed) is ``admin.listen``."""
     return {"listen": value} if isinstance(value, str) else value
@@ -819,6 +848,7 @@ class ProxyConfig(_Section):
     llm: Llm = Field(default_factory=Llm)
     feedback: Feedback = Field(default_factory=Feedback)
     quality: Quality = Field(default_factory=Quality)
+    status: Status = Field(default_factory=Status)
 
     @field_validator("upstream")
     @classmethod
@@ -900,6 +930,8 @@ class ProxyConfig(_Section):
             data["sinks"]["cloudevents"]["url"] = mask_url(data["sinks"]["cloudevents"]["url"])
         if data["quality"]["mlflow"]["tracking_uri"]:
             data["quality"]["mlflow"]["tracking_uri"] = mask_url(data["quality"]["mlflow"]["tracking_uri"])
+        if data["status"]["agent"]:
+            data["status"]["agent"] = mask_url(data["status"]["agent"])
         for key in ("endpoint", "traces_endpoint"):
             if data["tracing"][key]:
                 data["tracing"][key] = mask_url(data["tracing"][key])

@@ -1,4 +1,5 @@
-"""The admin HTTP server (aiohttp): /metrics, /healthz, /readyz, /config.
+"""The admin HTTP server (aiohttp): /metrics, /healthz, /readyz, /config, and the status page at /
+(for a browser; JSON for everyone else) and /status (docs/status-page.md).
 
 It runs on the proxy's event loop; nothing here is on the request path. /metrics is written in a
 worker thread, so a scrape holds the loop only for cheap copies, whatever the series count.
@@ -26,6 +27,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy.admin.page import PAGE_PATHS, page_response, prefers_html
 from proxy.observe.metrics import Scraper
 from proxy.readiness import Readiness
 
@@ -133,13 +135,32 @@ def build_admin_app(
     async def config_view(request: web.Request) -> web.Response:
         return json_response(config())
 
-    async def index(request: web.Request) -> web.Response:
-        paths = {route.resource.canonical for route in app.router.routes() if route.resource is not None}
-        return json_response({"endpoints": sorted(paths - {"/"})})
+    async def index(request: web.Request) -> web.StreamResponse:
+        """The status page for a browser (its Accept prefers text/html), else the JSON list of endpoints:
+        curl's ``*/*``, no Accept, or ``application/json`` (RFC 9110 12.5.1)."""
+        if prefers_html(request.headers.getall("Accept", [])):
+            response = page_response(request, "index.html")
+        else:
+            paths = {route.resource.canonical for route in app.router.routes() if route.resource is not None}
+            response = json_response({"endpoints": sorted(p for p in paths if p not in PAGE_PATHS)})
+        response.headers["Vary"] = "Accept"
+        return response
+
+    async def status_page(request: web.Request) -> web.StreamResponse:
+        return page_response(request, "index.html")
+
+    async def asset(request: web.Request) -> web.StreamResponse:
+        return page_response(request, request.match_info["name"])
+
+    async def favicon(request: web.Request) -> web.StreamResponse:
+        return page_response(request, "favicon.svg")
 
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/config", config_view)
     app.router.add_get("/", index)
+    app.router.add_get("/status", status_page)
+    app.router.add_get("/static/{name}", asset)
+    app.router.add_get("/favicon.ico", favicon)
     return app

@@ -289,8 +289,12 @@ async def test_index_lists_endpoints(make_proxy: ProxyFactory, upstream: str) ->
     app = await make_proxy(upstream)
     resp = await fetch(app.admin_address, "/")
     assert resp.status == 200
-    endpoints = ["/config", "/drift", "/feedback", "/healthz", "/metrics", "/quality", "/readyz"]
+    endpoints = [
+        "/config", "/drift", "/feedback", "/gpu", "/healthz", "/metrics", "/quality", "/readyz", "/status",
+        "/timeseries",
+    ]  # fmt: skip
     assert _json(resp.body) == {"endpoints": endpoints}
+    assert resp.header("vary") == "Accept"
 
 
 async def test_readyz_false_during_drain_delay(upstream: str) -> None:
