@@ -37,6 +37,7 @@ SEVERITIES = {"critical", "warning", "info"}
 PROXY = {"job": "infermon", "instance": "10.0.0.1:9464"}
 PROXY_B = {"job": "infermon", "instance": "10.0.0.2:9464"}
 PROXY_C = {"job": "infermon", "instance": "10.0.0.3:9464"}
+PROXY_D = {"job": "infermon", "instance": "10.0.0.4:9464"}
 
 
 def _sel(name: str, **labels: str) -> str:
@@ -50,6 +51,11 @@ def _series(name: str, values: str, **labels: str) -> dict[str, str]:
 
 def _alert(name: str, at: str, *fired: dict[str, str]) -> dict[str, Any]:
     return {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": dict(f)} for f in fired]}
+
+
+def _expr(alert: str) -> str:
+    """The expression of the (first) rule of ``alert`` in the shipped file."""
+    return next(a["expr"] for a in alerts(RULES) if a["alert"] == alert)
 
 
 def _zero(expr: str, at: str, labels: str) -> dict[str, Any]:
@@ -214,12 +220,38 @@ TELEMETRY_TESTS: dict[str, Any] = {
         _series("infermon_trace_spans_recorded_total", "0+100x40", **PROXY_B),
         _series("infermon_trace_spans_dropped_total", "0x40", reason="export_failed", **PROXY_B),
         _series("infermon_trace_spans_dropped_total", "0+50x40", reason="shutdown", **PROXY_B),
+        # a queue that stays full: 97 spans of 100 exported, 3 never queued, and they are not in
+        # infermon_trace_spans_recorded_total (it counts the spans handed to the queue)
+        _series("infermon_trace_spans_recorded_total", "0+97x40", **PROXY_C),
+        _series("infermon_trace_spans_dropped_total", "0+3x40", reason="queue_full", **PROXY_C),
+        _series("infermon_trace_spans_dropped_total", "0x40", reason="export_failed", **PROXY_C),
+        # a collector so slow that nothing gets into the queue any more: every span lost, 100 %
+        _series("infermon_trace_spans_recorded_total", "0x40", **PROXY_D),
+        _series("infermon_trace_spans_dropped_total", "0+10x40", reason="queue_full", **PROXY_D),
+    ],
+    "promql_expr_test": [
+        # the alert's value is the share of the spans kept by sampling that were lost
+        *(
+            _zero(
+                f"({_expr('InfermonSpansDropped')}) - {share}"
+                f' and on (instance) infermon_trace_spans_recorded_total{{instance="{p["instance"]}"}}',
+                "20m",
+                _sel("", **p),
+            )
+            for p, share in ((PROXY, 0.02), (PROXY_C, 0.03), (PROXY_D, 1))
+        ),
     ],
     "alert_rule_test": [
         _alert("InfermonSamplesDropped", "10m"),
         _alert("InfermonSamplesDropped", "20m", {"severity": "warning", **PROXY}),
         _alert("InfermonSpansDropped", "10m"),
-        _alert("InfermonSpansDropped", "20m", {"severity": "warning", **PROXY}),
+        _alert(
+            "InfermonSpansDropped",
+            "20m",
+            {"severity": "warning", **PROXY},
+            {"severity": "warning", **PROXY_C},
+            {"severity": "warning", **PROXY_D},
+        ),
     ],
 }
 
