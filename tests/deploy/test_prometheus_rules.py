@@ -189,8 +189,8 @@ SERVICE_TESTS: dict[str, Any] = {
         _alert(
             "InfermonUpstreamDown",
             "5m",
-            {"severity": "critical", "upstream": "stable", **PROXY},
-            {"severity": "warning", "upstream": "canary", **PROXY_B},
+            {"severity": "critical", "upstream": "stable", "variant": "stable", **PROXY},
+            {"severity": "warning", "upstream": "canary", "variant": "canary", **PROXY_B},
         ),
         _alert("InfermonProxyDown", "3m"),
         _alert("InfermonProxyDown", "5m", {"severity": "critical", **PROXY}),
