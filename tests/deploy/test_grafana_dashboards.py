@@ -2,7 +2,7 @@
 
 Every PromQL expression (panel targets, variable queries, annotations) is written into a rule file
 with its Grafana variables replaced by concrete values and checked by promtool; every metric it
-reads is documented (docs/metrics.md, docs/agent.md) or recorded by the shipped rules. The layout,
+reads is listed in docs/metrics.md (the agent's too) or recorded by the shipped rules. The layout,
 the variables and the datasource references are checked the way Grafana would resolve them.
 """
 
