@@ -14,6 +14,9 @@ and rendered by the real Prometheus of test_alerting_e2e.py); the labels are com
 from __future__ import annotations
 
 import re
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -554,3 +557,22 @@ def test_the_slo_alerts_follow_the_workbook() -> None:
         assert f"ratio_rate{long} > ({factors[long]} * 0.001)" in expr
         assert f"ratio_rate{short} > ({factors[long]} * 0.001)" in expr
         assert alert["labels"]["severity"] == ("critical" if long in ("1h", "6h") else "warning")
+
+
+def test_the_documented_way_to_point_the_runbook_links_elsewhere_works(tmp_path: Path) -> None:
+    """docs/alerts.md, "Runbook links": its command moves every link to another base, anchors kept."""
+    section = (DOCS / "alerts.md").read_text().split("## Runbook links", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```\n(.*?)```", section, flags=re.S)
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:2] == ["sed", "-i"] and argv[-1] == "deploy/prometheus/*.rules.yml", argv
+    new_base = re.fullmatch(r"s#(.+?)#(.+?)#", argv[2])
+    assert new_base is not None and new_base.group(1).replace("\\", "") == RUNBOOK_BASE
+    copies = []
+    for path in RULE_FILES:
+        copies.append(tmp_path / path.name)
+        shutil.copy(path, copies[-1])
+    subprocess.run([*argv[:-1], *map(str, copies)], check=True, timeout=30)
+    for copy in copies:
+        assert RUNBOOK_BASE not in copy.read_text()
+        for alert in alerts(copy):
+            assert alert["annotations"]["runbook_url"] == f"{new_base.group(2)}#{alert['alert'].lower()}"
