@@ -219,8 +219,8 @@ async def test_the_token_is_required_and_never_handed_to_the_command(
         status, body = await hook.post(notification(alert()), headers=headers)
         assert status == 401 and "bearer token" in body["error"]
     # a header that is not UTF-8: refused like any wrong token, not a 500
-    body = json.dumps(notification(alert())).encode()
-    status, answer = await _post_in_parts(hook.url, f"Authorization: Bearer \xe9\r\nContent-Length: {len(body)}", body)
+    raw = json.dumps(notification(alert())).encode()
+    status, answer = await _post_in_parts(hook.url, f"Authorization: Bearer \xe9\r\nContent-Length: {len(raw)}", raw)
     assert status == 401 and "bearer token" in answer["error"]
     status, _ = await hook.post(notification(alert()), headers={"Authorization": "Bearer s3cret-s3cret-s3cret"})
     assert status == 202

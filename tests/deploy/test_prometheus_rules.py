@@ -58,7 +58,8 @@ def _alert(name: str, at: str, *fired: dict[str, str]) -> dict[str, Any]:
 
 def _expr(alert: str) -> str:
     """The expression of the (first) rule of ``alert`` in the shipped file."""
-    return next(a["expr"] for a in alerts(RULES) if a["alert"] == alert)
+    expr: str = next(a["expr"] for a in alerts(RULES) if a["alert"] == alert)
+    return expr
 
 
 def _zero(expr: str, at: str, labels: str) -> dict[str, Any]:
