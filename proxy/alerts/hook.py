@@ -386,17 +386,25 @@ class RetrainHook:
     async def _post(self, request: web.Request) -> web.Response:
         token = self.cfg.token
         if token is not None:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            # surrogateescape: the bytes of a header that is not UTF-8 (aiohttp keeps them so), a 401
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, f"Bearer {token}".encode()):
                 return _error(401, "a bearer token is required (Authorization: Bearer ...)",
                               {"WWW-Authenticate": 'Bearer realm="infermon-retrain-hook"'})  # fmt: skip
         if request.content_type not in ("application/json", "application/octet-stream"):
             return _error(415, f"the body must be application/json, not {request.content_type}")
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             return _error(413, f"the body is over {MAX_BODY_BYTES} bytes (lower max_alerts in Alertmanager)")
-        body = await request.content.read(MAX_BODY_BYTES + 1)
-        if len(body) > MAX_BODY_BYTES:
-            return _error(413, f"the body is over {MAX_BODY_BYTES} bytes (lower max_alerts in Alertmanager)")
+        # every piece until the end of the body: StreamReader.read(n) answers with what has arrived so
+        # far, so one read of a body that comes in several TCP segments would see only its start
+        pieces: list[bytes] = []
+        size = 0
+        async for piece in request.content.iter_any():
+            size += len(piece)
+            if size > MAX_BODY_BYTES:
+                return _error(413, f"the body is over {MAX_BODY_BYTES} bytes (lower max_alerts in Alertmanager)")
+            pieces.append(piece)
+        body = b"".join(pieces)
         try:
             note = parse_notification(body)
         except PayloadError as exc:

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from proxy import cli
+from proxy.agent import metrics as agent_metrics
 from proxy.agent.command import build
 from proxy.agent.config import AgentConfig
 from proxy.agent.fake import FakeGpu, FakeMig, FakeNvml, FakeProcess
@@ -86,12 +87,18 @@ async def test_promtool_accepts_the_exposition(driver: str) -> None:
     assert out.decode().strip() == ""  # no lint findings either
 
 
-def test_docs_list_every_exported_family() -> None:
-    docs = (REPO / "docs" / "agent.md").read_text(encoding="utf-8")
+@pytest.mark.parametrize("page", ["agent.md", "metrics.md"])
+def test_docs_list_every_exported_family(page: str) -> None:
+    """docs/agent.md describes them; docs/metrics.md, every metric infermon exports, lists them too."""
+    docs = (REPO / "docs" / page).read_text(encoding="utf-8")
     families = set(re.findall(r"^# TYPE (\S+)", _exposition("gpus") + _exposition("no driver"), flags=re.M))
     assert "`infermon_agent_process_*`" in docs
     missing = {f for f in families if f"`{f}`" not in docs and not f.startswith("infermon_agent_process_")}
     assert missing == set()
+    if page == "metrics.md":  # and nothing the agent does not define (some need a socket, a GPU event)
+        section = docs.split("## Node agent", 1)[1].split("\n## ", 1)[0]
+        listed = set(re.findall(r"`(infermon_(?:gpu|host)_[a-z0-9_]+)`", section))
+        assert listed == {spec.name for spec in (*agent_metrics.GPU_SPECS, *agent_metrics.HOST_SPECS)}
 
 
 @pytest.fixture

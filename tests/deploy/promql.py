@@ -58,11 +58,9 @@ def amtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def documented_metrics() -> set[str]:
-    """Every family the proxy (docs/metrics.md, with the pages it points to) and the agent (docs/agent.md) export."""
-    names: set[str] = set()
-    for page in ("metrics.md", "agent.md"):
-        names |= set(_DOCUMENTED.findall((DOCS / page).read_text()))
-    return names
+    """Every family docs/metrics.md lists: the proxy's and the node agent's (the issue's one reference;
+    tests/observe/test_metrics.py and tests/agent/test_command.py hold it to what each exports)."""
+    return set(_DOCUMENTED.findall((DOCS / "metrics.md").read_text()))
 
 
 def recorded_names() -> set[str]:
@@ -117,7 +115,7 @@ def check_exprs(tmp_path: Path, exprs: dict[str, str]) -> subprocess.CompletedPr
     return promtool("check", "rules", str(path))
 
 
-#: the labels of every per-device series of the agent (docs/agent.md, "GPU metrics")
+#: the labels of every per-device series of the agent (docs/metrics.md, "Node agent"; docs/agent.md)
 DEVICE_LABELS = frozenset({"gpu", "uuid", "model_name", "hostname", "gpu_instance_id", "mig_profile"})
 
 
@@ -137,23 +135,23 @@ def _label_names(cell: str) -> set[str]:
 
 
 def documented_labels() -> dict[str, set[str]]:
-    """Family -> its labels, from the tables of docs/metrics.md and docs/agent.md (a header names the column)."""
+    """Family -> its labels, from the tables of docs/metrics.md (a header names the column; an
+    ``extra labels`` column is the agent's per-device series, which carry the device labels too)."""
     out: dict[str, set[str]] = {}
-    for page in ("metrics.md", "agent.md"):
-        column: int | None = None
-        device = False
-        for line in (DOCS / page).read_text().splitlines():
-            if not line.startswith("|"):
-                column = None
-                continue
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if cells[0] == "metric":
-                column = next((i for i, c in enumerate(cells) if "labels" in c), None)
-                device = page == "agent.md" and "extra labels" in cells
-                continue
-            name = re.fullmatch(r"`(infermon_[a-z0-9_]+)`", cells[0])
-            if name is None or column is None:
-                continue
-            labels = _label_names(cells[column]) | (set(DEVICE_LABELS) if device else set())
-            out.setdefault(name.group(1), set()).update(labels)
+    column: int | None = None
+    device = False
+    for line in (DOCS / "metrics.md").read_text().splitlines():
+        if not line.startswith("|"):
+            column = None
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == "metric":
+            column = next((i for i, c in enumerate(cells) if "labels" in c), None)
+            device = "extra labels" in cells
+            continue
+        name = re.fullmatch(r"`(infermon_[a-z0-9_]+)`", cells[0])
+        if name is None or column is None:
+            continue
+        labels = _label_names(cells[column]) | (set(DEVICE_LABELS) if device else set())
+        out.setdefault(name.group(1), set()).update(labels)
     return out

@@ -496,6 +496,30 @@ async def test_alertmanager_runs_the_hook_once_per_firing_group_and_inhibits(tmp
         async def states() -> dict[str, str] | None:
             listed = await _get_json(am.url + "/api/v2/alerts", filter='alertname="InfermonSamplesDropped"')
             seen = {a["labels"]["instance"]: a["status"]["state"] for a in listed}
-            return seen if len(seen) == 2 else None
+            # the inhibitor takes the source alert in on its own: both can be listed active before it has
+            return seen if len(seen) == 2 and seen["10.0.0.9:9464"] == "suppressed" else None
 
-        assert await _until("both alerts listed", states) == {"10.0.0.9:9464": "suppressed", "10.0.0.8:9464": "active"}
+        assert await _until("the down proxy's alert suppressed", states) == {
+            "10.0.0.9:9464": "suppressed",
+            "10.0.0.8:9464": "active",
+        }
+
+        # an upstream that is down silences its own variant's probe alerts on that proxy, not another's
+        proxy = {"instance": "10.0.0.7:9464", "job": "infermon"}
+        await _post_alerts(
+            am,
+            _alert({"alertname": "InfermonUpstreamDown", "severity": "warning", "upstream": "canary-a",
+                    "variant": "canary-a", **proxy}),
+            *(_alert({"alertname": "InfermonProbeFailing", "severity": "warning", "probe": "p1", "variant": v, **proxy})
+              for v in ("canary-a", "canary-b")),
+        )  # fmt: skip
+
+        async def probes() -> dict[str, str] | None:
+            listed = await _get_json(am.url + "/api/v2/alerts", filter='alertname="InfermonProbeFailing"')
+            seen = {a["labels"]["variant"]: a["status"]["state"] for a in listed}
+            return seen if len(seen) == 2 and seen["canary-a"] == "suppressed" else None
+
+        assert await _until("canary-a's probe alert suppressed", probes) == {
+            "canary-a": "suppressed",
+            "canary-b": "active",
+        }

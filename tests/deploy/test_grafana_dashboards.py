@@ -2,7 +2,7 @@
 
 Every PromQL expression (panel targets, variable queries, annotations) is written into a rule file
 with its Grafana variables replaced by concrete values and checked by promtool; every metric it
-reads is documented (docs/metrics.md, docs/agent.md) or recorded by the shipped rules. The layout,
+reads is listed in docs/metrics.md (the agent's too) or recorded by the shipped rules. The layout,
 the variables and the datasource references are checked the way Grafana would resolve them.
 """
 
@@ -137,6 +137,33 @@ def test_latency_panels_ask_for_exemplars_and_only_they() -> None:
                 assert t.get("exemplar", False) is wants, (panel["title"], t["expr"])
                 with_exemplars += wants
     assert with_exemplars >= 4  # the overview's three quantiles and the canary's
+
+
+def _scrape_seconds(text: str) -> float:
+    return float(text[:-1]) * {"s": 1, "m": 60}[text[-1]]
+
+
+def test_rates_over_agent_series_span_four_of_the_agent_s_scrapes() -> None:
+    """$__rate_interval is four times the datasource's scrape interval (15 s) unless a query's Min step
+    says otherwise: the agents are scraped every 30 s, so their queries must say so."""
+    datasource = load_yaml(GRAFANA / "provisioning" / "datasources" / "infermon.yml")["datasources"][0]
+    default = _scrape_seconds(datasource["jsonData"]["timeInterval"])
+    agent_intervals = set()
+    for config in ("prometheus.yml", "prometheus-kubernetes.yml"):
+        doc = load_yaml(DEPLOY / "prometheus" / config)
+        for job in doc["scrape_configs"]:
+            if "agent" in job["job_name"]:
+                agent_intervals.add(_scrape_seconds(job.get("scrape_interval", doc["global"]["scrape_interval"])))
+    (agent,) = agent_intervals
+    checked = 0
+    for board in BOARDS.values():
+        for panel in _panels(board):
+            for t in panel["targets"]:
+                if "$__rate_interval" in t["expr"] and re.search(r"infermon_(gpu|host)_", t["expr"]):
+                    step = _scrape_seconds(t["interval"]) if "interval" in t else default
+                    assert step >= agent, (panel["title"], t["expr"])
+                    checked += 1
+    assert checked >= 3
 
 
 @needs_promtool

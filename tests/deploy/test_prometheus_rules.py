@@ -14,6 +14,9 @@ and rendered by the real Prometheus of test_alerting_e2e.py); the labels are com
 from __future__ import annotations
 
 import re
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ SEVERITIES = {"critical", "warning", "info"}
 PROXY = {"job": "infermon", "instance": "10.0.0.1:9464"}
 PROXY_B = {"job": "infermon", "instance": "10.0.0.2:9464"}
 PROXY_C = {"job": "infermon", "instance": "10.0.0.3:9464"}
+PROXY_D = {"job": "infermon", "instance": "10.0.0.4:9464"}
 
 
 def _sel(name: str, **labels: str) -> str:
@@ -50,6 +54,12 @@ def _series(name: str, values: str, **labels: str) -> dict[str, str]:
 
 def _alert(name: str, at: str, *fired: dict[str, str]) -> dict[str, Any]:
     return {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": dict(f)} for f in fired]}
+
+
+def _expr(alert: str) -> str:
+    """The expression of the (first) rule of ``alert`` in the shipped file."""
+    expr: str = next(a["expr"] for a in alerts(RULES) if a["alert"] == alert)
+    return expr
 
 
 def _zero(expr: str, at: str, labels: str) -> dict[str, Any]:
@@ -183,8 +193,8 @@ SERVICE_TESTS: dict[str, Any] = {
         _alert(
             "InfermonUpstreamDown",
             "5m",
-            {"severity": "critical", "upstream": "stable", **PROXY},
-            {"severity": "warning", "upstream": "canary", **PROXY_B},
+            {"severity": "critical", "upstream": "stable", "variant": "stable", **PROXY},
+            {"severity": "warning", "upstream": "canary", "variant": "canary", **PROXY_B},
         ),
         _alert("InfermonProxyDown", "3m"),
         _alert("InfermonProxyDown", "5m", {"severity": "critical", **PROXY}),
@@ -214,12 +224,38 @@ TELEMETRY_TESTS: dict[str, Any] = {
         _series("infermon_trace_spans_recorded_total", "0+100x40", **PROXY_B),
         _series("infermon_trace_spans_dropped_total", "0x40", reason="export_failed", **PROXY_B),
         _series("infermon_trace_spans_dropped_total", "0+50x40", reason="shutdown", **PROXY_B),
+        # a queue that stays full: 97 spans of 100 exported, 3 never queued, and they are not in
+        # infermon_trace_spans_recorded_total (it counts the spans handed to the queue)
+        _series("infermon_trace_spans_recorded_total", "0+97x40", **PROXY_C),
+        _series("infermon_trace_spans_dropped_total", "0+3x40", reason="queue_full", **PROXY_C),
+        _series("infermon_trace_spans_dropped_total", "0x40", reason="export_failed", **PROXY_C),
+        # a collector so slow that nothing gets into the queue any more: every span lost, 100 %
+        _series("infermon_trace_spans_recorded_total", "0x40", **PROXY_D),
+        _series("infermon_trace_spans_dropped_total", "0+10x40", reason="queue_full", **PROXY_D),
+    ],
+    "promql_expr_test": [
+        # the alert's value is the share of the spans kept by sampling that were lost
+        *(
+            _zero(
+                f"({_expr('InfermonSpansDropped')}) - {share}"
+                f' and on (instance) infermon_trace_spans_recorded_total{{instance="{p["instance"]}"}}',
+                "20m",
+                _sel("", **p),
+            )
+            for p, share in ((PROXY, 0.02), (PROXY_C, 0.03), (PROXY_D, 1))
+        ),
     ],
     "alert_rule_test": [
         _alert("InfermonSamplesDropped", "10m"),
         _alert("InfermonSamplesDropped", "20m", {"severity": "warning", **PROXY}),
         _alert("InfermonSpansDropped", "10m"),
-        _alert("InfermonSpansDropped", "20m", {"severity": "warning", **PROXY}),
+        _alert(
+            "InfermonSpansDropped",
+            "20m",
+            {"severity": "warning", **PROXY},
+            {"severity": "warning", **PROXY_C},
+            {"severity": "warning", **PROXY_D},
+        ),
     ],
 }
 
@@ -522,3 +558,22 @@ def test_the_slo_alerts_follow_the_workbook() -> None:
         assert f"ratio_rate{long} > ({factors[long]} * 0.001)" in expr
         assert f"ratio_rate{short} > ({factors[long]} * 0.001)" in expr
         assert alert["labels"]["severity"] == ("critical" if long in ("1h", "6h") else "warning")
+
+
+def test_the_documented_way_to_point_the_runbook_links_elsewhere_works(tmp_path: Path) -> None:
+    """docs/alerts.md, "Runbook links": its command moves every link to another base, anchors kept."""
+    section = (DOCS / "alerts.md").read_text().split("## Runbook links", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```\n(.*?)```", section, flags=re.S)
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:2] == ["sed", "-i"] and argv[-1] == "deploy/prometheus/*.rules.yml", argv
+    new_base = re.fullmatch(r"s#(.+?)#(.+?)#", argv[2])
+    assert new_base is not None and new_base.group(1).replace("\\", "") == RUNBOOK_BASE
+    copies = []
+    for path in RULE_FILES:
+        copies.append(tmp_path / path.name)
+        shutil.copy(path, copies[-1])
+    subprocess.run([*argv[:-1], *map(str, copies)], check=True, timeout=30)
+    for copy in copies:
+        assert RUNBOOK_BASE not in copy.read_text()
+        for alert in alerts(copy):
+            assert alert["annotations"]["runbook_url"] == f"{new_base.group(2)}#{alert['alert'].lower()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.client
 import math
 import random
@@ -704,16 +705,25 @@ async def test_a_scrape_of_many_series_does_not_hold_the_event_loop(make_proxy: 
                 hooks.call(hooks.complete, "on_complete", ex)
     assert len(app.metrics.hists) == 1200
 
-    loop = asyncio.get_running_loop()
-    for headers in ({}, {"Accept": OPENMETRICS}, {"Accept-Encoding": "gzip"}):
-        fetching = loop.run_in_executor(None, _fetch_counting, app.admin_address, headers)
-        (status, size, first), late = await loop_lateness(asyncio.wait_for(fetching, TIMEOUT * 6))
-        assert status == 200
-        if "Accept-Encoding" not in headers:
-            assert size > 12_000_000, size
-            assert first.startswith(b"# HELP"), first[:80]
-        assert len(late) >= 5, headers  # the timer ran all along
-        assert max(late) < 0.15, (headers, sorted(late)[-5:])  # generous: a few ms is what it takes
+    # What is measured is the scrape, not the test process: a full garbage collection walks every
+    # object the session has made so far (about 260,000 by here in a whole run: 140 ms on the 2-core
+    # machine, more under load), and one falling inside the window failed this test. Frozen, they
+    # are left out of later collections; what the proxy and the scrape allocate now is still collected.
+    gc.collect()
+    gc.freeze()
+    try:
+        loop = asyncio.get_running_loop()
+        for headers in ({}, {"Accept": OPENMETRICS}, {"Accept-Encoding": "gzip"}):
+            fetching = loop.run_in_executor(None, _fetch_counting, app.admin_address, headers)
+            (status, size, first), late = await loop_lateness(asyncio.wait_for(fetching, TIMEOUT * 6))
+            assert status == 200
+            if "Accept-Encoding" not in headers:
+                assert size > 12_000_000, size
+                assert first.startswith(b"# HELP"), first[:80]
+            assert len(late) >= 5, headers  # the timer ran all along
+            assert max(late) < 0.15, (headers, sorted(late)[-5:])  # generous: a few ms is what it takes
+    finally:
+        gc.unfreeze()
 
 
 async def loop_lateness(work: Awaitable[T]) -> tuple[T, list[float]]:
@@ -846,7 +856,9 @@ async def test_promql_examples_in_docs_parse(tmp_path: Path) -> None:
 
 async def test_docs_list_every_exported_family(make_proxy: ProxyFactory, upstream: str) -> None:
     text = await _traffic_text(make_proxy, upstream)
-    docs = DOCS.read_text()
+    # the node agent's section lists what the agent serves (tests/agent/test_command.py holds it to that)
+    docs = re.sub(r"^## Node agent .*?(?=^## )", "", DOCS.read_text(), flags=re.S | re.M)
+    assert "infermon_gpu_" not in docs
     documented = set(re.findall(r"`(infermon_[a-z_]+)`", docs))
     exported = set()
     for family in text_string_to_metric_families(text):
