@@ -338,3 +338,51 @@ async def test_the_refresh_survives_a_hostile_answer_and_a_stalled_fetch(
             assert "baseline stable" in await page.inner_text("#canary")  # drawn from the real answer
         finally:
             await browser.close()
+
+
+@needs_chromium
+async def test_a_failing_endpoint_leaves_its_panel_as_it_was(
+    make_proxy: ProxyFactory, upstream: str, tmp_path: Path
+) -> None:
+    """What docs/status-page.md promises: a fetch that fails keeps the panel's last figures and names
+    the endpoint in the stale marker. Before, the charts were wiped to "no data" on the first error."""
+    assert HAVE_CHROMIUM, "chromium is missing: CI must have it (.ci/run installs it)"
+    from playwright.async_api import Route, async_playwright
+
+    app = await make_proxy(upstream, status={"interval": 0.2})
+    client = await Client.connect(app.proxy_address)
+    for _ in range(10):
+        await client.request("GET", "/echo")
+    await client.close()
+
+    async def points() -> bool:
+        report = orjson.loads((await fetch(app.admin_address, "/timeseries")).body)
+        return any(v for v in report["all"]["requests"])
+
+    await wait_until(points)
+    host, port = app.admin_address
+    calls = 0
+
+    async def failing_after_one(route: Route) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await route.continue_()
+        else:
+            await route.fulfill(status=503, content_type="application/json", body='{"error": "down"}')
+
+    async with asyncio.timeout(60), async_playwright() as pw:
+        browser = await pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS,
+        )  # fmt: skip
+        try:
+            page = browser.pages[0] if browser.pages else await browser.new_page()
+            await page.route(lambda url: url.endswith("/timeseries"), failing_after_one)
+            await page.goto(f"http://{host}:{port}/status", wait_until="load")
+            await page.wait_for_function("() => Number(document.body.dataset.refreshes || 0) >= 2", timeout=20_000)
+            assert "timeseries (HTTP 503)" in await page.inner_text("#stale")
+            for chart in ("chart-rate", "chart-latency", "chart-errors"):  # the last figures, still drawn
+                assert await page.locator(f"#{chart} p.off").count() == 0, chart
+                assert await page.locator(f"#{chart} svg").count() == 1, chart
+        finally:
+            await browser.close()

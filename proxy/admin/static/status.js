@@ -9,6 +9,7 @@
   const FETCH_TIMEOUT_MS = 8000;
   const SVG = "http://www.w3.org/2000/svg";
   const failures = new Map(); // endpoint -> why its last fetch failed
+  const lastGood = new Map(); // endpoint -> its last answer: a failed fetch redraws it, marked stale
   let endpoints = null; // the admin port's JSON index: which capabilities are on
   let driftVariant = null; // the variant the drift panel shows (null: the report's own)
   const colors = new Map(); // variant -> colour index, stable first
@@ -96,7 +97,7 @@
     return el("span", { class: `badge ${r}`, text: r });
   }
 
-  // A fetch that never throws: the JSON, or null with the reason kept for the stale marker.
+  // A fetch that never throws: the JSON, or (the reason kept for the stale marker) the last good one, or null.
   async function getJSON(path) {
     try {
       const resp = await fetch(path, {
@@ -105,10 +106,11 @@
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
       const data = await resp.json();
       failures.delete(path);
+      lastGood.set(path, data);
       return data;
     } catch (err) {
       failures.set(path, err && err.message ? err.message : String(err));
-      return null;
+      return lastGood.has(path) ? lastGood.get(path) : null;
     }
   }
 
