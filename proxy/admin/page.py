@@ -14,6 +14,7 @@ page writes every value as text, never as markup.
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import cache
 from importlib import resources
 
@@ -28,6 +29,8 @@ FILES = {
 }
 #: routes of the page itself, left out of the JSON list of endpoints
 PAGE_PATHS = frozenset({"/", "/static/{name}", "/favicon.ico"})
+#: an entity-tag of an If-None-Match list: an optional weak prefix, then the quoted opaque tag
+_ENTITY_TAG = re.compile(r'(?:W/)?("[^"]*")')
 CSP = "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; object-src 'none'"
 
 
@@ -53,9 +56,15 @@ def page_response(request: web.Request, name: str) -> web.Response:
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "no-referrer",
     }
-    if etag in {t.strip() for t in request.headers.get("If-None-Match", "").split(",")}:
+    if none_match(request.headers.getall("If-None-Match", []), etag):
         return web.Response(status=304, headers=headers)
     return web.Response(body=body, headers=headers, content_type=FILES[name], charset="utf-8")
+
+
+def none_match(fields: list[str], etag: str) -> bool:
+    """True when If-None-Match field values name ``etag`` (RFC 9110 13.1.2): ``*``, or a list of
+    entity-tags compared weakly (``W/"x"`` matches ``"x"``), several field lines making one list."""
+    return any(value.strip() == "*" or etag in _ENTITY_TAG.findall(value) for value in fields)
 
 
 def _ranges(accept: list[str]) -> list[tuple[str, str, float]]:

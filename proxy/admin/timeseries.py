@@ -234,6 +234,12 @@ def make_point(
     )
 
 
+#: (monotonic seconds, totals per variant) of one reading
+Reading = tuple[float, dict[str, Totals]]
+#: the points, and the first and last readings of the summary's span (None before two readings)
+Snapshot = tuple[list[Point], tuple[Reading, Reading] | None]
+
+
 class RequestSeries:
     """A bounded history of request figures per variant, read off the request metrics every
     ``interval`` seconds (see the module docstring)."""
@@ -322,10 +328,23 @@ class RequestSeries:
         if point is not None:
             self.points.append(point)
 
+    def snapshot(self) -> Snapshot:
+        """What :meth:`report_of` needs, copied on the event loop in a few steps (the ring and the
+        summary's two readings; their contents never change once stored)."""
+        readings = self._readings
+        ends = (readings[0], readings[-1]) if len(readings) >= 2 else None
+        return list(self.points), ends
+
     def report(self) -> dict[str, Any]:
-        """The JSON of ``GET /timeseries``: lists aligned with ``t``; ``null`` where a variant had no
-        point (it had not been seen yet) or a figure has no value (no requests)."""
-        points = list(self.points)
+        """The JSON of ``GET /timeseries`` (see :meth:`report_of`), on the calling thread."""
+        return self.report_of(self.snapshot())
+
+    def report_of(self, snapshot: Snapshot) -> dict[str, Any]:
+        """The JSON of ``GET /timeseries`` from a :meth:`snapshot`: lists aligned with ``t``; ``null``
+        where a variant had no point (it had not been seen yet) or a figure has no value (no
+        requests). Safe in a worker thread: up to ``MAX_POINTS`` x ``MAX_VARIANTS`` x 8 values is a
+        few hundred milliseconds of work the event loop must not wait for."""
+        points, ends = snapshot
         names = sorted({v for p in points for v in p.variants}, key=lambda v: (v != "stable", v))
         keys = ("requests", "rate", "error_rate", "upstream_errors", *map(_qname, QUANTILES))
         variants: dict[str, dict[str, list[float | None]]] = {}
@@ -345,14 +364,14 @@ class RequestSeries:
             "t": [round(p.t, 3) for p in points],
             "variants": variants,
             "all": {k: [p.every[k] for p in points] for k in keys},
-            "summary": self._summary(),
+            "summary": self._summary(ends),
         }
 
-    def _summary(self) -> dict[str, Any]:
+    def _summary(self, ends: tuple[Reading, Reading] | None) -> dict[str, Any]:
         """Figures over the last :data:`SUMMARY_SECONDS` (the readings kept for it), per variant."""
-        if len(self._readings) < 2:
+        if ends is None:
             return {"seconds": 0.0, "variants": {}, "all": None}
-        (t0, first), (t1, last) = self._readings[0], self._readings[-1]
+        (t0, first), (t1, last) = ends
         seconds = t1 - t0
         deltas = {v: Delta.between(first.get(v), t) for v, t in last.items()}
         names = sorted(deltas, key=lambda v: (v != "stable", v))

@@ -176,6 +176,9 @@ def _bind(address: str, flag: str) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(where)
+        # listening now holds the port: with SO_REUSEADDR two sockets that only bound could share it
+        # (--listen and --admin the same), and the second server's start would fail with a traceback
+        sock.listen(1024)
     except OSError as exc:
         sock.close()
         raise ListenError(address, exc, f"change {flag}") from None

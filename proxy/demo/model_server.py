@@ -2,10 +2,12 @@
 
 Endpoints::
 
+    GET  /v2                                 server metadata {"name", "version", "extensions"}
     GET  /v2/health/ready, /v2/health/live   -> 200 {"ready": true} / {"live": true}
     GET  /v2/models/{name}                   model metadata (inputs, outputs, versions)
     GET  /v2/models/{name}/ready             -> 200 {"name": ..., "ready": true}
-    POST /v2/models/{name}/infer             Open Inference Protocol v2 (+ /versions/{v}/infer)
+    POST /v2/models/{name}/infer             Open Inference Protocol v2
+    (each /v2/models/{name} route also as /v2/models/{name}/versions/{v}: an unknown version is a 404)
     POST /v1/models/{name}:predict           KServe v1 {"instances": [[...], ...]}
     POST /v1/chat/completions                OpenAI-style; "stream": true answers server-sent events
 
@@ -13,6 +15,8 @@ With a :class:`~proxy.demo.model.Classifier` the inference routes answer with it
 probabilities. An OIP v2 request gives its features either as one FP32 tensor per feature (named
 after it, shape ``[N]`` or ``[N, 1]``) or as one ``[N, 4]`` tensor in feature order; the answer has
 two outputs, ``label`` (INT64 ``[N]``, the class index) and ``probabilities`` (FP32 ``[N, 3]``).
+Each input tensor needs ``name``, ``shape`` and a numeric ``datatype`` (``FP32``, ``INT64``, ...);
+a request the model cannot read is a 400 ``{"error": "..."}``, before any simulated failure.
 Without a model (the benchmarks) a fixed two-class logistic score answers.
 
 Latency is ``delay`` with an exponential tail (2% of requests ten times slower); ``error_rate`` of
@@ -25,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -48,6 +54,12 @@ def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
+#: the OIP v2 tensor datatypes the model reads (numbers); BYTES, or none, is a 400
+NUMERIC = frozenset(
+    {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"}
+)
+
+
 def features_of(inputs: Any) -> np.ndarray[Any, np.dtype[np.float64]]:
     """The ``[N, 4]`` feature matrix of an OIP v2 request's ``inputs`` (see the module docstring)."""
     if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
@@ -56,6 +68,8 @@ def features_of(inputs: Any) -> np.ndarray[Any, np.dtype[np.float64]]:
 
     def tensor(t: dict[str, Any]) -> np.ndarray[Any, np.dtype[np.float64]]:
         shape, data = t.get("shape"), t.get("data")
+        if t.get("datatype") not in NUMERIC:
+            raise BadInput(f"tensor {t.get('name')!r}: datatype must be one of {', '.join(sorted(NUMERIC))}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise BadInput(f"tensor {t.get('name')!r}: shape must be a list of whole numbers")
         try:
@@ -118,10 +132,21 @@ def build_model_app(
         return None
 
     def known(request: web.Request) -> web.Response | None:
-        if model is not None and request.match_info["name"] != name:
+        if model is None:  # the fixed score answers any name and version
+            return None
+        if request.match_info["name"] != name:
             return web.json_response({"error": f"no model named {request.match_info['name']!r} (try {name!r})"},
                                      status=404)  # fmt: skip
+        asked = request.match_info.get("version", version)
+        if asked != version:
+            return web.json_response(
+                {"error": f"model {request.match_info['name']!r} has no version {asked!r} (it has {version!r})"},
+                status=404,
+            )
         return None
+
+    async def server_metadata(request: web.Request) -> web.Response:
+        return web.json_response({"name": "infermon-demo", "version": version, "extensions": []})
 
     async def ready(request: web.Request) -> web.Response:
         return web.json_response({"ready": True})
@@ -166,17 +191,20 @@ def build_model_app(
         body = await body_of(request)
         if not isinstance(body, dict):
             return web.json_response({"error": "the body must be a JSON object with inputs"}, status=400)
-        await think()
-        failed = fail()
-        if failed is not None:
-            return failed
         inputs = body.get("inputs") or []
+        outputs: list[dict[str, Any]] = []
         if model is not None:
             try:
                 outputs = outputs_of(model, features_of(inputs))
             except BadInput as exc:
                 return web.json_response({"error": str(exc)}, status=400)
-        else:
+        elif not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
+            return web.json_response({"error": "inputs must be a list of tensors"}, status=400)
+        await think()
+        failed = fail()
+        if failed is not None:
+            return failed
+        if model is None:
             data = inputs[0].get("data", []) if inputs else []
             rows = [data[i : i + 4] for i in range(0, len(data), 4)] or [[0.0]]
             probs = [_score(row) for row in rows]
@@ -184,7 +212,7 @@ def build_model_app(
                         "data": [p for pair in probs for p in pair]}]  # fmt: skip
         answer = {
             "model_name": request.match_info["name"],
-            "model_version": request.match_info.get("version", version),
+            "model_version": version if model is not None else request.match_info.get("version", version),
             "outputs": outputs,
         }
         if "id" in body:
@@ -213,31 +241,41 @@ def build_model_app(
         body = await body_of(request)
         if not isinstance(body, dict):
             return web.json_response({"error": "the body must be a JSON object"}, status=400)
-        tokens = max(1, min(int(body.get("max_tokens", 16)), 256))
+        max_tokens, messages = body.get("max_tokens", 16), body.get("messages", [])
+        options, model_name = body.get("stream_options") or {}, body.get("model", "chat")
+        if type(max_tokens) is not int or not isinstance(messages, list) or not isinstance(options, dict):
+            return web.json_response(
+                {"error": "max_tokens must be a whole number, messages a list and stream_options an object"},
+                status=400,
+            )
+        if not isinstance(model_name, str):
+            return web.json_response({"error": "model must be a string"}, status=400)
+        tokens = max(1, min(max_tokens, 256))
         await think()
         words = ["the", "model", "says", "hello", "to", "infermon", "and", "streams", "tokens"]
-        prompt = sum(len(str(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict)) // 4
+        prompt = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) // 4
         usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
-        model_name = body.get("model", "chat")
+        # what every OpenAI chat completion and chunk carries: its id, creation time, model and object
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if not body.get("stream"):
             text = " ".join(rng.choice(words) for _ in range(tokens))
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
-            return web.json_response(
-                {"object": "chat.completion", "model": model_name, "usage": usage, "choices": [choice]}
-            )
+            return web.json_response({**head, "object": "chat.completion", "usage": usage, "choices": [choice]})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool(options.get("include_usage"))
         try:
             await response.prepare(request)
             for i in range(tokens):
                 last = i == tokens - 1
-                chunk = {"object": "chat.completion.chunk", "model": model_name,
-                         "choices": [{"index": 0, "delta": {"content": rng.choice(words) + " "},
-                                      "finish_reason": "length" if last else None}]}  # fmt: skip
+                delta = {"content": rng.choice(words) + " "}
+                if i == 0:
+                    delta = {"role": "assistant", **delta}  # the first chunk says whose message it is
+                choice = {"index": 0, "delta": delta, "finish_reason": "length" if last else None}
+                chunk = {**head, "object": "chat.completion.chunk", "choices": [choice]}
                 await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
                 await asyncio.sleep(delay)
             if include_usage:
-                tail = {"object": "chat.completion.chunk", "model": model_name, "choices": [], "usage": usage}
+                tail = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
                 await response.write(b"data: " + orjson.dumps(tail) + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
@@ -245,11 +283,13 @@ def build_model_app(
             pass  # the client (or the proxy, cutting it at the end of a drain) left mid-stream: nobody to tell
         return response
 
+    app.router.add_get("/v2", server_metadata)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/models/{name}", metadata)
     app.router.add_get("/v2/models/{name}/ready", model_ready)
     app.router.add_get("/v2/models/{name}/versions/{version}", metadata)
+    app.router.add_get("/v2/models/{name}/versions/{version}/ready", model_ready)
     app.router.add_post("/v2/models/{name}/infer", v2_infer)
     app.router.add_post("/v2/models/{name}/versions/{version}/infer", v2_infer)
     app.router.add_post("/v1/models/{name}:predict", v1_predict)

@@ -287,3 +287,102 @@ async def _save(page: Any, name: str, docs: bool = True) -> None:
     target = os.environ.get("INFERMON_SCREENSHOT")
     if docs and target:
         await page.screenshot(path=str(REPO / target), full_page=False)  # what a 1366x768 laptop shows
+
+
+@needs_chromium
+async def test_the_refresh_survives_a_hostile_answer_and_a_stalled_fetch(
+    make_proxy: ProxyFactory, upstream: str, tmp_path: Path
+) -> None:
+    """One /canary answer the page cannot draw (a variant that is null) and one /gpu fetch that never
+    answers (a stalled port-forward): the page marks itself stale and keeps refreshing, and once the
+    answers are good again the stale marker goes. Before, the first stopped the refresh for good and
+    the second held it forever."""
+    assert HAVE_CHROMIUM, "chromium is missing: CI must have it (.ci/run installs it)"
+    from playwright.async_api import Route, async_playwright
+
+    split = {"weights": {"stable": 50, "canary": 50}}
+    app = await make_proxy(upstream, upstreams={"canary": upstream}, split=split, status={"interval": 0.2})
+    host, port = app.admin_address
+    held: list[Route] = []
+    seen = {"canary": 0, "gpu": 0}
+
+    async def hostile_canary(route: Route) -> None:
+        seen["canary"] += 1
+        if seen["canary"] == 1:
+            bad = '{"baseline": "stable", "variants": {"canary": null}}'
+            await route.fulfill(status=200, content_type="application/json", body=bad)
+        else:
+            await route.continue_()
+
+    async def stalled_gpu(route: Route) -> None:
+        seen["gpu"] += 1
+        if seen["gpu"] == 2:
+            held.append(route)  # never answered
+        else:
+            await route.continue_()
+
+    async with asyncio.timeout(60), async_playwright() as pw:
+        browser = await pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS,
+        )  # fmt: skip
+        try:
+            page = browser.pages[0] if browser.pages else await browser.new_page()
+            await page.route(lambda url: url.endswith("/canary"), hostile_canary)
+            await page.route(lambda url: url.endswith("/gpu"), stalled_gpu)
+            await page.goto(f"http://{host}:{port}/status", wait_until="load")
+            await page.wait_for_function("() => Number(document.body.dataset.refreshes || 0) >= 1", timeout=10_000)
+            assert "render" in await page.inner_text("#stale")
+            await page.wait_for_function("() => Number(document.body.dataset.refreshes || 0) >= 4", timeout=30_000)
+            await page.wait_for_function("() => document.getElementById('stale').hidden", timeout=10_000)
+            assert held and seen["gpu"] >= 3
+            assert "baseline stable" in await page.inner_text("#canary")  # drawn from the real answer
+        finally:
+            await browser.close()
+
+
+@needs_chromium
+async def test_a_failing_endpoint_leaves_its_panel_as_it_was(
+    make_proxy: ProxyFactory, upstream: str, tmp_path: Path
+) -> None:
+    """What docs/status-page.md promises: a fetch that fails keeps the panel's last figures and names
+    the endpoint in the stale marker. Before, the charts were wiped to "no data" on the first error."""
+    assert HAVE_CHROMIUM, "chromium is missing: CI must have it (.ci/run installs it)"
+    from playwright.async_api import Route, async_playwright
+
+    app = await make_proxy(upstream, status={"interval": 0.2})
+    client = await Client.connect(app.proxy_address)
+    for _ in range(10):
+        await client.request("GET", "/echo")
+    await client.close()
+
+    async def points() -> bool:
+        report = orjson.loads((await fetch(app.admin_address, "/timeseries")).body)
+        return any(v for v in report["all"]["requests"])
+
+    await wait_until(points)
+    host, port = app.admin_address
+    calls = 0
+
+    async def failing_after_one(route: Route) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await route.continue_()
+        else:
+            await route.fulfill(status=503, content_type="application/json", body='{"error": "down"}')
+
+    async with asyncio.timeout(60), async_playwright() as pw:
+        browser = await pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS,
+        )  # fmt: skip
+        try:
+            page = browser.pages[0] if browser.pages else await browser.new_page()
+            await page.route(lambda url: url.endswith("/timeseries"), failing_after_one)
+            await page.goto(f"http://{host}:{port}/status", wait_until="load")
+            await page.wait_for_function("() => Number(document.body.dataset.refreshes || 0) >= 2", timeout=20_000)
+            assert "timeseries (HTTP 503)" in await page.inner_text("#stale")
+            for chart in ("chart-rate", "chart-latency", "chart-errors"):  # the last figures, still drawn
+                assert await page.locator(f"#{chart} p.off").count() == 0, chart
+                assert await page.locator(f"#{chart} svg").count() == 1, chart
+        finally:
+            await browser.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy.admin.page import CSP, FILES, prefers_html, quality
+from proxy.admin.page import CSP, FILES, asset, none_match, prefers_html, quality
 from tests.conftest import ProxyFactory
 from tests.helpers import fetch
 
@@ -78,6 +78,33 @@ async def test_assets_revalidate_with_etags(make_proxy: ProxyFactory, upstream: 
         again = await fetch(app.admin_address, f"/static/{name}", headers={"If-None-Match": etag})
         assert again.status == 304 and again.body == b""
     assert (await fetch(app.admin_address, "/favicon.ico")).header("content-type") == "image/svg+xml; charset=utf-8"
+
+
+def test_if_none_match_compares_weakly_and_takes_lists_and_the_star() -> None:
+    """RFC 9110 13.1.2: If-None-Match uses the weak comparison, holds a list (over several field lines
+    too), and ``*`` matches any current representation."""
+    etag = '"abc"'
+    assert none_match([etag], etag)
+    assert none_match(['W/"abc"'], etag)  # what a cache that compressed the answer sends back
+    assert none_match(['"x", W/"abc"'], etag)
+    assert none_match(['"x",,  "abc" '], etag)  # empty list elements are allowed (RFC 9110 5.6.1)
+    assert none_match(['"x"', '"abc"'], etag)
+    assert none_match(["*"], etag)
+    assert not none_match([], etag)
+    assert not none_match(['"abcd"', 'W/"ab"'], etag)
+    assert not none_match(["abc"], etag)  # not quoted: no entity-tag
+
+
+async def test_the_page_revalidates_with_a_weak_etag_at_the_root(make_proxy: ProxyFactory, upstream: str) -> None:
+    app = await make_proxy(upstream)
+    _, etag = asset("index.html")
+    for inm in (f"W/{etag}", f'"other", {etag}', "*"):
+        resp = await fetch(app.admin_address, "/", headers={"Accept": BROWSER_ACCEPT, "If-None-Match": inm})
+        assert resp.status == 304, inm
+        assert resp.header("etag") == etag and resp.header("vary") == "Accept"
+    # the JSON at / is not the page: a page's tag does not make it a 304
+    resp = await fetch(app.admin_address, "/", headers={"Accept": "application/json", "If-None-Match": etag})
+    assert resp.status == 200 and resp.header("content-type") == "application/json"
     missing = await fetch(app.admin_address, "/static/../server.py")
     assert missing.status == 404
     assert (await fetch(app.admin_address, "/static/other.js")).status == 404

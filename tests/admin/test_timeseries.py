@@ -179,3 +179,44 @@ def test_status_config_is_checked() -> None:
     assert RequestSeries(_metrics(), interval=0.1, history=3600).max_points == 3600  # capped, not refused
     with pytest.raises(ValidationError, match=r"greater than or equal to 0\.1"):
         ProxyConfig.model_validate({"status": {"interval": 0.01}})
+
+
+async def test_a_full_history_is_served_without_stalling_the_loop(make_proxy: ProxyFactory, upstream: str) -> None:
+    """The largest ring (3600 points of 32 variants) takes a good fraction of a second to assemble
+    and serialise; done on the event loop, every request of the proxy waited for it at each poll.
+    The loop's longest pause while one is served must stay well under what building it takes."""
+    import asyncio
+
+    from proxy.admin.status import SERIES
+    from proxy.admin.timeseries import MAX_POINTS, QUANTILES, Point, _qname
+
+    app = await make_proxy(upstream, status={"interval": 1.0, "history": 7200.0})
+    series = app.admin_app[SERIES]
+    keys = ("requests", "rate", "error_rate", "upstream_errors", *map(_qname, QUANTILES))
+    figures: dict[str, float | None] = {k: 1.234567 for k in keys}
+    for i in range(MAX_POINTS):
+        series.points.append(Point(float(i), 1.0, {f"v{j}": figures for j in range(MAX_VARIANTS)}, figures))
+    started = time.perf_counter()
+    orjson.dumps(series.report(), option=orjson.OPT_INDENT_2)
+    build = time.perf_counter() - started
+
+    longest = 0.0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal longest
+        while not done.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            longest = max(longest, time.perf_counter() - before)
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    try:
+        resp = await fetch(app.admin_address, "/timeseries")
+    finally:
+        done.set()
+        await tick
+    assert resp.status == 200 and resp.header("cache-control") == "no-store"
+    assert len(orjson.loads(resp.body)["t"]) == MAX_POINTS
+    assert longest < build / 2, (longest, build)

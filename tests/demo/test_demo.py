@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -201,6 +202,21 @@ async def test_a_busy_port_is_one_line_and_exit_1(busy_one: str) -> None:
     assert stderr.decode().splitlines() == [
         f"cannot listen on 127.0.0.1:{port}: Address already in use (change {busy_one})"
     ]
+
+
+async def test_the_same_port_for_listen_and_admin_is_one_line_and_exit_1() -> None:
+    """Both bound with SO_REUSEADDR and neither listening yet, the two sockets shared the port and the
+    admin server's start failed later with a traceback; now the second bind says it in one line."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    address = f"127.0.0.1:{port}"
+    async with infermon_process("demo", "--listen", address, "--admin", address, "--no-browser") as proc:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode == 1, stderr
+    assert stdout == b""
+    assert stderr.decode().splitlines() == [f"cannot listen on {address}: Address already in use (change --admin)"]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -13,7 +14,7 @@ from proxy.demo.model import FEATURES, Models, sample, train_models
 from proxy.demo.model_server import BadInput, build_model_app, features_of
 from proxy.demo.traffic import infer_body
 from tests.conftest import ProxyFactory
-from tests.helpers import Client, bound_socket, metric, scrape_metrics
+from tests.helpers import TIMEOUT, Client, bound_socket, metric, scrape_metrics
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +151,93 @@ async def test_error_rate_is_the_share_of_500s(make_proxy: ProxyFactory, models:
         await client.close()
         assert set(statuses) == {200, 500}
         assert 60 < statuses.count(500) < 140
+
+
+async def test_oip_v2_server_metadata_versions_and_datatypes(stable: str) -> None:
+    """The parts of the Open Inference Protocol v2 REST API a client reads first: server metadata at
+    /v2, the version routes (an unknown version is a 404 with an error body), and a tensor whose
+    datatype is missing or not numeric is a 400 {"error": ...}, never a 500."""
+    host, port = stable.split("//")[1].split(":")
+    client = await Client.connect((host, int(port)))
+    resp = await client.request("GET", "/v2")
+    meta = resp.json()
+    assert resp.status == 200 and isinstance(meta, dict)
+    assert isinstance(meta["name"], str) and isinstance(meta["version"], str) and meta["extensions"] == []
+    for path in ("/v2/models/iris/versions/1", "/v2/models/iris/versions/1/ready"):
+        assert (await client.request("GET", path)).status == 200, path
+    body = orjson.dumps(infer_body(np.array([5.0, 3.4, 1.5, 0.2])))
+    ok = await client.request("POST", "/v2/models/iris/versions/1/infer", body=body)
+    assert ok.status == 200 and ok.json()["model_version"] == "1"  # type: ignore[index]
+    for method, path, data in [
+        ("GET", "/v2/models/iris/versions/9", b""),
+        ("GET", "/v2/models/iris/versions/9/ready", b""),
+        ("POST", "/v2/models/iris/versions/9/infer", body),
+    ]:
+        resp = await client.request(method, path, body=data)
+        assert resp.status == 404, path
+        assert "no version '9'" in resp.json()["error"]  # type: ignore[index]
+    for tensor in (
+        {"name": "x", "shape": [1, 4], "data": [1, 2, 3, 4]},
+        {"name": "x", "shape": [1, 4], "datatype": "BYTES", "data": [1, 2, 3, 4]},
+    ):
+        resp = await client.request("POST", "/v2/models/iris/infer", body=orjson.dumps({"inputs": [tensor]}))
+        assert resp.status == 400
+        assert "datatype" in resp.json()["error"]  # type: ignore[index]
+    await client.close()
+
+
+async def test_bad_input_is_a_400_even_on_a_failing_server(models: Models) -> None:
+    """A request the model cannot read is the client's error: 400 every time, not a simulated 500."""
+    async for url in _serve(build_model_app(models.canary, error_rate=1.0, delay=0.0, seed=3)):
+        client = await Client.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        for _ in range(5):
+            resp = await client.request("POST", "/v2/models/iris/infer", body=b'{"inputs": []}')
+            assert resp.status == 400
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"max_tokens": "many", "messages": []}',
+        b'{"max_tokens": null}',
+        b'{"messages": 3}',
+        b'{"stream": true, "stream_options": [1]}',
+        b'{"model": {"a": 1}}',
+    ],
+)
+async def test_chat_refuses_bad_fields_with_a_400(stable: str, body: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """OpenAI answers a malformed chat request 400 with an error; before, these raised in the handler
+    (a 500 and a traceback printed on the demo's terminal)."""
+    client = await Client.connect(("127.0.0.1", int(stable.rsplit(":", 1)[1])))
+    async with asyncio.timeout(TIMEOUT):  # before, the 500 of the handler's exception never came
+        resp = await client.request("POST", "/v1/chat/completions", body=body)
+    await client.close()
+    assert resp.status == 400
+    assert isinstance(resp.json()["error"], str)  # type: ignore[index]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_chat_chunks_carry_what_openai_clients_read(stable: str) -> None:
+    """Each chunk: id (the same in every chunk), object chat.completion.chunk, created, model, choices
+    with a delta (the first naming the assistant role); then data: [DONE], as text/event-stream."""
+    client = await Client.connect(("127.0.0.1", int(stable.rsplit(":", 1)[1])))
+    resp = await client.request(
+        "POST", "/v1/chat/completions", body=b'{"stream": true, "max_tokens": 3, "model": "m", "messages": []}'
+    )
+    assert resp.status == 200 and (resp.header("content-type") or "").startswith("text/event-stream")
+    events = [e for e in resp.body.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    chunks = [orjson.loads(e[len(b"data: ") :]) for e in events[:-1]]
+    assert len(chunks) == 3
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    for c in chunks:
+        assert c["object"] == "chat.completion.chunk" and c["model"] == "m" and isinstance(c["created"], int)
+        assert isinstance(c["choices"][0]["delta"]["content"], str)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "length"]
+    whole = await client.request("POST", "/v1/chat/completions", body=b'{"max_tokens": 2}')
+    await client.close()
+    doc = whole.json()
+    assert isinstance(doc, dict) and doc["object"] == "chat.completion" and doc["id"].startswith("chatcmpl-")
+    assert isinstance(doc["created"], int)

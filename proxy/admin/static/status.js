@@ -5,8 +5,11 @@
 
 (() => {
   const REFRESH_MS = 3000;
+  // a fetch that has not answered by then is given up (a stalled port-forward must not stop the refresh)
+  const FETCH_TIMEOUT_MS = 8000;
   const SVG = "http://www.w3.org/2000/svg";
   const failures = new Map(); // endpoint -> why its last fetch failed
+  const lastGood = new Map(); // endpoint -> its last answer: a failed fetch redraws it, marked stale
   let endpoints = null; // the admin port's JSON index: which capabilities are on
   let driftVariant = null; // the variant the drift panel shows (null: the report's own)
   const colors = new Map(); // variant -> colour index, stable first
@@ -94,17 +97,20 @@
     return el("span", { class: `badge ${r}`, text: r });
   }
 
-  // A fetch that never throws: the JSON, or null with the reason kept for the stale marker.
+  // A fetch that never throws: the JSON, or (the reason kept for the stale marker) the last good one, or null.
   async function getJSON(path) {
     try {
-      const resp = await fetch(path, { cache: "no-store", headers: { Accept: "application/json" } });
+      const resp = await fetch(path, {
+        cache: "no-store", headers: { Accept: "application/json" }, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS),
+      });
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
       const data = await resp.json();
       failures.delete(path);
+      lastGood.set(path, data);
       return data;
     } catch (err) {
       failures.set(path, err && err.message ? err.message : String(err));
-      return null;
+      return lastGood.has(path) ? lastGood.get(path) : null;
     }
   }
 
@@ -447,6 +453,7 @@
   }
 
   async function refresh() {
+    failures.delete("refresh");
     const index = await getJSON("./");
     if (index && Array.isArray(index.endpoints)) endpoints = index.endpoints;
     if (endpoints === null) {
@@ -461,6 +468,7 @@
       () => renderOverview(ts), () => renderCanary(canary, split), () => renderDrift(drift),
       () => renderQuality(quality), () => renderProbes(probes), () => renderGpu(gpu),
     ];
+    failures.delete("render"); // a panel that failed last time and renders now is no longer stale
     for (const render of panels) {
       try {
         render();
@@ -468,7 +476,11 @@
         failures.set("render", err && err.message ? err.message : String(err));
       }
     }
-    headline(canary, drift);
+    try {
+      headline(canary, drift);
+    } catch (err) {
+      failures.set("render", err && err.message ? err.message : String(err));
+    }
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     markStale();
   }
@@ -504,10 +516,17 @@
     }
   }
 
+  // one refresh at a time, the next one REFRESH_MS after it ends, whatever went wrong in this one
   async function loop() {
-    await refresh();
-    document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
-    setTimeout(loop, REFRESH_MS);
+    try {
+      await refresh();
+    } catch (err) {
+      failures.set("refresh", err && err.message ? err.message : String(err));
+      markStale();
+    } finally {
+      document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
+      setTimeout(loop, REFRESH_MS);
+    }
   }
 
   loop();
