@@ -18,7 +18,7 @@ from proxy.errors import ConfigError, ListenError
 
 COMMAND_MODULES = (
     "proxy.dataplane.command",
-    "proxy.demo.command",
+    "proxy.demo.cli",
     "proxy.agent.command",
     "proxy.drift.baseline",
     "proxy.probes.command",

@@ -26,11 +26,10 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from proxy.demo import SHIFT_SD, SHIFTED
 from proxy.demo.model import FEATURES, FloatArray, overall_std, sample
 
-#: the features the traffic shifts after a while, and by how many standard deviations
-SHIFTED = ("sepal_length", "sepal_width")
-SHIFT_SD = 2.0
+#: the model the requests name
 MODEL = "iris"
 
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from proxy.demo.command import register, run
+from proxy.demo import SHIFTED
+from proxy.demo.cli import register, run
 from proxy.demo.model import FEATURES
-from proxy.demo.traffic import SHIFTED
 from tests.helpers import TIMEOUT, metric, parse_metrics
 from tests.test_cli import INFERMON, REPO, clean_env, infermon_process, run_cli
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from proxy.demo import SHIFT_SD, SHIFTED
 from proxy.demo.model import FEATURES, Models, sample, train_models
 from proxy.demo.model_server import build_model_app, features_of
-from proxy.demo.traffic import SHIFT_SD, SHIFTED, Traffic, TrafficStats, generate, infer_body, shift
+from proxy.demo.traffic import Traffic, TrafficStats, generate, infer_body, shift
 from tests.conftest import ProxyFactory
 from tests.helpers import TIMEOUT, bound_socket, metric, scrape_metrics, wait_until
 
