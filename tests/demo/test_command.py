@@ -6,37 +6,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from proxy.demo.command import Options, Watcher, format_summary, proxy_config, record_probes, snapshot, write_profile
-from proxy.demo.model import FEATURES, Models, train_models
+from proxy.demo.model import FEATURES, Models
 from proxy.demo.model_server import build_model_app
 from proxy.demo.traffic import TrafficStats
 from proxy.drift.profile import load_profile
 from proxy.probes import spec
 from proxy.probes.command import PoolSender
 from proxy.probes.runner import run_set
-from tests.helpers import bound_socket
-
-
-@pytest.fixture(scope="module")
-def models() -> Models:
-    return train_models(seed=7)
-
-
-async def _server(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    sock = bound_socket()
-    await web.SockSite(runner, sock).start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    await runner.cleanup()
+from tests.demo.conftest import serve
 
 
 @pytest.fixture
 async def servers(models: Models) -> AsyncIterator[tuple[str, str]]:
-    async for stable in _server(build_model_app(models.stable, error_rate=0.0, delay=0.0, seed=1)):
-        async for canary in _server(build_model_app(models.canary, version="2", error_rate=0.0, delay=0.0, seed=2)):
+    async for stable in serve(build_model_app(models.stable, error_rate=0.0, delay=0.0, seed=1)):
+        async for canary in serve(build_model_app(models.canary, version="2", error_rate=0.0, delay=0.0, seed=2)):
             yield stable, canary
 
 

@@ -8,38 +8,24 @@ from collections.abc import AsyncIterator
 import numpy as np
 import orjson
 import pytest
-from aiohttp import web
 
-from proxy.demo.model import FEATURES, Models, sample, train_models
+from proxy.demo.model import FEATURES, Models, sample
 from proxy.demo.model_server import BadInput, build_model_app, features_of
 from proxy.demo.traffic import infer_body
 from tests.conftest import ProxyFactory
-from tests.helpers import TIMEOUT, Client, bound_socket, metric, scrape_metrics
-
-
-@pytest.fixture(scope="module")
-def models() -> Models:
-    return train_models(seed=7)
-
-
-async def _serve(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    sock = bound_socket()
-    await web.SockSite(runner, sock).start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    await runner.cleanup()
+from tests.demo.conftest import serve
+from tests.helpers import TIMEOUT, Client, metric, scrape_metrics
 
 
 @pytest.fixture
 async def stable(models: Models) -> AsyncIterator[str]:
-    async for url in _serve(build_model_app(models.stable, error_rate=0.0, delay=0.0005, seed=1)):
+    async for url in serve(build_model_app(models.stable, error_rate=0.0, delay=0.0005, seed=1)):
         yield url
 
 
 @pytest.fixture
 async def fake() -> AsyncIterator[str]:
-    async for url in _serve(build_model_app(error_rate=0.0, delay=0.0005, seed=1)):
+    async for url in serve(build_model_app(error_rate=0.0, delay=0.0005, seed=1)):
         yield url
 
 
@@ -144,7 +130,7 @@ async def test_without_a_model_it_answers_the_fixed_score(make_proxy: ProxyFacto
 
 
 async def test_error_rate_is_the_share_of_500s(make_proxy: ProxyFactory, models: Models) -> None:
-    async for url in _serve(build_model_app(models.canary, error_rate=0.5, delay=0.0, seed=3)):
+    async for url in serve(build_model_app(models.canary, error_rate=0.5, delay=0.0, seed=3)):
         client = await Client.connect((url.split("//")[1].split(":")[0], int(url.rsplit(":", 1)[1])))
         body = orjson.dumps(infer_body(np.array([5.0, 3.4, 1.5, 0.2])))
         statuses = [(await client.request("POST", "/v2/models/iris/infer", body=body)).status for _ in range(200)]
@@ -188,7 +174,7 @@ async def test_oip_v2_server_metadata_versions_and_datatypes(stable: str) -> Non
 
 async def test_bad_input_is_a_400_even_on_a_failing_server(models: Models) -> None:
     """A request the model cannot read is the client's error: 400 every time, not a simulated 500."""
-    async for url in _serve(build_model_app(models.canary, error_rate=1.0, delay=0.0, seed=3)):
+    async for url in serve(build_model_app(models.canary, error_rate=1.0, delay=0.0, seed=3)):
         client = await Client.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
         for _ in range(5):
             resp = await client.request("POST", "/v2/models/iris/infer", body=b'{"inputs": []}')
