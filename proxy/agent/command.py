@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 from typing import Any
 
 import pynvml
@@ -27,6 +26,7 @@ from proxy.agent.worker import Source, Worker
 from proxy.config import load
 from proxy.errors import ListenError
 from proxy.loop import run as run_loop
+from proxy.loop import until_stop_signal
 from proxy.settings import split_host_port
 
 log = logging.getLogger("infermon.agent")
@@ -87,8 +87,6 @@ async def serve(config: AgentConfig, *, nvml: Any = pynvml) -> int:
     host, port = split_host_port(config.listen)
     runner = web.AppRunner(build_app(registry, worker), access_log=None)
     await runner.setup()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     try:
         # bound before the collection thread starts: a busy port ends the agent before any NVML call
         site = web.TCPSite(runner, host, port)
@@ -99,13 +97,9 @@ async def serve(config: AgentConfig, *, nvml: Any = pynvml) -> int:
         worker.start()
         for address in runner.addresses:
             log.info("infermon agent listening on http://%s:%s", *address[:2])
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
+        await until_stop_signal()
         log.info("stopping")
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         await runner.cleanup()
         await asyncio.to_thread(worker.stop)
         for collector in collectors:

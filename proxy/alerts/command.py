@@ -8,12 +8,10 @@ cannot be bound is one ``cannot listen on`` line and exit 1. See docs/alerts.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import shlex
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from aiohttp import web
 from proxy.alerts.hook import TOKEN_ENV, HookConfig, RetrainHook
 from proxy.errors import ConfigError, ListenError
 from proxy.loop import run as run_loop
+from proxy.loop import until_stop_signal
 from proxy.settings import split_host_port
 
 log = logging.getLogger("infermon.retrain_hook")
@@ -104,8 +103,6 @@ async def serve(cfg: HookConfig, listen: str) -> int:
     host, port = split_host_port(listen)
     runner = web.AppRunner(hook.app(), access_log=None, handle_signals=False)
     await runner.setup()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     try:
         try:
             await web.TCPSite(runner, host, port).start()
@@ -115,13 +112,9 @@ async def serve(cfg: HookConfig, listen: str) -> int:
             log.info("infermon retrain-hook listening on http://%s:%s", *address[:2])
         if cfg.token is None:
             log.warning("no bearer token (--token-file or $%s): anyone who reaches the port can start runs", TOKEN_ENV)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
+        await until_stop_signal()
         log.info("stopping")
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         await runner.cleanup()
         await hook.aclose()
     return 0
