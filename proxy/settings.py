@@ -11,7 +11,7 @@ import itertools
 import os
 import re
 from typing import Annotated, Any, ClassVar, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -66,6 +66,21 @@ HeaderName = Annotated[str, AfterValidator(_check_header_name)]
 
 
 _VARIANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+
+
+def http_url_parts(value: str, wrong: str, example: str = "") -> SplitResult:
+    """``value`` split, when it is an http:// or https:// URL with a host and a valid port.
+
+    Else ``ValueError(wrong)``, or "has an invalid port" (with ``example`` after it when given).
+    """
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(wrong)
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"has an invalid port, for example {example}" if example else "has an invalid port") from None
+    return parts
 
 
 def check_upstream_url(value: str) -> str:
@@ -282,16 +297,11 @@ class Tracing(_Section):
     def _endpoint_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                "must be an http:// or https:// URL with a host (OTLP spec), for example "
-                "http://otel-collector:4318, or http://otel-collector:4317 for grpc"
-            )
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ValueError("has an invalid port") from None
+        http_url_parts(
+            value,
+            "must be an http:// or https:// URL with a host (OTLP spec), for example "
+            "http://otel-collector:4318, or http://otel-collector:4317 for grpc",
+        )
         return value
 
     def export_url(self) -> str:
@@ -731,16 +741,12 @@ class Status(_Section):
     def _agent_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                "must be the http:// URL of the node agent, for example http://10.0.0.5:9465 "
-                "(its /metrics is read; a path, when given, is used instead)"
-            )
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ValueError("has an invalid port, for example http://10.0.0.5:9465") from None
+        parts = http_url_parts(
+            value,
+            "must be the http:// URL of the node agent, for example http://10.0.0.5:9465 "
+            "(its /metrics is read; a path, when given, is used instead)",
+            example="http://10.0.0.5:9465",
+        )
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or fragment, for example http://10.0.0.5:9465")
         return value
